@@ -1,0 +1,96 @@
+"""Checkpoints that survive a crash: safetensors weights + optimiser and RNG state, swapped in atomically.
+
+A checkpoint is a directory `checkpoint/` (the model's `save_pretrained` output, so any HF tool can load it, plus
+`trainer_state.json` and `trainer_state.pt`). It is written to a temporary directory first and renamed into place,
+so a reader sees either the previous checkpoint or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STATE_JSON = "trainer_state.json"
+STATE_PT = "trainer_state.pt"
+
+
+def rng_state() -> dict:
+    """Every RNG a training step draws from (python, numpy, torch CPU, and CUDA when present)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str | Path, model, tokenizer, step: int, optimizer=None, extra: dict | None = None) -> Path:
+    """Write model (safetensors), tokenizer, optimiser, RNG states and `step` to `path`, atomically."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    torch.save(
+        {"optimizer": optimizer.state_dict() if optimizer is not None else None, "rng": rng_state(), "extra": extra or {}},
+        tmp / STATE_PT,
+    )
+    (tmp / STATE_JSON).write_text(json.dumps({"step": step, **(extra or {})}, indent=2) + "\n")
+    _fsync_dir(tmp)
+    # Swap: the previous checkpoint is moved aside (not deleted) until the new one is in place.
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def find_checkpoint(path: str | Path) -> Path | None:
+    """The checkpoint at `path`, or the previous one if a crash hit between the two renames of a save."""
+    final = Path(path)
+    old = final.with_name(f".{final.name}.old")
+    for p in (final, old):
+        if (p / STATE_JSON).exists():
+            return p
+    return None
+
+
+def load_trainer_state(path: str | Path, optimizer=None) -> dict:
+    """Restore optimiser and RNG states from a checkpoint; returns its JSON state (with `step`)."""
+    path = Path(path)
+    blob = torch.load(path / STATE_PT, weights_only=False)
+    if optimizer is not None and blob["optimizer"] is not None:
+        optimizer.load_state_dict(blob["optimizer"])
+    set_rng_state(blob["rng"])
+    return json.loads((path / STATE_JSON).read_text())
+
+
+def _fsync_dir(path: Path) -> None:
+    for p in [*path.iterdir(), path] if path.is_dir() else [path]:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)

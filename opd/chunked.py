@@ -1,0 +1,129 @@
+"""Losses evaluated from hidden states and an LM head, a chunk of positions at a time.
+
+With a vocabulary of 150k, [B, T, V] logits of two models dominate memory. These helpers take the hidden states
+of the positions that count, flattened to [N, D] (select them first: `hidden_BTD[mask_BT]`), and the LM heads
+(any callable [n, D] -> [n, V], e.g. `model.lm_head`). Each chunk computes logits -> log_softmax -> loss inside
+`torch.utils.checkpoint` (non-reentrant), so the chunk's logits are not kept for backward but recomputed there:
+peak memory is O(chunk_size·V), not O(N·V). Log-softmax runs in at least float32 whatever the head's dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from opd.losses import topk_divergence
+
+Head = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _logp(head: Head, hidden_nD: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits_nV = head(hidden_nD)
+    logits_nV = logits_nV.to(torch.promote_types(logits_nV.dtype, torch.float32))
+    return F.log_softmax(logits_nV / temperature, -1)
+
+
+def _check_common(hidden_ND: torch.Tensor, chunk_size: int, temperature: float) -> None:
+    if hidden_ND.dim() != 2:
+        raise ValueError(
+            f"hidden states must be [N, D] (select the positions that count first, e.g. hidden_BTD[mask_BT]), "
+            f"got shape {tuple(hidden_ND.shape)}"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of positions, got {chunk_size}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+
+
+def _chunks(n: int, chunk_size: int) -> list[slice]:
+    # one (empty) chunk when n == 0, so the result stays connected to the graph and backward() still works
+    return [slice(i, i + chunk_size) for i in range(0, max(n, 1), chunk_size)]
+
+
+def chunked_divergence(
+    divergence_fn: Callable[..., torch.Tensor],
+    student_hidden_ND: torch.Tensor,
+    student_head: Head,
+    *,
+    teacher_hidden_ND: torch.Tensor | None = None,
+    teacher_head: Head | None = None,
+    teacher_logp_NV: torch.Tensor | None = None,
+    teacher_ids_NK: torch.Tensor | None = None,
+    teacher_logp_NK: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+    **kwargs: float,
+) -> torch.Tensor:
+    """Per-position `divergence_fn(student_logp, teacher_logp, **kwargs)`, [N], without [N, V] student logits.
+
+    The teacher comes in exactly one of three forms:
+      - `teacher_hidden_ND` + `teacher_head`: its logits are computed per chunk under no_grad (and computed again in
+        the backward pass, the price of not storing them);
+      - `teacher_logp_NV`: full log-probs already in memory, used as given (no gradient);
+      - `teacher_ids_NK` + `teacher_logp_NK`: a top-k signal, scored with `opd.losses.topk_divergence`.
+    `temperature` divides the logits computed here (student's, and teacher's from hidden states); log-probs passed
+    in must already be at the temperature wanted. Gradients reach `student_hidden_ND` and the student head's
+    parameters, and equal those of the unchunked computation.
+    """
+    _check_common(student_hidden_ND, chunk_size, temperature)
+    n = student_hidden_ND.shape[0]
+    modes = [teacher_hidden_ND is not None, teacher_logp_NV is not None, teacher_ids_NK is not None]
+    if sum(modes) != 1:
+        raise ValueError(
+            "give the teacher exactly one way: teacher_hidden_ND + teacher_head, teacher_logp_NV, "
+            "or teacher_ids_NK + teacher_logp_NK"
+        )
+    if (teacher_hidden_ND is None) != (teacher_head is None) or (teacher_ids_NK is None) != (teacher_logp_NK is None):
+        raise ValueError("teacher_hidden_ND needs teacher_head, and teacher_ids_NK needs teacher_logp_NK (and back)")
+    for name, t in [("teacher_hidden_ND", teacher_hidden_ND), ("teacher_logp_NV", teacher_logp_NV),
+                    ("teacher_ids_NK", teacher_ids_NK)]:  # fmt: skip
+        if t is not None and t.shape[0] != n:
+            raise ValueError(f"{name} has {t.shape[0]} positions but student_hidden_ND has {n}")
+
+    def chunk_loss(student_hidden_nD: torch.Tensor, rows: slice) -> torch.Tensor:
+        student_logp_nV = _logp(student_head, student_hidden_nD, temperature)
+        if teacher_ids_NK is not None:
+            return topk_divergence(
+                divergence_fn, student_logp_nV, teacher_ids_NK[rows], teacher_logp_NK[rows].detach(), **kwargs
+            )
+        if teacher_logp_NV is not None:
+            teacher_logp_nV = teacher_logp_NV[rows].detach()
+        else:
+            with torch.no_grad():
+                teacher_logp_nV = _logp(teacher_head, teacher_hidden_ND[rows], temperature)
+        return divergence_fn(student_logp_nV, teacher_logp_nV.to(student_logp_nV.dtype), **kwargs)
+
+    # the teacher's chunk is computed inside the checkpoint on purpose: a tensor passed in would be kept alive
+    # until backward for every chunk, which is the O(N·V) we are avoiding
+    losses = [
+        checkpoint(partial(chunk_loss, rows=rows), student_hidden_ND[rows], use_reentrant=False)
+        for rows in _chunks(n, chunk_size)
+    ]
+    return torch.cat(losses)
+
+
+def chunked_taken_logp(
+    hidden_ND: torch.Tensor,
+    head: Head,
+    targets_N: torch.Tensor,
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """log p(targets_N[i] | position i) from hidden states and an LM head, [N], without [N, V] logits: the input
+    of `sampled_reverse_kl`, `policy_gradient_loss`, and (negated) SFT cross-entropy."""
+    _check_common(hidden_ND, chunk_size, temperature)
+    if targets_N.shape != hidden_ND.shape[:1]:
+        raise ValueError(f"targets_N has shape {tuple(targets_N.shape)}; expected ({hidden_ND.shape[0]},)")
+
+    def chunk_logp(hidden_nD: torch.Tensor, targets_n: torch.Tensor) -> torch.Tensor:
+        return _logp(head, hidden_nD, temperature).gather(-1, targets_n.unsqueeze(-1)).squeeze(-1)
+
+    logps = [
+        checkpoint(chunk_logp, hidden_ND[rows], targets_N[rows], use_reentrant=False)
+        for rows in _chunks(hidden_ND.shape[0], chunk_size)
+    ]
+    return torch.cat(logps)

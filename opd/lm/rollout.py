@@ -1,0 +1,129 @@
+"""Who acts: build a training batch of prompt + completion token ids.
+
+A `Batch` holds left-padded prompts followed by completions (then right padding), in the layout HF `generate`
+produces. Losses live in *target coordinates*: position t of a [B, T] tensor (T = L - 1) scores token t+1 given the
+tokens up to t, so `targets_BT = input_ids_BL[:, 1:]` and `mask_BT` marks the targets that are completion tokens
+(the end-of-sequence token included: the student must learn when to stop).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Batch:
+    """Prompts + completions for one training step."""
+
+    input_ids_BL: torch.Tensor
+    attention_mask_BL: torch.Tensor
+    mask_BT: torch.Tensor
+    """1 where the target token is part of a completion (incl. its eos), 0 on prompt and padding."""
+    prompt_lens: list[int]
+    """Unpadded prompt length of each row."""
+    sampling_logp_BT: torch.Tensor | None = None
+    """Log-prob of each target under the policy that sampled it, when that is not the current student
+    (server-side rollouts); None means 'the student, at the weights being trained' (importance ratio 1)."""
+
+    @property
+    def targets_BT(self) -> torch.Tensor:
+        return self.input_ids_BL[:, 1:]
+
+    def completion_ids(self) -> list[list[int]]:
+        """Each row's completion tokens, eos included when it was generated."""
+        rows = []
+        for ids, m in zip(self.input_ids_BL[:, 1:], self.mask_BT):
+            rows.append(ids[m.bool()].tolist())
+        return rows
+
+
+def encode_prompts(tokenizer, prompts: list[str], max_prompt_len: int) -> list[list[int]]:
+    """Token ids of each prompt, through the chat template when the tokenizer has one.
+
+    Raises ValueError naming the first prompt that does not fit, instead of silently truncating it.
+    """
+    if not prompts:
+        raise ValueError("no prompts to encode: the dataset is empty; pass a task or a file with at least one prompt")
+    out = []
+    for i, p in enumerate(prompts):
+        if getattr(tokenizer, "chat_template", None):
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+        else:
+            ids = tokenizer(p, add_special_tokens=True)["input_ids"]
+        if len(ids) > max_prompt_len:
+            raise ValueError(
+                f"prompt {i} is {len(ids)} tokens but the model's context leaves room for {max_prompt_len} "
+                f"(context minus max_new_tokens); shorten the prompt or lower max_new_tokens"
+            )
+        out.append(list(ids))
+    return out
+
+
+def build_batch(
+    prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int, eos_id: int | None
+) -> Batch:
+    """Lay out left-padded prompts followed by completions, appending eos to completions that lack it.
+
+    For completions that come from elsewhere (a dataset, the teacher, a server); `sample` builds the same layout.
+    """
+    if eos_id is not None:
+        completion_ids = [c if (c and c[-1] == eos_id) else list(c) + [eos_id] for c in completion_ids]
+    return _layout(prompt_ids, completion_ids, pad_id)
+
+
+@torch.no_grad()
+def sample(
+    model,
+    prompt_ids: list[list[int]],
+    pad_id: int,
+    eos_id: int | None,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+) -> Batch:
+    """Sample one completion per prompt from `model` with HF `generate` (KV cache, stops each row at eos).
+
+    temperature 0 means greedy. Completions end at their first eos (kept, so the model learns to stop);
+    a completion cut by `max_new_tokens` has no eos.
+    """
+    P = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), P), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, p in enumerate(prompt_ids):
+        ids[i, P - len(p) :] = torch.tensor(p)
+        attn[i, P - len(p) :] = 1
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    gen_kwargs = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id)
+    if temperature > 0:
+        gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+    out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), **gen_kwargs).cpu()
+    model.train(was_training)
+    completions = []
+    for row in out[:, P:].tolist():
+        if eos_id is not None and eos_id in row:
+            row = row[: row.index(eos_id) + 1]
+        completions.append(row)
+    # Not build_batch: a completion cut by max_new_tokens stays as sampled, without an eos it never produced.
+    return _layout(prompt_ids, completions, pad_id)
+
+
+def _layout(prompt_ids, completions, pad_id) -> Batch:
+    P = max(len(p) for p in prompt_ids)
+    C = max(1, max(len(c) for c in completions))
+    B = len(prompt_ids)
+    ids = torch.full((B, P + C), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, P + C), dtype=torch.long)
+    comp = torch.zeros((B, P + C), dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompt_ids, completions)):
+        ids[i, P - len(p) : P] = torch.tensor(p)
+        if c:
+            ids[i, P : P + len(c)] = torch.tensor(c, dtype=torch.long)
+        attn[i, P - len(p) : P + len(c)] = 1
+        comp[i, P : P + len(c)] = 1
+    return Batch(ids, attn, comp[:, 1:], [len(p) for p in prompt_ids])

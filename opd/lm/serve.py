@@ -1,0 +1,215 @@
+"""`opd serve MODEL_DIR`: a small vLLM-compatible completions server around a local Hugging Face causal LM.
+
+It serves the subset of vLLM's OpenAI-compatible API that opd's remote teacher and sampler use (`opd.lm.remote`), so
+the same client code talks to this server on a laptop and to vLLM on a GPU box:
+
+- `POST /v1/completions`: text or token-id prompts (single or batch), `max_tokens` (0 = score only), `temperature`,
+  `top_p`, `seed`, `n`, `logprobs`, `echo`, vLLM's `prompt_logprobs`, `return_token_ids`,
+  `return_tokens_as_token_ids`, `ignore_eos`, `stop_token_ids` (shapes in `opd.lm.serve_protocol`).
+- `GET /v1/models`, `GET /health`.
+- `POST /opd/update_weights {"path": ...}`: load a safetensors file (or a directory of them) from the server's disk
+  into the served model, for server-side rollouts with the latest student weights. vLLM has no such endpoint under
+  this name; there the same job is done by its weight-update hooks (collective RPC / `update_weights` in RL
+  integrations), `POST /v1/load_lora_adapter` for LoRA students, or its sleep / wake-up endpoints with a reload.
+
+Concurrent requests are batched on the model (`opd.lm.serve_engine.BatchingEngine`). With `api_key` set, `/v1/*` and
+`/opd/*` need `Authorization: Bearer <key>`; `/health` stays open, as in vLLM. Bad requests get a 4xx with a one-line
+message in OpenAI's error shape `{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fastapi
+import torch
+import tyro
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from opd.lm.serve_engine import BatchingEngine, LogprobsMode
+from opd.lm.serve_protocol import BadRequest, CompletionRequest, completion_response, rows_for_request
+
+
+@dataclass(frozen=True)
+class ServeArgs:
+    """Settings of `opd serve`."""
+
+    model_dir: tyro.conf.Positional[str]
+    """Directory of a Hugging Face causal LM (config, weights, tokenizer), as written by `save_pretrained`."""
+    served_model_name: str | None = None
+    """Name clients put in `model`; defaults to `model_dir`, like vLLM."""
+    host: str = "127.0.0.1"
+    """Address to listen on; 127.0.0.1 keeps the server private to this machine."""
+    port: int = 8000
+    """Port to listen on."""
+    api_key: str | None = None
+    """If set, requests to /v1 and /opd must carry `Authorization: Bearer <api_key>`."""
+    device: str | None = None
+    """Torch device for the model; default cuda when available, else cpu."""
+    dtype: str = "auto"
+    """Weights dtype (`auto` keeps the checkpoint's, or float32, bfloat16, float16)."""
+    max_batch_size: int = 32
+    """Most sequences in one forward; larger batches are split."""
+    batch_window_ms: float = 5.0
+    """How long the batcher waits for more requests after the first one arrives before running the batch."""
+    max_tokens: int = 1024
+    """Most tokens one request may generate per sequence."""
+    max_model_len: int | None = None
+    """Context length (prompt + generation); defaults to the config's `max_position_embeddings`."""
+    max_prompt_len: int | None = None
+    """Most prompt tokens; defaults to the context length."""
+    max_logprobs: int = 20
+    """Largest `logprobs` / `prompt_logprobs` top-k accepted (vLLM's default is 20 too)."""
+    max_seqs_per_request: int = 256
+    """Most sequences (prompts x n) in one request."""
+    max_request_bytes: int = 16 * 2**20
+    """Largest request body accepted (413 above it)."""
+    logprobs_mode: LogprobsMode = "raw_logprobs"
+    """Log-probs reported for generated tokens: `raw_logprobs` (the model's, temperature 1, vLLM's default) or
+    `processed_logprobs` (the tempered, top-p-truncated distribution actually sampled from; vLLM's
+    `--logprobs-mode processed_logprobs`)."""
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    kind = {401: "AuthenticationError", 404: "NotFoundError", 413: "RequestTooLarge"}.get(status, "BadRequestError")
+    return JSONResponse(
+        status_code=status, content={"error": {"message": message, "type": kind, "param": None, "code": status}}
+    )
+
+
+class UpdateWeightsRequest(BaseModel):
+    """Body of `POST /opd/update_weights`."""
+
+    path: str
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> int:
+    """Load safetensors weights (a file, or every *.safetensors in a directory) into `model` in place; return #tensors.
+
+    The check is strict: every tensor must name a model parameter or buffer of the same shape, and every model tensor
+    must be given, except a tied one whose twin is given (`save_pretrained` drops the tied `lm_head.weight`).
+    Raises ValueError before touching the model when anything does not match. Dtypes are cast to the model's.
+    """
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    if not files or not files[0].is_file():
+        raise ValueError(f"no safetensors weights at {path} (on the server's disk); pass a .safetensors file or dir")
+    new: dict[str, torch.Tensor] = {}
+    for f in files:
+        new.update(load_file(str(f)))
+    own = model.state_dict()
+    unexpected = sorted(set(new) - set(own))
+    given_ptrs = {own[k].data_ptr() for k in new if k in own}
+    missing = sorted(k for k in set(own) - set(new) if own[k].data_ptr() not in given_ptrs)
+    wrong = sorted(k for k in new if k in own and new[k].shape != own[k].shape)
+    if unexpected or missing or wrong:
+        parts = [f"{name}: {keys[:3]}{' ...' if len(keys) > 3 else ''}" for name, keys in
+                 (("unexpected", unexpected), ("missing", missing), ("shape mismatch", wrong)) if keys]
+        raise ValueError(f"weights at {path} do not fit the served model ({'; '.join(parts)})")
+    with torch.no_grad():
+        for k, tensor in new.items():
+            own[k].copy_(tensor)
+    return len(new)
+
+
+def build_app(model: torch.nn.Module, tokenizer: Any, args: ServeArgs) -> fastapi.FastAPI:
+    """The FastAPI app serving `model` (put in eval mode) and `tokenizer` (a Hugging Face tokenizer)."""
+    model.eval()
+    name = args.served_model_name or args.model_dir
+    vocab_size = model.get_input_embeddings().num_embeddings
+    max_model_len = args.max_model_len or getattr(model.config, "max_position_embeddings", None)
+    if max_model_len is None:
+        raise ValueError("the model config has no max_position_embeddings; pass --max-model-len")
+    engine = BatchingEngine(model, args.max_batch_size, args.batch_window_ms / 1000, args.logprobs_mode)
+    weights_version = 0
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: fastapi.FastAPI):
+        engine.start()
+        yield
+        await engine.stop()
+
+    app = fastapi.FastAPI(title="opd serve", lifespan=lifespan)
+    app.state.engine = engine
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: fastapi.Request, exc: RequestValidationError) -> JSONResponse:
+        parts = [f"{'.'.join(str(x) for x in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors()]
+        return _error(400, "invalid request: " + "; ".join(parts))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: fastapi.Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.middleware("http")
+    async def _limits_and_auth(request: fastapi.Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > args.max_request_bytes):
+            return _error(413, f"request body over {args.max_request_bytes} bytes; send fewer or shorter prompts")
+        if args.api_key is not None and request.url.path.startswith(("/v1", "/opd")):
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {args.api_key}".encode()):
+                return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "weights_version": weights_version}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        card = {"id": name, "object": "model", "created": 0, "owned_by": "opd", "root": args.model_dir,
+                "max_model_len": max_model_len}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest) -> JSONResponse:
+        if req.model is not None and req.model != name:
+            return _error(404, f"The model `{req.model}` does not exist; this server serves `{name}`")
+        try:
+            prompts, texts, rows = rows_for_request(req, tokenizer, vocab_size, max_model_len, args)
+        except BadRequest as e:
+            return _error(400, str(e))
+        await engine.run(rows)
+        body = completion_response(
+            req, prompts, texts, rows, tokenizer, name, f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        )
+        return JSONResponse(body)
+
+    @app.post("/opd/update_weights")
+    async def update_weights(req: UpdateWeightsRequest) -> JSONResponse:
+        nonlocal weights_version
+        async with engine.lock:  # no batch runs on half-loaded weights
+            try:
+                count = await asyncio.to_thread(load_weights, model, req.path)
+            except (ValueError, OSError, SafetensorError) as e:  # a bad path or file is the client's mistake
+                return _error(400, str(e))
+            weights_version += 1
+        return JSONResponse({"status": "ok", "path": req.path, "num_tensors": count,
+                             "weights_version": weights_version})
+
+    return app
+
+
+def serve_main(args: ServeArgs) -> None:
+    """Load `args.model_dir` and serve it until interrupted."""
+    import uvicorn
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    uvicorn.run(build_app(model, tokenizer, args), host=args.host, port=args.port, log_level="info")

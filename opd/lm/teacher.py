@@ -1,0 +1,58 @@
+"""What the teacher gives per token, and the local Hugging Face teacher that gives it.
+
+Everything is in *target coordinates* (see `opd.lm.rollout`): entry t of a [B, T, ...] tensor is a distribution over
+token t+1 of the sequence given tokens <= t, with T = L - 1. A teacher is anything with
+`score(input_ids_BL, attention_mask_BL, mask_BT) -> TeacherSignal`; a remote server (`opd.lm.remote`) is one too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+from opd.lm.model import final_hidden, lm_head, taken_logp
+
+
+@dataclass
+class TeacherSignal:
+    """The teacher's grade of a batch of sequences, in target coordinates ([B, T] with T = L - 1)."""
+
+    taken_logp_BT: torch.Tensor
+    """log π_T(x_{t+1} | x_<=t) of the token that is actually there; always present."""
+    hidden_BTD: torch.Tensor | None = None
+    """Final hidden states (local teachers): full-vocabulary log-probs are `log_softmax(head(hidden))`, computed
+    chunk by chunk by the loss so that [B, T, V] logits never exist for the whole batch."""
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """hidden [N, D] -> logits [N, V]; set together with `hidden_BTD`."""
+    topk_ids_BTK: torch.Tensor | None = None
+    """Ids of the teacher's k most likely tokens at each position (remote teachers)."""
+    topk_logp_BTK: torch.Tensor | None = None
+    """Log-probs of those ids; the remaining mass 1 - Σ exp(topk_logp) is the tail bucket."""
+
+
+class Teacher(Protocol):
+    def score(
+        self, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor, mask_BT: torch.Tensor
+    ) -> TeacherSignal:
+        """Grade every target position of the batch in one pass; `mask_BT` marks the completion targets."""
+        ...
+
+
+class LocalTeacher:
+    """A frozen Hugging Face causal LM on this process's device: one forward pass grades the whole batch."""
+
+    def __init__(self, model: torch.nn.Module, chunk_size: int = 1024):
+        self.model = model.eval().requires_grad_(False)
+        self.chunk_size = chunk_size
+
+    @torch.no_grad()
+    def score(self, input_ids_BL, attention_mask_BL, mask_BT) -> TeacherSignal:
+        hidden_BTD = final_hidden(self.model, input_ids_BL, attention_mask_BL)[:, :-1]
+        head = lm_head(self.model)
+        return TeacherSignal(
+            taken_logp_BT=taken_logp(hidden_BTD, head, input_ids_BL[:, 1:], mask_BT, self.chunk_size),
+            hidden_BTD=hidden_BTD,
+            head=head,
+        )

@@ -1,0 +1,247 @@
+"""The LM loop: act, grade, diverge, update — one visible loop for every way of choosing who acts.
+
+    for step in range(steps):
+        batch  = act(source)                    # student | teacher | data | mixture(λ)
+        signal = teacher.score(batch)           # one forward pass over prompt + completion
+        loss   = divergence(student(batch), signal) over completion tokens
+        update(student, loss)
+
+source=student with loss=reverse_kl is on-policy distillation; source=mixture is GKD; source=teacher is
+sequence-level KD (with loss=sft: SFT on teacher samples); source=data with loss=sft is plain SFT.
+"""
+
+from __future__ import annotations
+
+import json
+import signal as signal_module
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from opd import losses
+from opd.chunked import chunked_divergence, chunked_taken_logp
+from opd.checkpoint import find_checkpoint, load_trainer_state, save_checkpoint
+from opd.config import DistillConfig, save_config
+from opd.lm.model import final_hidden, lm_head, load_model, load_tokenizer
+from opd.lm.rollout import Batch, build_batch, encode_prompts, sample
+from opd.lm.teacher import LocalTeacher, Teacher, TeacherSignal
+from opd.tasks import get_task
+
+LOSSES = ("sampled", "sft", *losses.DIVERGENCES)
+
+
+class TrainingError(RuntimeError):
+    """A run stopped for a reason the user must act on; the message says what happened and what to do."""
+
+
+def make_teacher(cfg: DistillConfig, student, tokenizer) -> Teacher | None:
+    """The teacher the config names: a local HF model (vocabularies checked) or an OpenAI-compatible server."""
+    if cfg.teacher is None:
+        if cfg.loss != "sft" or cfg.source not in ("data",):
+            raise ValueError(f"source={cfg.source} with loss={cfg.loss} needs a teacher; pass --teacher")
+        return None
+    if cfg.teacher.startswith(("http://", "https://")):
+        from opd.lm.remote import RemoteTeacher
+
+        return RemoteTeacher(cfg.teacher, model=None, top_k=cfg.top_k)
+    model = load_model(cfg.teacher)
+    check_same_vocabulary(student, model, tokenizer, load_tokenizer(cfg.teacher))
+    return LocalTeacher(model, chunk_size=cfg.chunk_size)
+
+
+def check_same_vocabulary(student, teacher, student_tok=None, teacher_tok=None) -> None:
+    """Logit-level distillation compares distributions over the same token ids: refuse models that do not share them."""
+    vs = student.get_output_embeddings().weight.shape[0]
+    vt = teacher.get_output_embeddings().weight.shape[0]
+    if vs != vt:
+        raise ValueError(
+            f"teacher vocabulary size {vt} != student vocabulary size {vs}; distil between models that share a "
+            f"tokenizer (cross-tokenizer alignment is not available yet)"
+        )
+    if student_tok is not None and teacher_tok is not None and student_tok.get_vocab() != teacher_tok.get_vocab():
+        raise ValueError(
+            "teacher and student tokenizers map tokens to different ids; distil between models that share a tokenizer"
+        )
+
+
+def student_loss(student, batch: Batch, signal: TeacherSignal | None, cfg: DistillConfig) -> tuple[torch.Tensor, dict]:
+    """Mean per-token loss over the batch's completion tokens, and the metrics to log."""
+    mask_BT = batch.mask_BT.bool()
+    hidden_ND = final_hidden(student, batch.input_ids_BL, batch.attention_mask_BL)[:, :-1][mask_BT]
+    head = lm_head(student)
+    targets_N = batch.targets_BT[mask_BT]
+    metrics = {}
+    if cfg.loss in ("sft", "sampled"):
+        logp_N = chunked_taken_logp(hidden_ND, head, targets_N, chunk_size=cfg.chunk_size)
+        if cfg.loss == "sft":
+            per_token = -logp_N
+        else:
+            student_BT = _scatter(logp_N, mask_BT)
+            sampling_BT = batch.sampling_logp_BT if batch.sampling_logp_BT is not None else student_BT.detach()
+            per_token = losses.sampled_reverse_kl_pg_loss(
+                student_BT, sampling_BT, signal.taken_logp_BT, mask_BT.float(), discount=cfg.discount
+            )[mask_BT]
+            metrics["sampled_reverse_kl"] = (sampling_BT - signal.taken_logp_BT)[mask_BT].mean().item()
+        if signal is not None:
+            metrics["teacher_logp"] = signal.taken_logp_BT[mask_BT].mean().item()
+    else:
+        divergence = divergence_from_config(cfg)
+        if signal.hidden_BTD is not None:
+            teacher = dict(teacher_hidden_ND=signal.hidden_BTD[mask_BT], teacher_head=signal.head)
+        else:
+            teacher = dict(teacher_ids_NK=signal.topk_ids_BTK[mask_BT], teacher_logp_NK=signal.topk_logp_BTK[mask_BT])
+        per_token = chunked_divergence(divergence, hidden_ND, head, chunk_size=cfg.chunk_size, **teacher)
+    loss = per_token.mean() if per_token.numel() else hidden_ND.sum() * 0.0
+    metrics["loss"] = loss.item()
+    metrics["completion_tokens"] = int(mask_BT.sum())
+    return loss, metrics
+
+
+def divergence_from_config(cfg: DistillConfig):
+    """The per-token divergence `cfg.loss` names, with the parameter it takes (β for JSD, α for skew KL)."""
+    params = {"jsd": {"beta": cfg.beta}, "skew_forward_kl": {"alpha": cfg.alpha}, "skew_reverse_kl": {"alpha": cfg.alpha}}
+    return losses.get_divergence(cfg.loss, **params.get(cfg.loss, {}))
+
+
+def _scatter(values_N: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+    out = values_N.new_zeros(mask_BT.shape)
+    return out.masked_scatter(mask_BT, values_N)
+
+
+def distill(cfg: DistillConfig) -> dict:
+    """Run the LM loop the config describes; returns the final metrics. Writes config, metrics and checkpoints."""
+    if cfg.loss not in LOSSES:
+        raise ValueError(f"unknown loss {cfg.loss!r}; choose one of {', '.join(LOSSES)}")
+    if cfg.source == "mixture" and not 0.0 <= cfg.lmbda <= 1.0:
+        raise ValueError(f"lmbda must be in [0, 1], got {cfg.lmbda}")
+    out = Path(cfg.out_dir)
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.student)
+    ckpt = find_checkpoint(out / "checkpoint") if cfg.resume else None
+    student = load_model(str(ckpt) if ckpt else cfg.student)
+    teacher = make_teacher(cfg, student, tokenizer)
+    task = get_task(cfg.task)
+    train = task.examples(cfg.train_examples, seed=0, split="train")
+    test = task.examples(cfg.eval_examples, seed=0, split="test")
+    max_prompt = _context_length(student) - cfg.sampling.max_new_tokens
+    prompt_ids = encode_prompts(tokenizer, [e.prompt for e in train], max_prompt)
+    reference_ids = [tokenizer(e.completion, add_special_tokens=False)["input_ids"] for e in train]
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    warmup = max(1, cfg.optim.warmup_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    rng = torch.Generator().manual_seed(cfg.seed)
+    start = 0
+    if ckpt:
+        state = load_trainer_state(ckpt, opt)
+        start = state["step"]
+        rng.set_state(torch.load(ckpt / "loop_rng.pt"))
+        sched.last_epoch = start
+    save_config(cfg, out)
+    metrics_file = (out / "metrics.jsonl").open("a")
+    interrupted = _InterruptFlag()
+
+    def checkpoint(step: int) -> None:
+        path = save_checkpoint(out / "checkpoint", student, tokenizer, step, opt)
+        torch.save(rng.get_state(), path / "loop_rng.pt")
+
+    student.train()
+    last = {}
+    try:
+        last = _loop(cfg, student, teacher, tokenizer, task, train, test, prompt_ids, reference_ids, opt, sched, rng,
+                     start, out, metrics_file, interrupted, checkpoint)
+    finally:
+        metrics_file.close()
+        interrupted.restore()
+    return last
+
+
+def _loop(cfg, student, teacher, tokenizer, task, train, test, prompt_ids, reference_ids, opt, sched, rng, start, out,
+          metrics_file, interrupted, checkpoint) -> dict:
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    last = {}
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress, desc="distill")
+    for step in bar:
+        t0 = time.perf_counter()
+        idx = torch.randint(len(train), (cfg.batch_size,), generator=rng).tolist()
+        prompts = [prompt_ids[i] for i in idx]
+        # Who acts.
+        source = cfg.source
+        if source == "mixture":
+            source = "student" if torch.rand((), generator=rng).item() < cfg.lmbda else "data"
+        if source == "data":
+            batch = build_batch(prompts, [reference_ids[i] for i in idx], pad, eos)
+        else:
+            actor = student if source == "student" else teacher.model
+            s = cfg.sampling
+            batch = sample(actor, prompts, pad, eos, s.max_new_tokens, s.temperature, s.top_p)
+        t_act = time.perf_counter()
+        # What the teacher gives: one forward pass over prompt + completion.
+        signal = None if cfg.loss == "sft" else teacher.score(batch.input_ids_BL, batch.attention_mask_BL, batch.mask_BT)
+        loss, m = student_loss(student, batch, signal, cfg)
+        if not torch.isfinite(loss):
+            last_ok = find_checkpoint(out / "checkpoint")
+            raise TrainingError(
+                f"loss is {loss.item()} at step {step}; stopped without saving. Last good checkpoint: "
+                f"{last_ok or 'none'}; lower optim.lr or check the data, then run again with --resume"
+            )
+        loss.backward()
+        if cfg.optim.grad_clip > 0:
+            m["grad_norm"] = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip).item()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if not all(torch.isfinite(p).all() for p in student.parameters()):
+            raise TrainingError(
+                f"the update at step {step} made the student's weights non-finite; stopped without saving. Last good "
+                f"checkpoint: {find_checkpoint(out / 'checkpoint') or 'none'}; lower optim.lr, then run again with --resume"
+            )
+        m.update(step=step + 1, source=source, act_s=t_act - t0, step_s=time.perf_counter() - t0)
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            m["accuracy"] = _eval_accuracy(student, tokenizer, task, test, cfg)
+        metrics_file.write(json.dumps(m) + "\n")
+        metrics_file.flush()
+        bar.set_postfix(loss=f"{m['loss']:.3f}", **({"acc": f"{m['accuracy']:.2f}"} if "accuracy" in m else {}))
+        last = m
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or interrupted.flag:
+            checkpoint(step + 1)
+        if interrupted.flag:
+            metrics_file.close()
+            raise KeyboardInterrupt(f"interrupted; saved a checkpoint at step {step + 1} in {out / 'checkpoint'}")
+    metrics_file.close()
+    interrupted.restore()
+    return last
+
+
+def _eval_accuracy(student, tokenizer, task, test, cfg) -> float:
+    from opd.lm.eval import accuracy
+
+    return accuracy(student, tokenizer, task, test, max_new_tokens=cfg.sampling.max_new_tokens)
+
+
+def _context_length(model) -> int:
+    cfg = getattr(model.config, "get_text_config", lambda: model.config)()
+    return getattr(cfg, "max_position_embeddings", None) or 1 << 30
+
+
+class _InterruptFlag:
+    """Ctrl-C sets a flag instead of killing the step half-way; the loop saves a checkpoint, then stops."""
+
+    def __init__(self):
+        self.flag = False
+        try:
+            self._old = signal_module.signal(signal_module.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave signal handling alone
+            self._old = None
+
+    def _handle(self, signum, frame):
+        if self.flag:  # a second Ctrl-C means stop now
+            raise KeyboardInterrupt
+        self.flag = True
+
+    def restore(self):
+        if self._old is not None:
+            signal_module.signal(signal_module.SIGINT, self._old)

@@ -1,0 +1,22 @@
+"""Tasks made here, with checkable answers: data, a local tokenizer, model configs, a cached teacher.
+
+`get_task("arithmetic")` gives a deterministic generator of worked examples and an answer checker.
+"""
+
+from __future__ import annotations
+
+from opd.tasks.arithmetic import ArithmeticTask
+from opd.tasks.base import Example, Task
+
+TASKS = {"arithmetic": ArithmeticTask}
+"""Registry: task name -> class constructed with its defaults by `get_task`."""
+
+
+def get_task(name: str) -> Task:
+    """The task registered under `name`, with default settings."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
+    return TASKS[name]()
+
+
+__all__ = ["TASKS", "ArithmeticTask", "Example", "Task", "get_task"]

@@ -1,0 +1,227 @@
+"""Supervised training on worked examples: the cached teacher, and warm-started students.
+
+`get_teacher()` returns the teacher committed under `opd/assets/`, else the one cached under
+`$OPD_CACHE` (default `~/.cache/opd`), else trains one (minutes on 2 CPU cores) and caches it.
+`opd teacher` (`train_teacher_main`) trains one explicitly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import (
+    AutoTokenizer,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    get_cosine_schedule_with_warmup,
+)
+
+from opd.lm.eval import accuracy
+from opd.tasks import get_task
+from opd.tasks.base import Example
+from opd.tasks.models import encode_examples, make_model, num_params
+from opd.tasks.tokenizer import build_tokenizer
+
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+
+
+def sft_loss(model: PreTrainedModel, input_ids_BL, attention_mask_BL, completion_mask_BL) -> torch.Tensor:
+    """Mean next-token cross-entropy over the completion tokens (targets in T = L-1 coordinates)."""
+    logits_BTV = model(input_ids=input_ids_BL, attention_mask=attention_mask_BL).logits[:, :-1]
+    targets_BT = input_ids_BL[:, 1:]
+    mask_BT = completion_mask_BL[:, 1:]
+    nll_BT = F.cross_entropy(logits_BTV.transpose(1, 2), targets_BT, reduction="none")
+    return (nll_BT * mask_BT).sum() / mask_BT.sum()
+
+
+def train_supervised(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[Example],
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    warmup_steps: int | None = None,
+    weight_decay: float = 0.01,
+    max_grad_norm: float = 1.0,
+    progress: bool = True,
+    desc: str = "sft",
+) -> list[float]:
+    """Fine-tune `model` in place on `examples` (completion tokens only); AdamW, warmup then cosine decay.
+
+    Batches walk through shuffled passes over `examples`, in an order fixed by `seed`. Returns the loss
+    of every step. `warmup_steps` defaults to 5% of `steps`.
+    """
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be positive, got {steps} and {batch_size}")
+    if not examples:
+        raise ValueError("train_supervised needs at least one example")
+    warmup_steps = max(1, steps // 20) if warmup_steps is None else warmup_steps
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+    schedule = get_cosine_schedule_with_warmup(optimizer, warmup_steps, steps)
+    generator = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    losses: list[float] = []
+    model.train()
+    bar = tqdm(range(steps), desc=desc, disable=not progress)
+    for _ in bar:
+        if len(order) < batch_size:
+            order += torch.randperm(len(examples), generator=generator).tolist()
+        batch, order = [examples[i] for i in order[:batch_size]], order[batch_size:]
+        loss = sft_loss(model, *encode_examples(tokenizer, batch))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+    model.eval()
+    return losses
+
+
+@dataclass(frozen=True)
+class TeacherArgs:
+    """Train a teacher on a task's ground-truth worked examples, measure its held-out accuracy, save it."""
+
+    task: str = "arithmetic"
+    """Task name (see `opd.tasks.TASKS`)."""
+    size: str = "teacher"
+    """Model size (a key of `opd.tasks.models.MODEL_SIZES`)."""
+    steps: int = 1500
+    """Optimizer steps; each sees fresh problems (steps * batch_size distinct draws)."""
+    batch_size: int = 64
+    """Examples per step."""
+    lr: float = 3e-3
+    """Peak learning rate (AdamW, 5% warmup, cosine decay to 0)."""
+    seed: int = 0
+    """Seed for the initialisation, the training problems and their order."""
+    eval_examples: int = 1000
+    """Held-out ("test" split) problems used to measure greedy accuracy."""
+    threads: int = 2
+    """torch CPU threads."""
+    out_dir: str | None = None
+    """Where to save; default `$OPD_CACHE/<task>-teacher` (`$OPD_CACHE` defaults to `~/.cache/opd`)."""
+
+    def command(self) -> str:
+        """The `opd teacher ...` command line that reproduces these settings (output directory left out)."""
+        flags = []
+        for f in fields(self):
+            if f.name != "out_dir":
+                flags += [f"--{f.name.replace('_', '-')}", str(getattr(self, f.name))]
+        return shlex.join(["opd", "teacher", *flags])
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """`cache_dir` if given, else `$OPD_CACHE`, else `~/.cache/opd`."""
+    return Path(cache_dir or os.environ.get("OPD_CACHE") or Path.home() / ".cache" / "opd")
+
+
+def train_teacher(args: TeacherArgs, progress: bool = True) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase, dict]:
+    """Train a teacher as `args` says and measure it; returns (model, tokenizer, info) without saving."""
+    torch.set_num_threads(args.threads)
+    task = get_task(args.task)
+    tokenizer = build_tokenizer(task)
+    model = make_model(args.size, tokenizer, seed=args.seed)
+    start = time.perf_counter()
+    examples = task.examples(args.steps * args.batch_size, seed=args.seed, split="train")
+    losses = train_supervised(
+        model, tokenizer, examples, args.steps, args.batch_size, args.lr, args.seed, progress=progress, desc="teacher"
+    )
+    train_s = time.perf_counter() - start
+    held_out = task.examples(args.eval_examples, seed=args.seed, split="test")
+    acc = accuracy(model, tokenizer, task, held_out, progress=progress)
+    info = dict(
+        task=args.task,
+        size=args.size,
+        num_params=num_params(model),
+        test_accuracy=acc,
+        eval_examples=args.eval_examples,
+        eval_seed=args.seed,
+        final_loss=sum(losses[-20:]) / len(losses[-20:]),
+        train_wall_s=round(train_s, 1),
+        threads=args.threads,
+        args=asdict(args),
+        command=args.command(),
+        argv=shlex.join(sys.argv),
+        config=model.config.to_dict(),
+        versions=dict(torch=torch.__version__, transformers=__import__("transformers").__version__),
+    )
+    return model, tokenizer, info
+
+
+def save_teacher(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, info: dict, out_dir: Path) -> None:
+    """Write safetensors weights, the tokenizer and `info.json` to `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "info.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+
+
+def load_teacher(path: str | os.PathLike) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase, dict]:
+    """(model in fp32 eval mode, tokenizer, info) from a directory written by `save_teacher`."""
+    path = Path(path)
+    if not (path / "info.json").is_file():
+        raise ValueError(f"{path} holds no saved teacher (no info.json); train one with `opd teacher`")
+    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer, json.loads((path / "info.json").read_text())
+
+
+def get_teacher(
+    cache_dir: str | os.PathLike | None = None, retrain: bool = False, progress: bool = True, task: str = "arithmetic"
+) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase, dict]:
+    """The teacher for `task`: the committed one, else the cached one, else a newly trained and cached one.
+
+    `retrain=True` skips both and trains (with `TeacherArgs` defaults) into the cache, replacing what was there.
+    """
+    for path in ([] if retrain else [ASSETS_DIR / f"{task}-teacher", cache_root(cache_dir) / f"{task}-teacher"]):
+        if (path / "info.json").is_file():
+            return load_teacher(path)
+    args = TeacherArgs(task=task, out_dir=str(cache_root(cache_dir) / f"{task}-teacher"))
+    model, tokenizer, info = train_teacher(args, progress=progress)
+    save_teacher(model, tokenizer, info, Path(args.out_dir))
+    return model, tokenizer, info
+
+
+def warm_start_student(
+    tokenizer: PreTrainedTokenizerBase,
+    size: str = "student",
+    seed: int = 0,
+    steps: int = 100,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    task: str = "arithmetic",
+    progress: bool = True,
+) -> LlamaForCausalLM:
+    """A student of `size` given a little SFT on ground-truth examples: a starting point with headroom.
+
+    Deterministic given the arguments (and the torch thread count); the data use seed `seed + 1`, so
+    they differ from the teacher's training draws at the same seed.
+    """
+    student = make_model(size, tokenizer, seed=seed)
+    examples = get_task(task).examples(steps * batch_size, seed=seed + 1, split="train")
+    train_supervised(student, tokenizer, examples, steps, batch_size, lr, seed, progress=progress, desc="warm start")
+    return student
+
+
+def train_teacher_main(args: TeacherArgs) -> None:
+    """CLI: train a teacher, print its held-out accuracy and save it (the `opd teacher` command)."""
+    out_dir = Path(args.out_dir) if args.out_dir else cache_root() / f"{args.task}-teacher"
+    model, tokenizer, info = train_teacher(args)
+    save_teacher(model, tokenizer, info, out_dir)
+    print(
+        f"teacher: {info['num_params']:,} params, held-out accuracy {info['test_accuracy']:.3f} "
+        f"on {info['eval_examples']} problems, trained in {info['train_wall_s']:.0f} s -> {out_dir}"
+    )

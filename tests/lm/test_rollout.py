@@ -1,0 +1,39 @@
+import pytest
+import torch
+
+from opd.lm.rollout import build_batch, encode_prompts, sample
+from tests.lm.conftest import tiny_llama
+
+
+def test_build_batch_layout_and_mask():
+    b = build_batch([[5, 6], [7]], [[8], [9, 10, 2]], pad_id=0, eos_id=2)
+    # prompts left-padded to 2, completions right after, eos appended to the one that lacked it
+    assert b.input_ids_BL.tolist() == [[5, 6, 8, 2, 0], [0, 7, 9, 10, 2]]
+    assert b.attention_mask_BL.tolist() == [[1, 1, 1, 1, 0], [0, 1, 1, 1, 1]]
+    # target t scores token t+1: completion targets are tokens 2.. of each row
+    assert b.mask_BT.tolist() == [[0, 1, 1, 0], [0, 1, 1, 1]]
+    assert b.completion_ids() == [[8, 2], [9, 10, 2]]
+
+
+def test_encode_prompts_rejects_empty_and_too_long(tokenizer):
+    with pytest.raises(ValueError, match="dataset is empty"):
+        encode_prompts(tokenizer, [], 10)
+    with pytest.raises(ValueError, match="prompt 1 is .* tokens"):
+        encode_prompts(tokenizer, ["1+2=", "1234567+1234567="], 10)
+
+
+def test_sample_stops_at_eos_and_matches_generate_layout(tokenizer):
+    model = tiny_llama(tokenizer, 16, 1, seed=0)
+    prompts = encode_prompts(tokenizer, ["12+34=", "5+6="], 100)
+    torch.manual_seed(0)
+    b = sample(model, prompts, tokenizer.pad_token_id, tokenizer.eos_token_id, max_new_tokens=12)
+    eos = tokenizer.eos_token_id
+    for comp, p, ids, attn in zip(b.completion_ids(), prompts, b.input_ids_BL, b.attention_mask_BL):
+        assert 1 <= len(comp) <= 12
+        assert eos not in comp[:-1]  # nothing after the first eos is kept
+        assert attn.sum().item() == len(p) + len(comp)
+        assert ids[attn.bool()].tolist() == p + comp
+    # greedy sampling is deterministic and equals HF generate's greedy output
+    g1 = sample(model, prompts, tokenizer.pad_token_id, eos, 12, temperature=0.0)
+    g2 = sample(model, prompts, tokenizer.pad_token_id, eos, 12, temperature=0.0)
+    assert g1.completion_ids() == g2.completion_ids()

@@ -1,0 +1,131 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from opd.config import DistillConfig, OptimArgs, SamplingArgs
+from opd.lm.model import load_model
+from opd.lm.rollout import encode_prompts, sample
+from opd.lm.teacher import LocalTeacher
+from opd.lm import train as train_module
+from opd.lm.train import TrainingError, distill
+from opd.losses import reverse_kl
+from opd.tasks import get_task
+from tests.lm.conftest import tiny_llama
+
+
+def tiny_cfg(dirs, tmp_path, **kw) -> DistillConfig:
+    base = dict(
+        student=dirs["student"], teacher=dirs["teacher"], steps=2, batch_size=4, train_examples=64, eval_examples=4,
+        eval_every=0, save_every=1, sampling=SamplingArgs(max_new_tokens=8), out_dir=str(tmp_path / "run"),
+        progress=False,
+    )
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+@pytest.mark.parametrize(
+    "source,loss",
+    [("student", "reverse_kl"), ("student", "sampled"), ("student", "jsd"), ("mixture", "forward_kl"),
+     ("teacher", "sft"), ("teacher", "skew_reverse_kl"), ("data", "sft"), ("student", "tvd")],
+)
+def test_every_source_and_loss_trains_and_writes_a_run(model_dirs, tmp_path, source, loss):
+    cfg = tiny_cfg(model_dirs, tmp_path, source=source, loss=loss)
+    before = load_file(Path(model_dirs["student"]) / "model.safetensors")
+    out = distill(cfg)
+    run = Path(cfg.out_dir)
+    assert json.loads((run / "config.json").read_text())["loss"] == loss
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in lines)
+    assert 0.0 <= out["accuracy"] <= 1.0
+    after = load_file(run / "checkpoint" / "model.safetensors")
+    assert json.loads((run / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
+    assert any(not torch.equal(before[k], after[k]) for k in before), "the student did not change"
+
+
+def _heldout_reverse_kl(student, teacher, tokenizer, prompts) -> float:
+    torch.manual_seed(123)
+    b = sample(student, prompts, tokenizer.pad_token_id, tokenizer.eos_token_id, 8)
+    with torch.no_grad():
+        s = torch.log_softmax(student(b.input_ids_BL, attention_mask=b.attention_mask_BL).logits[:, :-1], -1)
+        t = torch.log_softmax(teacher(b.input_ids_BL, attention_mask=b.attention_mask_BL).logits[:, :-1], -1)
+    return reverse_kl(s, t)[b.mask_BT.bool()].mean().item()
+
+
+@pytest.mark.parametrize("loss", ["reverse_kl", "sampled"])
+def test_on_policy_distillation_moves_the_student_towards_the_teacher(model_dirs, tokenizer, tmp_path, loss):
+    cfg = tiny_cfg(model_dirs, tmp_path, steps=40, batch_size=8, save_every=40, loss=loss,
+                   optim=OptimArgs(lr=1e-2, warmup_steps=1))
+    teacher = load_model(model_dirs["teacher"])
+    test = get_task("arithmetic").examples(16, seed=0, split="test")
+    prompts = encode_prompts(tokenizer, [e.prompt for e in test], 100)
+    kl_before = _heldout_reverse_kl(load_model(model_dirs["student"]), teacher, tokenizer, prompts)
+    distill(cfg)
+    kl_after = _heldout_reverse_kl(load_model(str(Path(cfg.out_dir) / "checkpoint")), teacher, tokenizer, prompts)
+    assert kl_after < 0.5 * kl_before, (kl_before, kl_after)
+
+
+def test_resume_continues_bit_for_bit(model_dirs, tmp_path):
+    straight = tiny_cfg(model_dirs, tmp_path / "a", steps=4, save_every=2)
+    distill(straight)
+    first = tiny_cfg(model_dirs, tmp_path / "b", steps=2, save_every=2)
+    distill(first)
+    distill(tiny_cfg(model_dirs, tmp_path / "b", steps=4, save_every=2, resume=True))
+    a = load_file(Path(straight.out_dir) / "checkpoint" / "model.safetensors")
+    b = load_file(Path(first.out_dir) / "checkpoint" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_input_gives_one_line_errors(model_dirs, tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="unknown loss 'kl2'"):
+        distill(tiny_cfg(model_dirs, tmp_path, loss="kl2"))
+    with pytest.raises(ValueError, match="dataset is empty"):
+        distill(tiny_cfg(model_dirs, tmp_path, train_examples=0))
+    # a student whose context cannot hold prompt + completion
+    short = tiny_llama(tokenizer, 16, 1, seed=0, max_pos=12)
+    short.save_pretrained(tmp_path / "short")
+    tokenizer.save_pretrained(tmp_path / "short")
+    with pytest.raises(ValueError, match="prompt 0 is .* tokens but the model's context leaves room for 4"):
+        distill(tiny_cfg(model_dirs, tmp_path, student=str(tmp_path / "short")))
+    # a teacher over another vocabulary
+    other = tiny_llama(tokenizer, 16, 1, seed=0)
+    other.resize_token_embeddings(len(tokenizer) + 7)
+    other.save_pretrained(tmp_path / "other")
+    tokenizer.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match=rf"teacher vocabulary size {len(tokenizer) + 7} != student vocabulary size"):
+        distill(tiny_cfg(model_dirs, tmp_path, teacher=str(tmp_path / "other")))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(model_dirs, tmp_path, monkeypatch):
+    distill(tiny_cfg(model_dirs, tmp_path, steps=2, save_every=2))
+    good = load_file(tmp_path / "run" / "checkpoint" / "model.safetensors")
+    calls, real_loss = [], train_module.student_loss
+
+    def loss_that_diverges(*args):
+        loss, metrics = real_loss(*args)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 2 else loss), metrics
+
+    monkeypatch.setattr(train_module, "student_loss", loss_that_diverges)
+    with pytest.raises(TrainingError, match=r"loss is nan at step 3; stopped without saving.*checkpoint"):
+        distill(tiny_cfg(model_dirs, tmp_path, steps=6, save_every=100, resume=True))
+    kept = load_file(tmp_path / "run" / "checkpoint" / "model.safetensors")
+    assert all(torch.equal(good[k], kept[k]) for k in good)
+    assert json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
+
+
+def test_an_update_that_makes_weights_non_finite_stops_the_run(model_dirs, tmp_path, monkeypatch):
+    real_loss = train_module.student_loss
+
+    def finite_loss_nan_gradient(*args):
+        loss, metrics = real_loss(*args)
+        loss.register_hook(lambda g: g * float("nan"))
+        return loss, metrics
+
+    monkeypatch.setattr(train_module, "student_loss", finite_loss_nan_gradient)
+    with pytest.raises(TrainingError, match=r"update at step 0 made the student's weights non-finite.*checkpoint: none"):
+        distill(tiny_cfg(model_dirs, tmp_path, steps=3))
+    assert not (tmp_path / "run" / "checkpoint").exists()
