@@ -4,53 +4,49 @@ Errors the user can act on (bad input, a diverged run, an unreachable server) pr
 set OPD_DEBUG=1 to see the traceback instead.
 """
 
-from __future__ import annotations
-
 import os
 import sys
 
+from typing import Annotated
+
 import tyro
 
-from opd.config import DistillConfig
-
-
-def _train(cfg: DistillConfig) -> None:
-    """Train a student: on-policy distillation, GKD mixture, sequence-level KD or SFT (see --source, --loss)."""
-    from opd.lm.train import distill
-
-    print(distill(cfg))
-
-
-def _quickstart(args: "QuickstartArgs") -> None:  # noqa: F821 (resolved below)
-    """Teacher → warm-started student → on-policy distillation vs SFT on teacher samples, as a table."""
-    from opd.quickstart import quickstart
-
-    quickstart(args)
-
-
-def _teacher(args: "TeacherArgs") -> None:  # noqa: F821
-    """Train the task's teacher here, measure it and cache it."""
-    from opd.tasks.train import train_teacher_main
-
-    train_teacher_main(args)
-
-
-def _eval(args: "EvalArgs") -> None:  # noqa: F821
-    """Held-out accuracy and mean per-token reverse KL to a teacher."""
-    from opd.lm.eval import eval_main
-
-    eval_main(args)
+# Flags without the argument's name in front: `opd train --student X`, not `--cfg.student X`.
+_NO_PREFIX = tyro.conf.arg(name="")
 
 
 def _commands() -> dict:
-    from opd.lm.eval import EvalArgs
+    # Imported here so that `opd --help` does not pay for every subcommand's dependencies twice.
+    from opd.config import DistillConfig
     from opd.quickstart import QuickstartArgs
     from opd.tasks.train import TeacherArgs
 
-    _quickstart.__annotations__["args"] = QuickstartArgs
-    _teacher.__annotations__["args"] = TeacherArgs
-    _eval.__annotations__["args"] = EvalArgs
-    return {"quickstart": _quickstart, "train": _train, "eval": _eval, "teacher": _teacher}
+    def quickstart(args: Annotated[QuickstartArgs, _NO_PREFIX]) -> None:
+        """Teacher → warm-started student → on-policy distillation vs SFT on teacher samples, as a table."""
+        from opd.quickstart import quickstart
+
+        quickstart(args)
+
+    def train(cfg: Annotated[DistillConfig, _NO_PREFIX]) -> None:
+        """Train a student: on-policy distillation, GKD mixture, sequence-level KD or SFT (see --source, --loss)."""
+        from opd.lm.train import distill
+
+        final = distill(cfg)
+        print(f"done: step {final.get('step')}, accuracy {final.get('accuracy')}, checkpoint in {cfg.out_dir}/checkpoint")
+
+    def teacher(args: Annotated[TeacherArgs, _NO_PREFIX]) -> None:
+        """Train the task's teacher here, measure its held-out accuracy and cache it."""
+        from opd.tasks.train import train_teacher_main
+
+        train_teacher_main(args)
+
+    return {"quickstart": quickstart, "train": train, "teacher": teacher}
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from opd.lm.train import TrainingError
+
+    return (ValueError, OSError, TrainingError)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,11 +54,15 @@ def main(argv: list[str] | None = None) -> None:
     commands = _commands()
     try:
         tyro.extras.subcommand_cli_from_dict(commands, args=argv, prog="opd")
-    except (ValueError, RuntimeError, FileNotFoundError, KeyboardInterrupt) as e:
+    except _user_errors() as e:
         if os.environ.get("OPD_DEBUG"):
             raise
-        print(f"opd: error: {e}" if not isinstance(e, KeyboardInterrupt) else f"opd: {e}", file=sys.stderr)
+        # Library messages can span lines (HF's OSError does); the contract is one line.
+        print("opd: error: " + " ".join(str(e).split()), file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:
+        print(f"opd: {e or 'interrupted'}", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

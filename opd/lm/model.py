@@ -7,6 +7,7 @@ largest tensor in the whole step.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -67,20 +68,28 @@ def taken_logp(
     return out_BT
 
 
+def _split(name_or_path: str) -> tuple[str, dict]:
+    """`dir::file.gguf` -> (dir, {"gguf_file": file}); checks that a local-looking path exists."""
+    kwargs = {}
+    if "::" in name_or_path:
+        name_or_path, kwargs["gguf_file"] = name_or_path.split("::", 1)
+    # A hub id is `name` or `org/name`; anything else is meant as a path.
+    looks_local = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
+    if looks_local and not Path(name_or_path).expanduser().exists():
+        raise ValueError(f"model directory {name_or_path} does not exist; pass a hub id (org/name) or a saved model directory")
+    return name_or_path, kwargs
+
+
 def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu") -> PreTrainedModel:
     """Any Hugging Face causal LM by hub id or local directory (a GGUF file: pass `dir::file.gguf`)."""
-    kwargs = {"dtype": getattr(torch, dtype)}
-    if "::" in name_or_path:
-        name_or_path, gguf = name_or_path.split("::", 1)
-        kwargs["gguf_file"] = gguf
+    name_or_path, kwargs = _split(name_or_path)
+    kwargs["dtype"] = getattr(torch, dtype)
     return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs).to(device)
 
 
 def load_tokenizer(name_or_path: str):
     """The tokenizer that goes with `load_model(name_or_path)`, left-padded (generation appends on the right)."""
-    kwargs = {}
-    if "::" in name_or_path:
-        name_or_path, kwargs["gguf_file"] = name_or_path.split("::", 1)
+    name_or_path, kwargs = _split(name_or_path)
     tok = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     tok.padding_side = "left"
     if tok.pad_token_id is None:

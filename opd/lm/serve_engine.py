@@ -80,7 +80,7 @@ def _sample_step(
     kept_p_BV = sorted_p_BV * keep_sorted_BV
     cdf_BV = kept_p_BV.cumsum(-1)
     # Inverse-CDF sampling with one uniform per row from that row's own generator: batch-independent.
-    u_B = torch.tensor([torch.rand((), generator=g).item() for g in gens], device=device)
+    u_B = torch.rand(len(gens), device=device)
     pick_B = torch.searchsorted(cdf_BV, (u_B * cdf_BV[:, -1])[:, None], right=True)[:, 0]
     pick_B = torch.minimum(pick_B, keep_sorted_BV.sum(-1) - 1)
     next_B = torch.where(greedy_B, logits_BV.argmax(-1), order_BV.gather(-1, pick_B[:, None])[:, 0])

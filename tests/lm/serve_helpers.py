@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import torch
 import uvicorn
 
-from tests.lm.conftest import tiny_llama
+from tests.conftest import tiny_llama
 
 
 def served_model(tokenizer, seed: int = 0, hidden: int = 32) -> torch.nn.Module:

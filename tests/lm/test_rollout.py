@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from opd.lm.rollout import build_batch, encode_prompts, sample
-from tests.lm.conftest import tiny_llama
+from tests.conftest import tiny_llama
 
 
 def test_build_batch_layout_and_mask():
@@ -37,3 +37,14 @@ def test_sample_stops_at_eos_and_matches_generate_layout(tokenizer):
     g1 = sample(model, prompts, tokenizer.pad_token_id, eos, 12, temperature=0.0)
     g2 = sample(model, prompts, tokenizer.pad_token_id, eos, 12, temperature=0.0)
     assert g1.completion_ids() == g2.completion_ids()
+
+
+def test_encode_prompts_uses_the_chat_template_when_there_is_one(tokenizer):
+    import copy
+
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %} {% endif %}"
+    (ids,) = encode_prompts(chat, ["12+3="], 100)
+    assert ids == tokenizer("12+3= ", add_special_tokens=False)["input_ids"]
+    (plain,) = encode_prompts(tokenizer, ["12+3="], 100)
+    assert plain == tokenizer("12+3=")["input_ids"] and plain != ids

@@ -13,7 +13,7 @@ from opd.lm import train as train_module
 from opd.lm.train import TrainingError, distill
 from opd.losses import reverse_kl
 from opd.tasks import get_task
-from tests.lm.conftest import tiny_llama
+from tests.conftest import tiny_llama
 
 
 def tiny_cfg(dirs, tmp_path, **kw) -> DistillConfig:

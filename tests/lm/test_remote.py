@@ -1,0 +1,148 @@
+"""RemoteTeacher / RemoteSampler against a real `opd serve`: same numbers as the local model, clear errors when down."""
+
+import time
+
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from opd.lm.remote import RemoteSampler, RemoteTeacher, TeacherUnreachable, _position_entries
+from opd.lm.serve import ServeArgs, build_app
+from tests.lm.serve_helpers import free_port, live_server, sequence_logp, served_model
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return served_model(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def url(model, tokenizer):
+    with live_server(build_app(model, tokenizer, ServeArgs(model_dir="tiny", batch_window_ms=2))) as u:
+        yield u
+
+
+def left_padded_batch(lengths: list[int], vocab: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    L = max(lengths)
+    ids_BL = torch.zeros(len(lengths), L, dtype=torch.long)
+    mask_BL = torch.zeros(len(lengths), L, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        ids_BL[b, L - n :] = torch.randint(4, vocab, (n,), generator=g)
+        mask_BL[b, L - n :] = 1
+    return ids_BL, mask_BL
+
+
+def forwarding_transport(app_client: TestClient, fail_first: int = 0):
+    """An httpx transport that answers 503 `fail_first` times, then hands requests to the app; counts the calls."""
+    calls = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        if len(calls) <= fail_first:
+            return httpx.Response(503, json={"error": {"message": "warming up"}})
+        r = app_client.request(request.method, request.url.path, content=request.content, headers=request.headers)
+        return httpx.Response(r.status_code, content=r.content, headers=r.headers)
+
+    return httpx.MockTransport(handle), calls
+
+
+def test_score_matches_local_topk_on_left_padded_batch(url, model, tokenizer):
+    ids_BL, attn_BL = left_padded_batch([7, 12, 4], len(tokenizer))
+    mask_BT = attn_BL[:, 1:].clone()
+    mask_BT[:, :-3] = 0  # the last three targets of each row are the "completion"
+    top_k = 3
+    signal = RemoteTeacher(url, top_k=top_k).score(ids_BL, attn_BL, mask_BT)  # model=None: asks /v1/models
+
+    with torch.no_grad():
+        pos_BL = (attn_BL.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids_BL, attention_mask=attn_BL, position_ids=pos_BL).logits[:, :-1]
+    logp_BTV = logits.float().log_softmax(-1)
+    local_top_logp, local_top_ids = logp_BTV.topk(top_k, dim=-1)
+    local_taken = logp_BTV.gather(-1, ids_BL[:, 1:, None])[..., 0]
+    # Every target whose context and token are both real is scored, not only the masked ones.
+    real_BT = (attn_BL[:, :-1] * attn_BL[:, 1:]).bool()
+    assert torch.equal(signal.topk_ids_BTK[real_BT], local_top_ids[real_BT])
+    torch.testing.assert_close(signal.topk_logp_BTK[real_BT], local_top_logp[real_BT], atol=1e-5, rtol=0)
+    torch.testing.assert_close(signal.taken_logp_BT[real_BT], local_taken[real_BT], atol=1e-5, rtol=0)
+    assert signal.taken_logp_BT[~real_BT].eq(float("-inf")).all()
+    assert signal.topk_logp_BTK[~real_BT].eq(float("-inf")).all() and signal.topk_ids_BTK[~real_BT].eq(0).all()
+    # The server's extra (k+1-th) entry for a taken token outside the top-k was met and kept out of the top-k.
+    outside = (local_taken[real_BT][:, None] < local_top_logp[real_BT][:, -1:]).sum()
+    assert outside > 0
+
+
+def test_score_skips_rows_without_targets_and_rejects_masks_on_padding(url, tokenizer):
+    teacher = RemoteTeacher(url, model="tiny", top_k=2)
+    ids_BL, attn_BL = left_padded_batch([5, 3], len(tokenizer))
+    mask_BT = torch.zeros(2, 4, dtype=torch.long)
+    mask_BT[0, -1] = 1
+    signal = teacher.score(ids_BL, attn_BL, mask_BT)
+    assert torch.isfinite(signal.taken_logp_BT[0]).all() and signal.taken_logp_BT[1].eq(float("-inf")).all()
+    mask_BT[1, 0] = 1  # target 0 of row 1 is padding
+    with pytest.raises(ValueError, match="without context"):
+        teacher.score(ids_BL, attn_BL, mask_BT)
+
+
+def test_position_entries_use_ranks_and_drop_the_extra_taken_token():
+    entries = {
+        "7": {"logprob": -3.0, "rank": 5, "decoded_token": "7"},  # the prompt token, outside the top-2
+        "4": {"logprob": -1.2, "rank": 2, "decoded_token": "4"},
+        "1": {"logprob": -0.5, "rank": 1, "decoded_token": "1"},
+    }
+    assert _position_entries(entries, 7, 2) == ([1, 4], [-0.5, -1.2], -3.0)
+    assert _position_entries({k: entries[k] for k in ("4", "1")}, 4, 2) == ([1, 4], [-0.5, -1.2], -1.2)
+    with pytest.raises(RuntimeError, match="lack the prompt token"):
+        _position_entries(entries, 9, 2)
+
+
+def test_sampler_returns_the_models_logprobs_and_is_seeded(url, model, tokenizer):
+    sampler = RemoteSampler(url + "/v1", model="tiny")  # OpenAI-client style URL works too
+    prompts = [tokenizer("1+2=")["input_ids"], tokenizer("1+2=")["input_ids"], tokenizer("40+5=")["input_ids"]]
+    ids, logps = sampler.sample(prompts, max_new_tokens=8, temperature=1.0, seed=7)
+    again_ids, again_logps = sampler.sample(prompts, max_new_tokens=8, temperature=1.0, seed=7)
+    assert again_ids == ids  # log-probs may differ in the last float bit: the batches are made up differently
+    assert [x for lp in again_logps for x in lp] == pytest.approx([x for lp in logps for x in lp], abs=1e-5)
+    assert ids[0] != ids[1]  # equal prompts get different seeds
+    for prompt, gen, lp in zip(prompts, ids, logps):
+        assert 1 <= len(gen) == len(lp) <= 8
+        assert gen[-1] == tokenizer.eos_token_id or len(gen) == 8
+        logp_LV = sequence_logp(model, prompt + gen)
+        expected = [logp_LV[len(prompt) - 1 + i, t].item() for i, t in enumerate(gen)]
+        assert lp == pytest.approx(expected, abs=1e-4)
+
+
+def test_transient_errors_are_retried(model, tokenizer):
+    with TestClient(build_app(model, tokenizer, ServeArgs(model_dir="tiny"))) as app_client:
+        transport, calls = forwarding_transport(app_client, fail_first=2)
+        teacher = RemoteTeacher("http://teacher.test", model="tiny", top_k=2, backoff=0.001, transport=transport)
+        ids_BL, attn_BL = left_padded_batch([4], len(tokenizer))
+        signal = teacher.score(ids_BL, attn_BL, attn_BL[:, 1:])
+    assert len(calls) == 3 and torch.isfinite(signal.taken_logp_BT).all()
+
+
+def test_client_errors_are_not_retried(model, tokenizer):
+    args = ServeArgs(model_dir="tiny", api_key="k")
+    with TestClient(build_app(model, tokenizer, args)) as app_client:
+        transport, calls = forwarding_transport(app_client)
+        ids_BL, attn_BL = left_padded_batch([4], len(tokenizer))
+        too_many = RemoteTeacher("http://t.test", model="tiny", top_k=21, api_key="k", transport=transport)
+        with pytest.raises(RuntimeError, match="HTTP 400.*max-logprobs") as err:
+            too_many.score(ids_BL, attn_BL, attn_BL[:, 1:])
+        assert not isinstance(err.value, TeacherUnreachable) and len(calls) == 1
+        no_key = RemoteSampler("http://t.test", model="tiny", transport=transport)
+        with pytest.raises(RuntimeError, match="HTTP 401"):
+            no_key.sample([[5, 6]], max_new_tokens=2)
+        assert len(calls) == 2
+
+
+def test_unreachable_server_raises_one_clear_error(tokenizer):
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    teacher = RemoteTeacher(url, model="tiny", timeout=0.5, max_retries=2, backoff=0.01)
+    ids_BL, attn_BL = left_padded_batch([4], len(tokenizer))
+    start = time.monotonic()
+    with pytest.raises(TeacherUnreachable, match=rf"{url}/v1/completions did not answer after 3 attempts") as err:
+        teacher.score(ids_BL, attn_BL, attn_BL[:, 1:])
+    assert time.monotonic() - start < 5
+    assert "\n" not in str(err.value) and "opd serve" in str(err.value)
