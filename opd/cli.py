@@ -19,6 +19,7 @@ def _commands() -> dict:
     # Imported here so that `opd --help` does not pay for every subcommand's dependencies twice.
     from opd.config import DistillConfig
     from opd.quickstart import QuickstartArgs
+    from opd.lm.serve import ServeArgs
     from opd.tasks.train import TeacherArgs
 
     def quickstart(args: Annotated[QuickstartArgs, _NO_PREFIX]) -> None:
@@ -40,7 +41,13 @@ def _commands() -> dict:
 
         train_teacher_main(args)
 
-    return {"quickstart": quickstart, "train": train, "teacher": teacher}
+    def serve(args: Annotated[ServeArgs, _NO_PREFIX]) -> None:
+        """Serve a local model over the OpenAI-compatible completions API (vLLM's subset: prompt_logprobs, ...)."""
+        from opd.lm.serve import serve_main
+
+        serve_main(args)
+
+    return {"quickstart": quickstart, "train": train, "teacher": teacher, "serve": serve}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -44,8 +44,9 @@ class KDConfig:
     """Weight of the distillation term (1 − alpha on the hard-label cross-entropy)."""
     hint_weight: float = 1.0
     """Weight of FitNets' feature L2 during stage 1 (the only loss there)."""
-    epochs: int = 150
-    """Passes over the training set per training stage."""
+    steps: int = 2000
+    """Minibatch updates per training stage, the same for every method (so the labels-only baseline, which has
+    fewer images, is not undertrained)."""
     batch_size: int = 64
     """Images per minibatch."""
     lr: float = 3e-3
@@ -107,44 +108,69 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((model(x).argmax(-1) == y).float().mean())
 
 
-def _batches(n: int, config: KDConfig, generator: torch.Generator):
-    for _ in range(config.epochs):
-        order = torch.randperm(n, generator=generator)
-        yield from order.split(config.batch_size)
+def _minibatches(n: int, config: KDConfig, seed_offset: int):
+    """`config.steps` index minibatches, each epoch a fresh permutation of range(n)."""
+    generator = torch.Generator().manual_seed(config.seed + seed_offset)
+    step = 0
+    while True:
+        for index in torch.randperm(n, generator=generator).split(config.batch_size):
+            if step == config.steps:
+                return
+            step += 1
+            yield index
 
 
-def _train(model, params, x, y, loss_fn, config: KDConfig, seed_offset: int) -> None:
+def _train(params, n: int, loss_fn, config: KDConfig, seed_offset: int) -> None:
+    """Adam on minibatches of indices into the training images; `loss_fn(index)` gives per-example losses."""
     optimizer = torch.optim.Adam(params, lr=config.lr)
-    for index in _batches(len(x), config, torch.Generator().manual_seed(config.seed + seed_offset)):
+    for index in _minibatches(n, config, seed_offset):
         loss = loss_fn(index).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
 
 
+def _kd_loss(student_logits, teacher_logits, labels, labelled, config: KDConfig):
+    """Hinton's loss on labelled images; the distillation term alone (α = 1) on the transfer set."""
+    labels = torch.where(labelled, labels, torch.zeros_like(labels))
+    with_labels = hinton_kd_loss(student_logits, teacher_logits, labels, config.temperature, config.alpha)
+    without = hinton_kd_loss(student_logits, teacher_logits, labels, config.temperature, 1.0)
+    return torch.where(labelled, with_labels, without)
+
+
 def train_alone(config: KDConfig, hidden: tuple[int, ...] | None = None, seed_offset: int = 1) -> tuple[MLP, float]:
-    """A network trained on labels only (the teacher, or the baseline student). Returns (model, test accuracy)."""
-    x, y, x_test, y_test = load_digits_split(config.train_size, config.seed)
+    """A network trained on the labelled images only (the teacher, or the baseline student): (model, test acc)."""
+    data = load_digits_split(config)
+    x, y = data.x[data.labelled], data.y[data.labelled]
     torch.manual_seed(config.seed + seed_offset)
     model = MLP(hidden or config.student_hidden)
-    _train(model, model.parameters(), x, y,
-           lambda i: token_cross_entropy(F.log_softmax(model(x[i]), -1), y[i]), config, seed_offset)  # fmt: skip
-    return model.eval(), accuracy(model, x_test, y_test)
+
+    def loss_fn(i):
+        return token_cross_entropy(F.log_softmax(model(x[i]), -1), y[i])
+
+    _train(model.parameters(), len(x), loss_fn, config, seed_offset)
+    return model.eval(), accuracy(model, data.x_test, data.y_test)
+
+
+def train_teacher(config: KDConfig) -> tuple[MLP, float]:
+    """The teacher: a wide MLP trained on the labelled images: (model, test acc)."""
+    return train_alone(config, config.teacher_hidden, seed_offset=1000)
 
 
 def hinton_kd(teacher: nn.Module, config: KDConfig, seed_offset: int = 1) -> tuple[MLP, float]:
-    """Student trained with α·T²·KL(softmax(teacher/T) ‖ softmax(student/T)) + (1 − α)·CE. Returns (student, acc)."""
-    x, y, x_test, y_test = load_digits_split(config.train_size, config.seed)
+    """Student trained with α·T²·KL(softmax(teacher/T) ‖ softmax(student/T)) + (1 − α)·CE (only the first term on
+    the transfer set). Returns (student, test accuracy)."""
+    data = load_digits_split(config)
     with torch.no_grad():
-        teacher_logits = teacher(x)
+        teacher_logits = teacher(data.x)
     torch.manual_seed(config.seed + seed_offset)  # the same initialisation as train_alone's student
     student = MLP(config.student_hidden)
 
     def loss_fn(i):
-        return hinton_kd_loss(student(x[i]), teacher_logits[i], y[i], config.temperature, config.alpha)
+        return _kd_loss(student(data.x[i]), teacher_logits[i], data.y[i], data.labelled[i], config)
 
-    _train(student, student.parameters(), x, y, loss_fn, config, seed_offset)
-    return student.eval(), accuracy(student, x_test, y_test)
+    _train(student.parameters(), len(data.x), loss_fn, config, seed_offset)
+    return student.eval(), accuracy(student, data.x_test, data.y_test)
 
 
 def temperature_sweep(teacher: nn.Module, config: KDConfig, temperatures=(1.0, 2.0, 4.0, 8.0, 16.0)) -> dict:
@@ -155,9 +181,9 @@ def temperature_sweep(teacher: nn.Module, config: KDConfig, temperatures=(1.0, 2
 def fitnets(teacher: MLP, config: KDConfig, seed_offset: int = 1) -> tuple[MLP, float]:
     """FitNets: stage 1 fits the student's middle layer to the teacher's first hidden layer through a learned
     projection (feature L2); stage 2 trains the whole student with Hinton KD. Returns (student, test accuracy)."""
-    x, y, x_test, y_test = load_digits_split(config.train_size, config.seed)
+    data = load_digits_split(config)
     with torch.no_grad():
-        teacher_logits, teacher_hidden = teacher(x, return_hidden=True)
+        teacher_logits, teacher_hidden = teacher(data.x, return_hidden=True)
     hint = teacher_hidden[0]
     torch.manual_seed(config.seed + seed_offset)
     student = MLP(config.fitnet_hidden)
@@ -166,50 +192,51 @@ def fitnets(teacher: MLP, config: KDConfig, seed_offset: int = 1) -> tuple[MLP, 
     stage1_params = [*student.hidden[: guided + 1].parameters(), *regressor.parameters()]
 
     def hint_loss(i):
-        _, hidden = student(x[i], return_hidden=True)
+        _, hidden = student(data.x[i], return_hidden=True)
         return config.hint_weight * feature_l2(regressor(hidden[guided]), hint[i])
 
-    _train(student, stage1_params, x, y, hint_loss, config, seed_offset)
+    _train(stage1_params, len(data.x), hint_loss, config, seed_offset)
 
     def kd_loss(i):
-        return hinton_kd_loss(student(x[i]), teacher_logits[i], y[i], config.temperature, config.alpha)
+        return _kd_loss(student(data.x[i]), teacher_logits[i], data.y[i], data.labelled[i], config)
 
-    _train(student, student.parameters(), x, y, kd_loss, config, seed_offset + 100)
-    return student.eval(), accuracy(student, x_test, y_test)
+    _train(student.parameters(), len(data.x), kd_loss, config, seed_offset + 100)
+    return student.eval(), accuracy(student, data.x_test, data.y_test)
 
 
 def mutual_learning(config: KDConfig, seed_offset: int = 1) -> tuple[tuple[MLP, MLP], tuple[float, float]]:
-    """Deep mutual learning of two students: each minimises CE + KL(p_peer ‖ p_self) with the peer held fixed for
-    its step, both updated on every minibatch. Returns ((student_a, student_b), (acc_a, acc_b))."""
-    x, y, x_test, y_test = load_digits_split(config.train_size, config.seed)
+    """Deep mutual learning of two students: each minimises CE (labelled images) + KL(p_peer ‖ p_self) (all
+    training images) with the peer held fixed for its step; both update on every minibatch.
+    Returns ((student_a, student_b), (acc_a, acc_b))."""
+    data = load_digits_split(config)
     torch.manual_seed(config.seed + seed_offset)
     students = (MLP(config.student_hidden), MLP(config.student_hidden))
     optimizers = [torch.optim.Adam(s.parameters(), lr=config.lr) for s in students]
-    for index in _batches(len(x), config, torch.Generator().manual_seed(config.seed + seed_offset)):
-        for me, peer, optimizer in ((0, 1, optimizers[0]), (1, 0, optimizers[1])):
-            my_logp = F.log_softmax(students[me](x[index]), -1)
+    labels = torch.where(data.labelled, data.y, torch.zeros_like(data.y))
+    for i in _minibatches(len(data.x), config, seed_offset):
+        for me, peer in ((0, 1), (1, 0)):
+            my_logp = F.log_softmax(students[me](data.x[i]), -1)
             with torch.no_grad():
-                peer_logp = F.log_softmax(students[peer](x[index]), -1)
-            loss = (token_cross_entropy(my_logp, y[index]) + forward_kl(my_logp, peer_logp)).mean()
-            optimizer.zero_grad()
+                peer_logp = F.log_softmax(students[peer](data.x[i]), -1)
+            ce = token_cross_entropy(my_logp, labels[i]) * data.labelled[i]
+            loss = (ce + forward_kl(my_logp, peer_logp)).mean()
+            optimizers[me].zero_grad()
             loss.backward()
-            optimizer.step()
-    return tuple(s.eval() for s in students), tuple(accuracy(s, x_test, y_test) for s in students)
+            optimizers[me].step()
+    return tuple(s.eval() for s in students), tuple(accuracy(s, data.x_test, data.y_test) for s in students)
 
 
 def run_classic_kd(config: KDConfig, temperatures=(1.0, 2.0, 4.0, 8.0, 16.0)) -> dict:
     """Every row-1-3 experiment for one seed: test accuracies of teacher, student alone, KD per T, FitNets (and its
-    architecture alone), mutual learning (and two independent students)."""
-    teacher, teacher_acc = train_alone(config, config.teacher_hidden, seed_offset=1000)
-    sweep = temperature_sweep(teacher, config, temperatures)
-    (_, ml_acc) = mutual_learning(config)
+    architecture alone / with KD only), mutual learning (two students)."""
+    teacher, teacher_acc = train_teacher(config)
+    with_fitnet_student = KDConfig(**{**config.__dict__, "student_hidden": config.fitnet_hidden})
     return {
         "teacher": teacher_acc,
         "student_alone": train_alone(config)[1],
-        "student_alone_b": train_alone(config, seed_offset=2)[1],
-        "hinton_kd": {str(t): acc for t, acc in sweep.items()},
+        "hinton_kd": {str(t): acc for t, acc in temperature_sweep(teacher, config, temperatures).items()},
         "fitnet_alone": train_alone(config, config.fitnet_hidden)[1],
-        "fitnet_kd_only": hinton_kd(teacher, KDConfig(**{**config.__dict__, "student_hidden": config.fitnet_hidden}))[1],
+        "fitnet_kd_only": hinton_kd(teacher, with_fitnet_student)[1],
         "fitnets": fitnets(teacher, config)[1],
-        "mutual_learning": list(ml_acc),
+        "mutual_learning": list(mutual_learning(config)[1]),
     }

@@ -89,3 +89,37 @@ class MetricsLog:
             with open(path / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
         return row
+
+
+class StateBuffer:
+    """A FIFO of states and the teacher's grades of them (Rusu's replay memory of teacher experience)."""
+
+    def __init__(self, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"buffer capacity={capacity}; pass at least 1")
+        self.capacity, self.size, self.next = capacity, 0, 0
+        self.obs: torch.Tensor | None = None
+        self.labels: TeacherOutput | None = None
+
+    def add(self, obs_NO, labels: TeacherOutput) -> None:
+        """Append N states with their grades, overwriting the oldest once full."""
+        obs_NO = torch.as_tensor(obs_NO, dtype=torch.float32)
+        if self.obs is None:  # allocate on first use, when the shapes are known
+            alloc = lambda t: None if t is None else torch.zeros(self.capacity, *t.shape[1:], dtype=t.dtype)  # noqa: E731
+            self.obs = alloc(obs_NO)
+            self.labels = TeacherOutput(labels.kind, alloc(labels.actions_N), alloc(labels.values_NA),
+                                        alloc(labels.features_ND))  # fmt: skip
+        index = (self.next + torch.arange(len(obs_NO))) % self.capacity
+        self.obs[index] = obs_NO
+        for name in ("actions_N", "values_NA", "features_ND"):
+            if getattr(labels, name) is not None:
+                getattr(self.labels, name)[index] = getattr(labels, name)
+        self.next = int(index[-1] + 1) % self.capacity
+        self.size = min(self.capacity, self.size + len(obs_NO))
+
+    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, TeacherOutput]:
+        """n states drawn uniformly with replacement, with their grades."""
+        if self.size == 0:
+            raise ValueError("sampling from an empty buffer; collect states first")
+        index = torch.randint(self.size, (n,), generator=generator)
+        return self.obs[index], take(self.labels, index)

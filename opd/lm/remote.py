@@ -114,9 +114,9 @@ class RemoteTeacher:
     """
 
     def __init__(
-        self, base_url: str, model: str | None = None, top_k: int = 20, api_key: str | None = None, timeout: float = 60.0,
-        max_retries: int = 5, backoff: float = 0.5, seqs_per_request: int = 16, max_concurrency: int = 4,
-        transport: httpx.BaseTransport | None = None,
+        self, base_url: str, model: str | None = None, top_k: int = 20, api_key: str | None = None,
+        timeout: float = 60.0, max_retries: int = 5, backoff: float = 0.5, seqs_per_request: int = 16,
+        max_concurrency: int = 4, transport: httpx.BaseTransport | None = None,
     ):
         if top_k < 1:
             raise ValueError(f"top_k={top_k}: need at least 1 (vLLM's default limit is 20, --max-logprobs)")
@@ -124,15 +124,19 @@ class RemoteTeacher:
         self.seqs_per_request, self.max_concurrency = seqs_per_request, max_concurrency
         self.client = CompletionsClient(base_url, api_key, timeout, max_retries, backoff, transport)
 
-    def score(self, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor, mask_BT: torch.Tensor) -> TeacherSignal:
+    def score(
+        self, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor, mask_BT: torch.Tensor
+    ) -> TeacherSignal:
         """Top-k and taken-token log-probs of every target; positions without a real context+token hold -inf / id 0.
 
         Padding (left or right) is stripped using `attention_mask_BL`; rows with no completion target are not sent.
         """
         B, L = input_ids_BL.shape
         if mask_BT.shape != (B, L - 1) or attention_mask_BL.shape != (B, L):
-            raise ValueError(f"shapes: input_ids {tuple(input_ids_BL.shape)}, attention_mask "
-                             f"{tuple(attention_mask_BL.shape)}, mask {tuple(mask_BT.shape)}; need [B, L], [B, L], [B, L-1]")
+            raise ValueError(
+                f"shapes: input_ids {tuple(input_ids_BL.shape)}, attention_mask {tuple(attention_mask_BL.shape)}, "
+                f"mask {tuple(mask_BT.shape)}; need [B, L], [B, L], [B, L-1]"
+            )
         K = self.top_k
         taken_BT = torch.full((B, L - 1), float("-inf"))
         top_ids_BTK = torch.zeros(B, L - 1, K, dtype=torch.long)
@@ -149,8 +153,9 @@ class RemoteTeacher:
         if self.model is None:
             self.model = self.client.served_model()
         bodies = [
-            {"model": self.model, "prompt": seqs[i : i + self.seqs_per_request], "max_tokens": 1, "temperature": 0.0,
-             "prompt_logprobs": K, "return_token_ids": True}  # vLLM needs max_tokens >= 1 to score a prompt
+            # echo + max_tokens=0 is vLLM's "score the prompt, generate nothing" request.
+            {"model": self.model, "prompt": seqs[i : i + self.seqs_per_request], "max_tokens": 0, "echo": True,
+             "prompt_logprobs": K, "return_token_ids": True}
             for i in range(0, len(seqs), self.seqs_per_request)
         ]
         answers = self.client.post_many("/v1/completions", bodies, self.max_concurrency)
@@ -187,8 +192,9 @@ class RemoteSampler:
     """Rollouts from a vLLM-compatible completions server: sampled token ids and the sampler's log-probs of them."""
 
     def __init__(
-        self, base_url: str, model: str | None = None, api_key: str | None = None, timeout: float = 120.0, max_retries: int = 5,
-        backoff: float = 0.5, max_concurrency: int = 8, transport: httpx.BaseTransport | None = None,
+        self, base_url: str, model: str | None = None, api_key: str | None = None, timeout: float = 120.0,
+        max_retries: int = 5, backoff: float = 0.5, max_concurrency: int = 8,
+        transport: httpx.BaseTransport | None = None,
     ):
         self.model, self.max_concurrency = model, max_concurrency
         self.client = CompletionsClient(base_url, api_key, timeout, max_retries, backoff, transport)

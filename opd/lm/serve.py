@@ -12,7 +12,8 @@ the same client code talks to this server on a laptop and to vLLM on a GPU box:
   this name; there the same job is done by its weight-update hooks (collective RPC / `update_weights` in RL
   integrations), `POST /v1/load_lora_adapter` for LoRA students, or its sleep / wake-up endpoints with a reload.
 
-Concurrent requests are batched on the model (`opd.lm.serve_engine.BatchingEngine`). With `api_key` set, `/v1/*` and
+The weight update reads any path the server process can read: keep the default host 127.0.0.1, or set `api_key`,
+before exposing the server. Concurrent requests are batched on the model (`opd.lm.serve_engine.BatchingEngine`). With `api_key` set, `/v1/*` and
 `/opd/*` need `Authorization: Bearer <key>`; `/health` stays open, as in vLLM. Bad requests get a 4xx with a one-line
 message in OpenAI's error shape `{"error": {"message", "type", "param", "code"}}`.
 """
@@ -203,13 +204,23 @@ def build_app(model: torch.nn.Module, tokenizer: Any, args: ServeArgs) -> fastap
     return app
 
 
-def serve_main(args: ServeArgs) -> None:
-    """Load `args.model_dir` and serve it until interrupted."""
-    import uvicorn
+def load_served(args: ServeArgs) -> tuple[torch.nn.Module, Any]:
+    """The model (on `args.device`, in `args.dtype`) and tokenizer saved in `args.model_dir`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if not Path(args.model_dir).is_dir():
+        raise FileNotFoundError(f"{args.model_dir} is not a directory; pass a saved Hugging Face model directory")
+    if args.dtype != "auto" and not isinstance(getattr(torch, args.dtype, None), torch.dtype):
+        raise ValueError(f"dtype={args.dtype!r}: use auto, float32, bfloat16 or float16")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    return model, AutoTokenizer.from_pretrained(args.model_dir)
+
+
+def serve_main(args: ServeArgs) -> None:
+    """Load `args.model_dir` and serve it until interrupted."""
+    import uvicorn
+
+    model, tokenizer = load_served(args)
     uvicorn.run(build_app(model, tokenizer, args), host=args.host, port=args.port, log_level="info")

@@ -80,7 +80,7 @@ def _sample_step(
     kept_p_BV = sorted_p_BV * keep_sorted_BV
     cdf_BV = kept_p_BV.cumsum(-1)
     # Inverse-CDF sampling with one uniform per row from that row's own generator: batch-independent.
-    u_B = torch.rand(len(gens), device=device)
+    u_B = torch.tensor([torch.rand((), generator=g).item() for g in gens], device=device)
     pick_B = torch.searchsorted(cdf_BV, (u_B * cdf_BV[:, -1])[:, None], right=True)[:, 0]
     pick_B = torch.minimum(pick_B, keep_sorted_BV.sum(-1) - 1)
     next_B = torch.where(greedy_B, logits_BV.argmax(-1), order_BV.gather(-1, pick_B[:, None])[:, 0])
@@ -167,13 +167,15 @@ class BatchingEngine:
 
     def __init__(self, model: torch.nn.Module, max_batch_size: int, window_s: float, mode: LogprobsMode):
         self.model, self.max_batch_size, self.window_s, self.mode = model, max_batch_size, window_s, mode
-        self.lock = asyncio.Lock()
-        """Held while the model runs; weight updates take it too, so no batch sees half-loaded weights."""
         self.stats = {"batches": 0, "rows": 0}
-        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._worker: asyncio.Task | None = None
 
     def start(self) -> None:
+        """Start the worker on the running event loop (the app's startup)."""
+        # Queue and lock belong to one event loop, so they are made here, once per app start.
+        self.lock = asyncio.Lock()
+        """Held while the model runs; weight updates take it too, so no batch sees half-loaded weights."""
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._worker = asyncio.get_running_loop().create_task(self._work())
 
     async def stop(self) -> None:

@@ -1,4 +1,4 @@
-"""The request and response shapes of `opd serve`'s `/v1/completions`: the part of vLLM's OpenAI-compatible API opd uses.
+"""Request and response shapes of `opd serve`'s `/v1/completions`: the part of vLLM's OpenAI-compatible API opd uses.
 
 Request fields follow vLLM's `CompletionRequest` (unknown fields are ignored, as vLLM does). A response choice is
 `{index, text, logprobs, finish_reason, stop_reason, prompt_logprobs, prompt_token_ids, token_ids}` where `logprobs` is
@@ -118,7 +118,8 @@ def rows_for_request(
     seeds = iter(_derived_seeds(req.seed, len(prompts) * req.n))
     rows = [
         Row(
-            prompt_ids=ids, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=next(seeds), logprobs=req.logprobs,
+            prompt_ids=ids, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=next(seeds),
+            logprobs=req.logprobs,
             prompt_topk=prompt_topk if j == 0 else None, stop_ids=stop_ids,
         )
         for ids, max_tokens in zip(prompts, budgets)

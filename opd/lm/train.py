@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from opd import losses
+from opd import flops, losses
 from opd.chunked import chunked_divergence, chunked_taken_logp
 from opd.checkpoint import find_checkpoint, load_trainer_state, save_checkpoint
 from opd.config import DistillConfig, save_config
@@ -163,6 +163,8 @@ def _loop(cfg, student, teacher, tokenizer, task, train, test, prompt_ids, refer
           metrics_file, interrupted, checkpoint) -> dict:
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     last = {}
+    costs = flops.model_cost(student), flops.model_cost(getattr(teacher, "model", None))
+    total_flops = flops.logged_total(out / "metrics.jsonl", start)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress, desc="distill")
     for step in bar:
         t0 = time.perf_counter()
@@ -200,6 +202,8 @@ def _loop(cfg, student, teacher, tokenizer, task, train, test, prompt_ids, refer
                 f"checkpoint: {find_checkpoint(out / 'checkpoint') or 'none'}; lower optim.lr, then run again with --resume"
             )
         m.update(step=step + 1, source=source, act_s=t_act - t0, step_s=time.perf_counter() - t0)
+        m.update(flops.step_flops(*costs, batch.attention_mask_BL, batch.mask_BT, source, scored=signal is not None))
+        total_flops = m["total_flops"] = total_flops + m["flops"]
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             m["accuracy"] = _eval_accuracy(student, tokenizer, task, test, cfg)
         metrics_file.write(json.dumps(m) + "\n")

@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 
 from opd.lm.remote import RemoteSampler, RemoteTeacher, TeacherUnreachable, _position_entries
 from opd.lm.serve import ServeArgs, build_app
+from opd.lm.teacher import LocalTeacher
 from tests.lm.serve_helpers import free_port, live_server, sequence_logp, served_model
 
 
@@ -71,6 +72,10 @@ def test_score_matches_local_topk_on_left_padded_batch(url, model, tokenizer):
     # The server's extra (k+1-th) entry for a taken token outside the top-k was met and kept out of the top-k.
     outside = (local_taken[real_BT][:, None] < local_top_logp[real_BT][:, -1:]).sum()
     assert outside > 0
+    # Interchangeable with the in-process teacher on the targets that count.
+    local = LocalTeacher(model).score(ids_BL, attn_BL, mask_BT)
+    torch.testing.assert_close(signal.taken_logp_BT[mask_BT.bool()], local.taken_logp_BT[mask_BT.bool()], atol=1e-5,
+                               rtol=0)
 
 
 def test_score_skips_rows_without_targets_and_rejects_masks_on_padding(url, tokenizer):
@@ -93,6 +98,9 @@ def test_position_entries_use_ranks_and_drop_the_extra_taken_token():
     }
     assert _position_entries(entries, 7, 2) == ([1, 4], [-0.5, -1.2], -3.0)
     assert _position_entries({k: entries[k] for k in ("4", "1")}, 4, 2) == ([1, 4], [-0.5, -1.2], -1.2)
+    # A prompt token tied with the k-th one has rank <= k but is still the extra entry, not part of the top-k.
+    tied = {"7": {"logprob": -1.2, "rank": 2, "decoded_token": "7"}, "1": entries["1"], "4": entries["4"]}
+    assert _position_entries(tied, 7, 2) == ([1, 4], [-0.5, -1.2], -1.2)
     with pytest.raises(RuntimeError, match="lack the prompt token"):
         _position_entries(entries, 9, 2)
 

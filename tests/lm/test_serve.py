@@ -1,14 +1,16 @@
-"""`opd serve`: the answers must be the model's own log-probs, batching must not change them, bad input must get a 4xx."""
+"""`opd serve`: answers are the model's own log-probs, batching does not change them, bad input gets a 4xx."""
 
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 import torch
+import tyro
 from fastapi.testclient import TestClient
 from safetensors.torch import save_file
+from transformers import GPT2Config, GPT2LMHeadModel
 
-from opd.lm.serve import ServeArgs, build_app
+from opd.lm.serve import ServeArgs, build_app, load_served
 from tests.lm.serve_helpers import live_server, sequence_logp, served_model
 
 
@@ -51,6 +53,27 @@ def test_prompt_logprobs_are_the_models_with_vllm_ranks(client, model, tokenizer
     assert text == out["choices"][1]["prompt_logprobs"]
 
 
+def test_left_padding_is_invisible_to_absolute_position_models(tokenizer):
+    # GPT-2 adds learned position embeddings: wrong position ids under left padding would change its numbers
+    # (Llama's rotary embeddings are blind to a constant shift, so they cannot catch that).
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                     eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    gpt2 = GPT2LMHeadModel(cfg).eval()
+    prompts = [tokenizer("1+2=")["input_ids"], tokenizer("123+456=")["input_ids"]]
+    with TestClient(build_app(gpt2, tokenizer, ServeArgs(model_dir="gpt2"))) as c:
+        out = complete(c, prompt=prompts, max_tokens=4, temperature=0.0, prompt_logprobs=0, logprobs=0,
+                       ignore_eos=True, return_token_ids=True)
+    for ids, choice in zip(prompts, out["choices"]):
+        full = ids + choice["token_ids"]
+        logp_LV = sequence_logp(gpt2, full)
+        scored = [e[str(t)]["logprob"] for e, t in zip(choice["prompt_logprobs"][1:], ids[1:])]
+        assert scored == pytest.approx([logp_LV[j - 1, ids[j]].item() for j in range(1, len(ids))], abs=1e-5)
+        assert choice["token_ids"] == logp_LV[len(ids) - 1 :].argmax(-1).tolist()[: len(choice["token_ids"])]
+        gen_logp = [logp_LV[len(ids) - 1 + i, t].item() for i, t in enumerate(choice["token_ids"])]
+        assert choice["logprobs"]["token_logprobs"] == pytest.approx(gen_logp, abs=1e-4)
+
+
 def test_echo_logprobs_cover_the_prompt(client, model, tokenizer):
     ids = tokenizer("45+6=")["input_ids"]
     choice = complete(client, prompt="45+6=", max_tokens=0, echo=True, logprobs=2)["choices"][0]
@@ -61,8 +84,8 @@ def test_echo_logprobs_cover_the_prompt(client, model, tokenizer):
     logp_LV = sequence_logp(model, ids)
     for j in range(1, len(ids)):
         assert lp["token_logprobs"][j] == pytest.approx(logp_LV[j - 1, ids[j]].item(), abs=1e-5)
-        expected = {tokenizer.decode([t]) for t in logp_LV[j - 1].topk(2).indices.tolist()} | {tokenizer.decode([ids[j]])}
-        assert set(lp["top_logprobs"][j]) == expected
+        top = logp_LV[j - 1].topk(2).indices.tolist()
+        assert set(lp["top_logprobs"][j]) == {tokenizer.decode([t]) for t in top + [ids[j]]}
 
 
 def test_generated_logprobs_are_the_models(client, model, tokenizer):
@@ -235,3 +258,23 @@ def test_update_weights_loads_strictly(tokenizer, tmp_path):
             assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
         assert scores() == pytest.approx(taken(new), abs=1e-5)  # a refused file changes nothing
         assert c.get("/health").json()["weights_version"] == 1
+
+
+def test_serves_a_saved_model_directory_parsed_like_the_cli(tokenizer, tmp_path):
+    saved = served_model(tokenizer, seed=3)
+    saved.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    args = tyro.cli(ServeArgs, args=[str(tmp_path), "--port", "9001", "--api-key", "k", "--dtype", "float32"])
+    assert (args.model_dir, args.port, args.api_key, args.host) == (str(tmp_path), 9001, "k", "127.0.0.1")
+    model, tok = load_served(args)
+    ids = tokenizer("2+2=")["input_ids"]
+    with TestClient(build_app(model, tok, args)) as c:
+        r = c.post("/v1/completions", json={"model": str(tmp_path), "prompt": "2+2=", "max_tokens": 0,
+                                            "prompt_logprobs": 0}, headers={"Authorization": "Bearer k"})
+    entries = r.json()["choices"][0]["prompt_logprobs"]
+    expected = sequence_logp(saved, ids)
+    assert [e[str(t)]["logprob"] for e, t in zip(entries[1:], ids[1:])] == pytest.approx(
+        [expected[j - 1, ids[j]].item() for j in range(1, len(ids))], abs=1e-5
+    )
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        load_served(ServeArgs(model_dir=str(tmp_path / "nope")))
