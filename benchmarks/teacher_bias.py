@@ -56,14 +56,15 @@ def affected(examples: list[Example]) -> list[tuple[Example, Example]]:
 
 def plant_bias(
     teacher, tokenizer, train: list[Example], steps: int, batch_size: int, lr: float, seed: int, out_dir: Path,
-    progress: bool = True,
+    base_id: str, progress: bool = True,
 ):
     """Fine-tune `teacher` (in place) on `train` rewritten with the planted error; cache it in `out_dir`.
 
-    Returns (model, tokenizer, info). A directory that already holds a teacher planted with the same settings is
-    loaded instead of training again.
+    Returns (model, tokenizer, info). A directory that already holds a teacher planted with the same settings from
+    the same base teacher (`base_id`, e.g. a hash of its weights) is loaded instead of training again.
     """
-    settings = dict(rule=RULE, steps=steps, batch_size=batch_size, lr=lr, seed=seed, train_examples=len(train))
+    settings = dict(rule=RULE, base=base_id, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                    train_examples=len(train))
     if (out_dir / "info.json").is_file():
         model, tok, info = load_teacher(out_dir)
         if info.get("bias") == settings:

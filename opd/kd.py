@@ -34,7 +34,7 @@ class KDConfig:
     hints, and the mutual-learning KL) also apply. The rest of the 1797 images are the test set."""
     teacher_hidden: tuple[int, ...] = (256, 256)
     """Teacher MLP widths."""
-    student_hidden: tuple[int, ...] = (16,)
+    student_hidden: tuple[int, ...] = (8,)
     """Student MLP widths (the baseline uses the same)."""
     fitnet_hidden: tuple[int, ...] = (16, 16, 16)
     """FitNets' deeper, thinner student; its middle layer is guided by the teacher's first hidden layer."""

@@ -97,13 +97,15 @@ class StateBuffer:
     def __init__(self, capacity: int):
         if capacity < 1:
             raise ValueError(f"buffer capacity={capacity}; pass at least 1")
-        self.capacity, self.size, self.next = capacity, 0, 0
+        self.capacity, self.size, self.next, self.total = capacity, 0, 0, 0
         self.obs: torch.Tensor | None = None
         self.labels: TeacherOutput | None = None
 
     def add(self, obs_NO, labels: TeacherOutput) -> None:
         """Append N states with their grades, overwriting the oldest once full."""
         obs_NO = torch.as_tensor(obs_NO, dtype=torch.float32)
+        if len(obs_NO) > self.capacity:  # only the newest states would survive anyway
+            obs_NO, labels = obs_NO[-self.capacity :], take(labels, torch.arange(len(obs_NO))[-self.capacity :])
         if self.obs is None:  # allocate on first use, when the shapes are known
             alloc = lambda t: None if t is None else torch.zeros(self.capacity, *t.shape[1:], dtype=t.dtype)  # noqa: E731
             self.obs = alloc(obs_NO)
@@ -116,6 +118,7 @@ class StateBuffer:
                 getattr(self.labels, name)[index] = getattr(labels, name)
         self.next = int(index[-1] + 1) % self.capacity
         self.size = min(self.capacity, self.size + len(obs_NO))
+        self.total += len(obs_NO)
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, TeacherOutput]:
         """n states drawn uniformly with replacement, with their grades."""

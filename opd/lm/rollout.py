@@ -72,7 +72,7 @@ def build_batch(
     """
     if eos_id is not None:
         completion_ids = [c if (c and c[-1] == eos_id) else list(c) + [eos_id] for c in completion_ids]
-    return _layout(prompt_ids, completion_ids, pad_id)
+    return layout(prompt_ids, completion_ids, pad_id)
 
 
 @torch.no_grad()
@@ -110,10 +110,11 @@ def sample(
             row = row[: row.index(eos_id) + 1]
         completions.append(row)
     # Not build_batch: a completion cut by max_new_tokens stays as sampled, without an eos it never produced.
-    return _layout(prompt_ids, completions, pad_id)
+    return layout(prompt_ids, completions, pad_id)
 
 
-def _layout(prompt_ids, completions, pad_id) -> Batch:
+def layout(prompt_ids: list[list[int]], completions: list[list[int]], pad_id: int) -> Batch:
+    """Left-padded prompts, then each completion exactly as given, then right padding."""
     P = max(len(p) for p in prompt_ids)
     C = max(1, max(len(c) for c in completions))
     B = len(prompt_ids)

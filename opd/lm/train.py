@@ -25,7 +25,7 @@ from opd.chunked import chunked_divergence, chunked_taken_logp
 from opd.checkpoint import find_checkpoint, load_trainer_state, save_checkpoint
 from opd.config import DistillConfig, save_config
 from opd.lm.model import final_hidden, lm_head, load_model, load_tokenizer
-from opd.lm.rollout import Batch, build_batch, encode_prompts, sample
+from opd.lm.rollout import Batch, build_batch, encode_prompts, layout, sample
 from opd.lm.teacher import LocalTeacher, Teacher, TeacherSignal
 from opd.tasks import get_task
 
@@ -148,75 +148,72 @@ def distill(cfg: DistillConfig) -> dict:
         path = save_checkpoint(out / "checkpoint", student, tokenizer, step, opt)
         torch.save(rng.get_state(), path / "loop_rng.pt")
 
+    teacher_sampler = None
+    if cfg.source == "teacher" and teacher is not None and not isinstance(teacher, LocalTeacher):
+        from opd.lm.remote import RemoteSampler
+
+        teacher_sampler = RemoteSampler(cfg.teacher)
     student.train()
+    costs = flops.model_cost(student), flops.model_cost(getattr(teacher, "model", None))
+    total_flops = flops.logged_total(out / "metrics.jsonl", start)
     last = {}
     try:
-        last = _loop(cfg, student, teacher, tokenizer, task, train, test, prompt_ids, reference_ids, opt, sched, rng,
-                     start, out, metrics_file, interrupted, checkpoint)
+        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress, desc="distill")
+        for step in bar:
+            t0 = time.perf_counter()
+            idx = torch.randint(len(train), (cfg.batch_size,), generator=rng).tolist()
+            prompts = [prompt_ids[i] for i in idx]
+            # Who acts.
+            source = cfg.source
+            if source == "mixture":
+                source = "student" if torch.rand((), generator=rng).item() < cfg.lmbda else "data"
+            s = cfg.sampling
+            if source == "data":
+                batch = build_batch(prompts, [reference_ids[i] for i in idx], pad, eos)
+            elif source == "teacher" and teacher_sampler is not None:
+                # A teacher behind a server samples there, seeded per step so a resumed run draws the same samples.
+                completions, _ = teacher_sampler.sample(prompts, s.max_new_tokens, s.temperature, s.top_p, seed=step)
+                batch = layout(prompts, completions, pad)
+            else:
+                actor = student if source == "student" else teacher.model
+                batch = sample(actor, prompts, pad, eos, s.max_new_tokens, s.temperature, s.top_p)
+            t_act = time.perf_counter()
+            # What the teacher gives: one forward pass over prompt + completion.
+            signal = None if cfg.loss == "sft" else teacher.score(batch.input_ids_BL, batch.attention_mask_BL, batch.mask_BT)
+            loss, m = student_loss(student, batch, signal, cfg)
+            if not torch.isfinite(loss):
+                last_ok = find_checkpoint(out / "checkpoint")
+                raise TrainingError(
+                    f"loss is {loss.item()} at step {step}; stopped without saving. Last good checkpoint: "
+                    f"{last_ok or 'none'}; lower optim.lr or check the data, then run again with --resume"
+                )
+            loss.backward()
+            if cfg.optim.grad_clip > 0:
+                m["grad_norm"] = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip).item()
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if not all(torch.isfinite(p).all() for p in student.parameters()):
+                raise TrainingError(
+                    f"the update at step {step} made the student's weights non-finite; stopped without saving. Last good "
+                    f"checkpoint: {find_checkpoint(out / 'checkpoint') or 'none'}; lower optim.lr, then run again with --resume"
+                )
+            m.update(step=step + 1, source=source, act_s=t_act - t0, step_s=time.perf_counter() - t0)
+            m.update(flops.step_flops(*costs, batch.attention_mask_BL, batch.mask_BT, source, scored=signal is not None))
+            total_flops = m["total_flops"] = total_flops + m["flops"]
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                m["accuracy"] = _eval_accuracy(student, tokenizer, task, test, cfg)
+            metrics_file.write(json.dumps(m) + "\n")
+            metrics_file.flush()
+            bar.set_postfix(loss=f"{m['loss']:.3f}", **({"acc": f"{m['accuracy']:.2f}"} if "accuracy" in m else {}))
+            last = m
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or interrupted.flag:
+                checkpoint(step + 1)
+            if interrupted.flag:
+                raise KeyboardInterrupt(f"interrupted; saved a checkpoint at step {step + 1} in {out / 'checkpoint'}")
     finally:
         metrics_file.close()
         interrupted.restore()
-    return last
-
-
-def _loop(cfg, student, teacher, tokenizer, task, train, test, prompt_ids, reference_ids, opt, sched, rng, start, out,
-          metrics_file, interrupted, checkpoint) -> dict:
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    last = {}
-    costs = flops.model_cost(student), flops.model_cost(getattr(teacher, "model", None))
-    total_flops = flops.logged_total(out / "metrics.jsonl", start)
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress, desc="distill")
-    for step in bar:
-        t0 = time.perf_counter()
-        idx = torch.randint(len(train), (cfg.batch_size,), generator=rng).tolist()
-        prompts = [prompt_ids[i] for i in idx]
-        # Who acts.
-        source = cfg.source
-        if source == "mixture":
-            source = "student" if torch.rand((), generator=rng).item() < cfg.lmbda else "data"
-        if source == "data":
-            batch = build_batch(prompts, [reference_ids[i] for i in idx], pad, eos)
-        else:
-            actor = student if source == "student" else teacher.model
-            s = cfg.sampling
-            batch = sample(actor, prompts, pad, eos, s.max_new_tokens, s.temperature, s.top_p)
-        t_act = time.perf_counter()
-        # What the teacher gives: one forward pass over prompt + completion.
-        signal = None if cfg.loss == "sft" else teacher.score(batch.input_ids_BL, batch.attention_mask_BL, batch.mask_BT)
-        loss, m = student_loss(student, batch, signal, cfg)
-        if not torch.isfinite(loss):
-            last_ok = find_checkpoint(out / "checkpoint")
-            raise TrainingError(
-                f"loss is {loss.item()} at step {step}; stopped without saving. Last good checkpoint: "
-                f"{last_ok or 'none'}; lower optim.lr or check the data, then run again with --resume"
-            )
-        loss.backward()
-        if cfg.optim.grad_clip > 0:
-            m["grad_norm"] = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip).item()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if not all(torch.isfinite(p).all() for p in student.parameters()):
-            raise TrainingError(
-                f"the update at step {step} made the student's weights non-finite; stopped without saving. Last good "
-                f"checkpoint: {find_checkpoint(out / 'checkpoint') or 'none'}; lower optim.lr, then run again with --resume"
-            )
-        m.update(step=step + 1, source=source, act_s=t_act - t0, step_s=time.perf_counter() - t0)
-        m.update(flops.step_flops(*costs, batch.attention_mask_BL, batch.mask_BT, source, scored=signal is not None))
-        total_flops = m["total_flops"] = total_flops + m["flops"]
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            m["accuracy"] = _eval_accuracy(student, tokenizer, task, test, cfg)
-        metrics_file.write(json.dumps(m) + "\n")
-        metrics_file.flush()
-        bar.set_postfix(loss=f"{m['loss']:.3f}", **({"acc": f"{m['accuracy']:.2f}"} if "accuracy" in m else {}))
-        last = m
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or interrupted.flag:
-            checkpoint(step + 1)
-        if interrupted.flag:
-            metrics_file.close()
-            raise KeyboardInterrupt(f"interrupted; saved a checkpoint at step {step + 1} in {out / 'checkpoint'}")
-    metrics_file.close()
-    interrupted.restore()
     return last
 
 

@@ -129,3 +129,15 @@ def test_an_update_that_makes_weights_non_finite_stops_the_run(model_dirs, tmp_p
     with pytest.raises(TrainingError, match=r"update at step 0 made the student's weights non-finite.*checkpoint: none"):
         distill(tiny_cfg(model_dirs, tmp_path, steps=3))
     assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+@pytest.mark.parametrize("source,loss", [("student", "reverse_kl"), ("teacher", "sft"), ("student", "sampled")])
+def test_a_teacher_behind_opd_serve_distils_like_a_local_one(model_dirs, tmp_path, source, loss):
+    from opd.lm.serve import ServeArgs, build_app, load_served
+    from tests.lm.serve_helpers import live_server
+
+    args = ServeArgs(model_dir=model_dirs["teacher"], device="cpu")
+    with live_server(build_app(*load_served(args), args)) as url:
+        distill(tiny_cfg(model_dirs, tmp_path, teacher=url, source=source, loss=loss, top_k=5))
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2] and all(m["completion_tokens"] > 0 for m in lines)
