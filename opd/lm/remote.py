@@ -18,13 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import torch
 
-from opd.lm.teacher import TeacherSignal
+from opd.lm.teacher import TeacherSignal, TeacherUnreachable
 
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-
-
-class TeacherUnreachable(RuntimeError):
-    """The completions server (teacher or sampler) did not answer after all retries."""
 
 
 class CompletionsClient:

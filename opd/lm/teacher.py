@@ -32,6 +32,10 @@ class TeacherSignal:
     """Log-probs of those ids; the remaining mass 1 - Σ exp(topk_logp) is the tail bucket."""
 
 
+class TeacherUnreachable(RuntimeError):
+    """The completions server (teacher or sampler) did not answer after all retries."""
+
+
 class Teacher(Protocol):
     def score(
         self, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor, mask_BT: torch.Tensor

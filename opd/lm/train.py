@@ -26,7 +26,7 @@ from opd.checkpoint import find_checkpoint, load_trainer_state, save_checkpoint
 from opd.config import DistillConfig, save_config
 from opd.lm.model import final_hidden, lm_head, load_model, load_tokenizer
 from opd.lm.rollout import Batch, build_batch, encode_prompts, layout, sample
-from opd.lm.teacher import LocalTeacher, Teacher, TeacherSignal
+from opd.lm.teacher import LocalTeacher, Teacher, TeacherSignal, TeacherUnreachable
 from opd.tasks import get_task
 
 LOSSES = ("sampled", "sft", *losses.DIVERGENCES)
@@ -161,25 +161,35 @@ def distill(cfg: DistillConfig) -> dict:
         bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress, desc="distill")
         for step in bar:
             t0 = time.perf_counter()
+            rng_at_step_start = rng.get_state(), torch.get_rng_state()
             idx = torch.randint(len(train), (cfg.batch_size,), generator=rng).tolist()
             prompts = [prompt_ids[i] for i in idx]
             # Who acts.
             source = cfg.source
             if source == "mixture":
                 source = "student" if torch.rand((), generator=rng).item() < cfg.lmbda else "data"
-            s = cfg.sampling
-            if source == "data":
-                batch = build_batch(prompts, [reference_ids[i] for i in idx], pad, eos)
-            elif source == "teacher" and teacher_sampler is not None:
-                # A teacher behind a server samples there, seeded per step so a resumed run draws the same samples.
-                completions, _ = teacher_sampler.sample(prompts, s.max_new_tokens, s.temperature, s.top_p, seed=step)
-                batch = layout(prompts, completions, pad)
-            else:
-                actor = student if source == "student" else teacher.model
-                batch = sample(actor, prompts, pad, eos, s.max_new_tokens, s.temperature, s.top_p)
-            t_act = time.perf_counter()
-            # What the teacher gives: one forward pass over prompt + completion.
-            signal = None if cfg.loss == "sft" else teacher.score(batch.input_ids_BL, batch.attention_mask_BL, batch.mask_BT)
+            try:
+                s = cfg.sampling
+                if source == "data":
+                    batch = build_batch(prompts, [reference_ids[i] for i in idx], pad, eos)
+                elif source == "teacher" and teacher_sampler is not None:
+                    # A teacher behind a server samples there, seeded per step so a resumed run draws the same samples.
+                    completions, _ = teacher_sampler.sample(prompts, s.max_new_tokens, s.temperature, s.top_p, seed=step)
+                    batch = layout(prompts, completions, pad)
+                else:
+                    actor = student if source == "student" else teacher.model
+                    batch = sample(actor, prompts, pad, eos, s.max_new_tokens, s.temperature, s.top_p)
+                t_act = time.perf_counter()
+                # What the teacher gives: one forward pass over prompt + completion.
+                signal = None if cfg.loss == "sft" else teacher.score(batch.input_ids_BL, batch.attention_mask_BL, batch.mask_BT)
+            except TeacherUnreachable as e:
+                # Save the state this step started from, so --resume redoes exactly this step.
+                rng.set_state(rng_at_step_start[0])
+                torch.set_rng_state(rng_at_step_start[1])
+                checkpoint(step)
+                raise TrainingError(
+                    f"{e} Saved a checkpoint at step {step} in {out / 'checkpoint'}; run again with --resume"
+                ) from None
             loss, m = student_loss(student, batch, signal, cfg)
             if not torch.isfinite(loss):
                 last_ok = find_checkpoint(out / "checkpoint")

@@ -141,3 +141,45 @@ def test_a_teacher_behind_opd_serve_distils_like_a_local_one(model_dirs, tmp_pat
         distill(tiny_cfg(model_dirs, tmp_path, teacher=url, source=source, loss=loss, top_k=5))
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2] and all(m["completion_tokens"] > 0 for m in lines)
+
+
+def test_remote_top_k_equal_to_the_vocabulary_gives_the_local_full_loss(model_dirs, tokenizer):
+    from opd.lm.remote import RemoteTeacher
+    from opd.lm.serve import ServeArgs, build_app, load_served
+    from opd.lm.train import student_loss
+    from tests.lm.serve_helpers import live_server
+
+    student, teacher = load_model(model_dirs["student"]), load_model(model_dirs["teacher"])
+    prompts = encode_prompts(tokenizer, [e.prompt for e in get_task("arithmetic").examples(4, 0, "test")], 100)
+    torch.manual_seed(0)
+    batch = sample(student, prompts, tokenizer.pad_token_id, tokenizer.eos_token_id, 10)
+    cfg = DistillConfig(student="-", loss="jsd")
+    local, _ = student_loss(student, batch, LocalTeacher(teacher).score(batch.input_ids_BL, batch.attention_mask_BL,
+                                                                          batch.mask_BT), cfg)
+    args = ServeArgs(model_dir=model_dirs["teacher"], device="cpu", max_logprobs=len(tokenizer))
+    with live_server(build_app(*load_served(args), args)) as url:
+        remote_signal = RemoteTeacher(url, top_k=len(tokenizer)).score(batch.input_ids_BL, batch.attention_mask_BL,
+                                                                       batch.mask_BT)
+    remote, _ = student_loss(student, batch, remote_signal, cfg)
+    assert torch.allclose(local, remote, atol=1e-5), (local, remote)
+
+
+def test_teacher_server_dying_mid_run_stops_with_a_resumable_checkpoint(model_dirs, tmp_path, monkeypatch):
+    import functools
+
+    from opd.lm import remote
+    from opd.lm.serve import ServeArgs, build_app, load_served
+    from tests.lm.serve_helpers import live_server
+
+    monkeypatch.setattr(remote, "RemoteTeacher", functools.partial(remote.RemoteTeacher, max_retries=1, backoff=0.01))
+    args = ServeArgs(model_dir=model_dirs["teacher"], device="cpu")
+    app = build_app(*load_served(args), args)
+    with live_server(app) as url:
+        distill(tiny_cfg(model_dirs, tmp_path, teacher=url, steps=2, save_every=100))
+    # the server is gone now: the resumed run fails at its first step and says where to resume from
+    with pytest.raises(TrainingError, match=r"did not answer after 2 attempts.* checkpoint at step 2 .*--resume"):
+        distill(tiny_cfg(model_dirs, tmp_path, teacher=url, steps=4, save_every=100, resume=True))
+    with live_server(app) as url:
+        distill(tiny_cfg(model_dirs, tmp_path, teacher=url, steps=4, save_every=100, resume=True))
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4]
