@@ -1,1 +1,1 @@
-"""Benchmarks that regenerate the numbers in RESULTS.md: one module per experiment, results under benchmarks/results/."""
+"""Benchmarks that regenerate the numbers in RESULTS.md: one module per experiment, outputs in benchmarks/results/."""

@@ -166,17 +166,17 @@ def run_methods(args, teacher_dir, tokenizer, test, out, target) -> dict:
             "seeds": list(args.seeds), "methods": methods}
 
 
-def method_config(args, key: str, student: str, teacher: str | None, seed: int, out_dir: Path, steps: int | None = None):
+def method_config(args, key: str, student: str, teacher: str | None, seed: int, out_dir: Path):
     """The run config of method `key` from `student` (with `teacher`) for this benchmark's settings."""
-    common = dict(student=str(student), batch_size=args.batch_size, sampling=SamplingArgs(max_new_tokens=args.max_new_tokens),
-                  optim=OptimArgs(lr=args.lr), eval_examples=args.eval_examples, seed=seed, out_dir=str(out_dir),
-                  progress=args.progress)
+    common = dict(student=str(student), batch_size=args.batch_size,
+                  sampling=SamplingArgs(max_new_tokens=args.max_new_tokens), optim=OptimArgs(lr=args.lr),
+                  eval_examples=args.eval_examples, seed=seed, out_dir=str(out_dir), progress=args.progress)
     if key == "rl":
-        steps = steps or args.rl_steps
+        steps = args.rl_steps
         common["batch_size"] = args.batch_size // args.group_size
         return RLConfig(**common, steps=steps, group_size=args.group_size, eval_every=max(1, steps // args.evals),
                         save_every=steps)
-    steps = steps or args.steps
+    steps = args.steps
     choice = {k: v for k, v in METHODS[key].items() if k != "label"}
     return DistillConfig(**common, **choice, teacher=str(teacher), steps=steps, eval_every=max(1, steps // args.evals),
                          save_every=steps)
@@ -208,7 +208,7 @@ def run_capacity(args, teacher_dir, tokenizer, test, out) -> dict:
 
 @torch.no_grad()
 def per_token_reverse_kl(student, teacher, tokenizer, prompt_ids, args, seed: int) -> float:
-    """Mean over the student's own completion tokens (sampled at temperature 1) of KL(student ‖ teacher), full vocab."""
+    """Mean over the student's own sampled completion tokens (temperature 1) of KL(student ‖ teacher), full vocab."""
     torch.manual_seed(seed)
     batch = sample(student, prompt_ids, tokenizer.pad_token_id, tokenizer.eos_token_id, args.max_new_tokens)
     mask_BT = batch.mask_BT.bool()
@@ -237,7 +237,8 @@ def run_bias(args, teacher_dir, tokenizer, out) -> dict:
                 "unaffected_accuracy": accuracy(model, tokenizer, task, unaffected, max_new_tokens=args.max_new_tokens)}
 
     result = {"rule": bias.RULE, "affected_share": len(bias.affected(pool)) / len(pool), "teacher_dir": str(biased_dir),
-              "plant": info.get("bias"), "clean_teacher": measure(load_model(teacher_dir)), "biased_teacher": measure(biased)}
+              "plant": info.get("bias"), "clean_teacher": measure(load_model(teacher_dir)),
+              "biased_teacher": measure(biased)}
     students = {"warm start": [], "OPD (reverse KL) from the biased teacher": [],
                 "SFT on the biased teacher's samples": [], "OPD (reverse KL) from the clean teacher": []}
     for seed in args.seeds:
@@ -262,7 +263,7 @@ def warm_start(args, tokenizer, size: str, seed: int, path: Path) -> str:
     settings = {"size": size, "seed": seed, "steps": args.warm_start_steps, "threads": args.threads}
     marker = path / "warm_start.json"
     if not (marker.is_file() and json.loads(marker.read_text()) == settings):
-        student = warm_start_student(tokenizer, size=size, seed=seed, steps=args.warm_start_steps, progress=args.progress)
+        student = warm_start_student(tokenizer, size, seed, steps=args.warm_start_steps, progress=args.progress)
         student.save_pretrained(path)
         tokenizer.save_pretrained(path)
         marker.write_text(json.dumps(settings) + "\n")

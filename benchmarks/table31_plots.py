@@ -35,6 +35,7 @@ def plot_methods(results: dict, path: Path) -> None:
         _reference_lines(ax, results)
         ax.grid(alpha=0.3)
     axes[0].set_xscale("log")
+    axes[0].set_ylim(0, 1)
     axes[0].set_xlabel("training FLOPs (student sampling + teacher generation/scoring + updates)")
     axes[1].set_xlabel("training wall time, s (evaluation excluded)")
     axes[0].set_ylabel("held-out accuracy")

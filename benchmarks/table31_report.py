@@ -10,8 +10,9 @@ from opd.flops import FLOP_KINDS
 
 FLOPS_FORMULA = (
     "forward FLOPs per token = 2·N + 4·n_layer·d_attn·c (+ 2·V·D at positions whose next-token distribution is "
-    "used); N = decoder weight matrices except embedding lookups, c = tokens attended (causal); forward+backward = 3 × "
-    "forward; real tokens only (padding excluded); sampling with a KV cache = one forward over prompt + completion. "
+    "used); N = decoder weight matrices except embedding lookups, c = tokens attended (causal); "
+    "forward+backward = 3 × forward; real tokens only (padding excluded); sampling with a KV cache = one forward "
+    "over prompt + completion. "
     "Excluded: softmax/norms/activations, the optimiser step, evaluation. See opd/flops.py."
 )
 KIND_LABELS = {"flops_sample": "student sampling", "flops_teacher_generate": "teacher generation",
@@ -61,7 +62,8 @@ def summarise_method(curves: list[dict], target: float) -> dict:
     steps = curves[0]["step"]
     if any(c["step"] != steps for c in curves):
         raise ValueError("the seeds of a method were evaluated at different steps; rerun them with the same settings")
-    columns = {key: [[c[key][i] for c in curves] for i in range(len(steps))] for key in ("flops", "wall_seconds", "accuracy")}
+    keys = ("flops", "wall_seconds", "accuracy")
+    columns = {key: [[c[key][i] for c in curves] for i in range(len(steps))] for key in keys}
     mean_curve = {key: [_mean(col) for col in cols] for key, cols in columns.items()}
     final = [c["accuracy"][-1] for c in curves]
     return {
@@ -103,7 +105,8 @@ def markdown(results: dict) -> str:
     if "methods" in results:
         m = results["methods"]
         out += ["", f"Student start (warm start, {args['warm_start_steps']} SFT steps on ground truth): "
-                f"{results['student_start_accuracy']:.3f} (seeds {', '.join(f'{a:.3f}' for a in results['student_start_accuracy_seeds'])}). "
+                f"{results['student_start_accuracy']:.3f} (seeds "
+                f"{', '.join(f'{a:.3f}' for a in results['student_start_accuracy_seeds'])}). "
                 f"Every method: batch {args['batch_size']} sequences, lr {args['lr']:g}, "
                 f"{len(results['seeds'])} seeds; RL: {args['batch_size'] // args['group_size']} prompts × "
                 f"{args['group_size']} samples.", "",
@@ -127,8 +130,8 @@ def markdown(results: dict) -> str:
         for r in c["sizes"]:
             out.append(f"| {r['size']} | {r['params']:,} | {r['start_accuracy']:.3f} | {r['final_accuracy']:.3f} | "
                        f"{r['reverse_kl_before']:.3f} | {r['reverse_kl_after']:.3f} |")
-        out += ["", "Reverse KL: mean over the student's own sampled completion tokens of KL(student ‖ teacher), full "
-                "vocabulary, on the held-out prompts.", "", "![capacity](benchmarks/results/capacity.png)"]
+        out += ["", "Reverse KL: mean over the student's own sampled completion tokens of KL(student ‖ teacher), "
+                "full vocabulary, on the held-out prompts.", "", "![capacity](benchmarks/results/capacity.png)"]
     if "bias" in results:
         b = results["bias"]
         out += ["", "### Teacher bias", "", f"Planted error: {b['rule']}. It changes the answer of "

@@ -36,8 +36,15 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: str | Path, model, tokenizer, step: int, optimizer=None, extra: dict | None = None) -> Path:
-    """Write model (safetensors), tokenizer, optimiser, RNG states and `step` to `path`, atomically."""
+def save_checkpoint(
+    path: str | Path, model, tokenizer, step: int, optimizer=None, extra: dict | None = None,
+    extra_files: dict[str, object] | None = None,
+) -> Path:
+    """Write model (safetensors), tokenizer, optimiser, RNG states and `step` to `path`, atomically.
+
+    `extra_files` maps file names to objects `torch.save`d into the checkpoint; they are written before the swap, so
+    a checkpoint that is visible always has them (a file added after the swap would be missing after a crash).
+    """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
@@ -50,6 +57,8 @@ def save_checkpoint(path: str | Path, model, tokenizer, step: int, optimizer=Non
         {"optimizer": optimizer.state_dict() if optimizer is not None else None, "rng": rng_state(), "extra": extra or {}},
         tmp / STATE_PT,
     )
+    for name, obj in (extra_files or {}).items():
+        torch.save(obj, tmp / name)
     (tmp / STATE_JSON).write_text(json.dumps({"step": step, **(extra or {})}, indent=2) + "\n")
     _fsync_dir(tmp)
     # Swap: the previous checkpoint is moved aside (not deleted) until the new one is in place.

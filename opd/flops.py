@@ -2,7 +2,7 @@
 
 The formula (Kaplan et al. 2020, "Scaling Laws for Neural Language Models", Table 1), attention included:
 
-    forward FLOPs of one token at context length c  =  2·N  +  4·n_layer·d_attn·c  (+ 2·V·D where the head is used)
+    forward FLOPs of one token at context length c  =  2·N + 4·n_layer·d_attn·c  (+ 2·V·D where the head is used)
 
 - N: the decoder's weight matrices (parameters with two or more dimensions) minus the token (and absolute position)
   embedding tables, which are lookups. Each weight does one multiply-add (2 FLOPs) per token. Norm scales and biases
@@ -38,7 +38,7 @@ class ModelCost:
     """The sizes that set a causal LM's FLOPs per token."""
 
     trunk_params: int
-    """N: the decoder's weight matrices except embedding tables (each weight costs 2 FLOPs per token in a forward pass)."""
+    """N: the decoder's weight matrices except embedding tables (each costs 2 FLOPs per token in a forward pass)."""
     head_params: int
     """V·D: the LM head's weights (2 FLOPs each per position where the head is evaluated)."""
     n_layers: int
@@ -72,7 +72,7 @@ def model_cost(model) -> ModelCost | None:
 def forward_flops(cost: ModelCost, attention_mask_BL: torch.Tensor, mask_BT: torch.Tensor) -> float:
     """FLOPs of one forward pass over a batch's real tokens, the head evaluated at the `mask_BT` targets only.
 
-    Each row's real tokens must be contiguous (left-padded prompt, completion, right padding: `opd.lm.rollout`'s layout).
+    Each row's real tokens must be contiguous (left-padded prompt, completion, right padding: as `opd.lm.rollout`).
     """
     lengths_B = attention_mask_BL.long().sum(-1).double()
     tokens = lengths_B.sum().item()

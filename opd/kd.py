@@ -4,8 +4,8 @@
   with hard-label cross-entropy (Hinton, Vinyals & Dean 2015); `temperature_sweep` runs it over several T.
 - `fitnets`: a deeper, thinner student first regresses a middle layer onto the teacher's hint layer through a
   learned linear projection, then trains with KD (Romero et al. 2015).
-- `mutual_learning`: two students train at the same time, each adding KL(peer ‖ self) to its cross-entropy
-  (Zhang et al. 2018, deep mutual learning); no pre-trained teacher.
+- `mutual_learning`: two students train at the same time on the labelled images, each adding KL(peer ‖ self) to
+  its cross-entropy (Zhang et al. 2018, deep mutual learning); no pre-trained teacher.
 - `train_alone`: the baseline every method is compared with: the same student architecture, labels only.
 
 Every method returns the test accuracy of its student(s); one visible loop per method.
@@ -31,7 +31,7 @@ class KDConfig:
     """Labelled training images (of 1797). The teacher and every student see only these labels."""
     transfer_size: int = 800
     """Further training images without labels: Hinton's transfer set, where the distillation terms (and FitNets'
-    hints, and the mutual-learning KL) also apply. The rest of the 1797 images are the test set."""
+    hints) also apply. The rest of the 1797 images are the test set."""
     teacher_hidden: tuple[int, ...] = (256, 256)
     """Teacher MLP widths."""
     student_hidden: tuple[int, ...] = (8,)
@@ -205,21 +205,20 @@ def fitnets(teacher: MLP, config: KDConfig, seed_offset: int = 1) -> tuple[MLP, 
 
 
 def mutual_learning(config: KDConfig, seed_offset: int = 1) -> tuple[tuple[MLP, MLP], tuple[float, float]]:
-    """Deep mutual learning of two students: each minimises CE (labelled images) + KL(p_peer ‖ p_self) (all
-    training images) with the peer held fixed for its step; both update on every minibatch.
-    Returns ((student_a, student_b), (acc_a, acc_b))."""
+    """Deep mutual learning of two students on the labelled images (as in the paper; on the unlabelled transfer set
+    two small peers only agree with each other and drift from the labels): each minimises CE + KL(p_peer ‖ p_self)
+    with the peer held fixed for its step; both update on every minibatch. Returns ((a, b), (acc_a, acc_b))."""
     data = load_digits_split(config)
-    torch.manual_seed(config.seed + seed_offset)
+    x, y = data.x[data.labelled], data.y[data.labelled]
+    torch.manual_seed(config.seed + seed_offset)  # student a starts where train_alone's student starts
     students = (MLP(config.student_hidden), MLP(config.student_hidden))
     optimizers = [torch.optim.Adam(s.parameters(), lr=config.lr) for s in students]
-    labels = torch.where(data.labelled, data.y, torch.zeros_like(data.y))
-    for i in _minibatches(len(data.x), config, seed_offset):
+    for i in _minibatches(len(x), config, seed_offset):
         for me, peer in ((0, 1), (1, 0)):
-            my_logp = F.log_softmax(students[me](data.x[i]), -1)
+            my_logp = F.log_softmax(students[me](x[i]), -1)
             with torch.no_grad():
-                peer_logp = F.log_softmax(students[peer](data.x[i]), -1)
-            ce = token_cross_entropy(my_logp, labels[i]) * data.labelled[i]
-            loss = (ce + forward_kl(my_logp, peer_logp)).mean()
+                peer_logp = F.log_softmax(students[peer](x[i]), -1)
+            loss = (token_cross_entropy(my_logp, y[i]) + forward_kl(my_logp, peer_logp)).mean()
             optimizers[me].zero_grad()
             loss.backward()
             optimizers[me].step()

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from opd.control.common import MetricsLog, StateBuffer, check_loss, policy_loss
-from opd.control.envs import env_shapes, evaluate, make_vec_env, pad_channels
+from opd.control.envs import env_shapes, evaluate, is_minatar, make_vec_env, pad_obs
 from opd.control.policies import Policy, PolicySpec, count_parameters, spec_for_fraction
 from opd.control.teachers import Teacher, as_teacher
 
@@ -56,24 +56,28 @@ class PolicyDistillConfig:
     """Evaluate the student every this many updates (and at the end)."""
     eval_episodes: int = 10
     """Greedy evaluation episodes per game."""
-    max_episode_steps: int | None = 2_000
-    """Horizon cap for evaluation episodes (MinAtar games can otherwise run for very long)."""
+    max_episode_steps: int | None = None
+    """Horizon cap for evaluation episodes; None: the environment's own limit, and 2000 steps for MinAtar games
+    (which have none, and a good Breakout policy could play forever)."""
     seed: int = 0
     """Seeds envs, student initialisation, ε-greedy and minibatches."""
     progress: bool = True
     """Show a progress bar."""
 
 
-def student_input_channels(env_ids: list[str]) -> int | None:
-    """Channels every game's grid is padded to for a shared student (None for vector observations)."""
+def student_input_size(env_ids: list[str]) -> int:
+    """Channels (grids) or features (vectors) every game's observation is padded to for a shared student."""
     shapes = [env_shapes(env_id)[0] for env_id in env_ids]
-    return max(s[0] for s in shapes) if len(shapes[0]) == 3 else None
+    if len({len(s) for s in shapes}) > 1 or len({s[1:] for s in shapes}) > 1:
+        raise ValueError(f"games {env_ids} have observation shapes {shapes}; one student needs grids of one size "
+                         "or vectors")  # fmt: skip
+    return max(s[0] for s in shapes)
 
 
 def default_student_spec(env_ids: list[str], hidden=(128,), conv_channels: int = 16) -> PolicySpec:
     """A student with the MinAtar teacher's architecture (conv 16 + dense 128) and one head per game."""
-    pad_to = student_input_channels(env_ids)
-    obs_shape = env_shapes(env_ids[0], pad_to=pad_to)[0]
+    shape = env_shapes(env_ids[0])[0]
+    obs_shape = (student_input_size(env_ids), *shape[1:])
     return PolicySpec(obs_shape, tuple(env_shapes(e)[1] for e in env_ids), hidden, conv_channels)
 
 
@@ -106,7 +110,7 @@ def distill_policy(teachers: dict, config: PolicyDistillConfig, student: Policy 
     for teacher in teachers.values():
         check_loss(config.loss, teacher.kind)
     torch.manual_seed(config.seed)
-    pad_to = student_input_channels(env_ids)
+    pad_to = student_input_size(env_ids)
     student = student or Policy(default_student_spec(env_ids))
     if len(student.spec.num_actions) != len(env_ids):
         raise ValueError(f"the student has {len(student.spec.num_actions)} heads for {len(env_ids)} games")
@@ -128,7 +132,7 @@ def distill_policy(teachers: dict, config: PolicyDistillConfig, student: Policy 
         loss = 0.0
         for head, e in enumerate(env_ids):
             obs_b, labels_b = buffers[e].sample(config.batch_size, generator)
-            student_out = student(_pad(obs_b, pad_to), head)
+            student_out = student(pad_obs(obs_b, pad_to), head)
             loss = loss + policy_loss(student_out, labels_b, config.loss, config.temperature).mean()
         optimizer.zero_grad()
         loss.backward()
@@ -143,17 +147,11 @@ def distill_policy(teachers: dict, config: PolicyDistillConfig, student: Policy 
     return RunResult(student.eval(), log.rows)
 
 
-def _pad(obs_NO: torch.Tensor, pad_to: int | None) -> torch.Tensor:
-    if pad_to is None or obs_NO.shape[-3] == pad_to:
-        return obs_NO
-    return torch.nn.functional.pad(obs_NO, (0, 0, 0, 0, 0, pad_to - obs_NO.shape[-3]))
-
-
 def evaluate_student(student: Policy, env_id: str, head: int, config: PolicyDistillConfig) -> np.ndarray:
-    """Greedy returns of one head of `student` on `env_id` (grids padded to the student's input channels)."""
-    channels = student.spec.obs_shape[0] if len(student.spec.obs_shape) == 3 else None
-    return evaluate(lambda o: student.act(pad_channels(o, channels) if channels else o, head), env_id,
-                    config.eval_episodes, seed=20_000 + config.seed, max_episode_steps=config.max_episode_steps)
+    """Greedy returns of one head of `student` on `env_id` (observations padded to the student's input size)."""
+    horizon = config.max_episode_steps or (2_000 if is_minatar(env_id) else None)
+    return evaluate(lambda o: student.act(pad_obs(o, student.spec.obs_shape[0]), head), env_id,
+                    config.eval_episodes, seed=20_000 + config.seed, max_episode_steps=horizon)
 
 
 def teacher_parameters(teacher_model) -> int:

@@ -3,7 +3,7 @@
 MinAtar observations arrive as (10, 10, C) booleans; every env made here returns them channels-first float32
 (C, 10, 10), which is what torch convolutions and stable-baselines3 custom extractors expect. Games differ in C
 (Breakout 4, Freeway 7, Seaquest 10, ...), so multi-game students see observations zero-padded to a common channel
-count (`pad_channels`), with a separate action head per game.
+count (`pad_obs`), with a separate action head per game.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Callable
 
 import gymnasium as gym
 import numpy as np
+import torch
 
 MINATAR_MAX_CHANNELS = 10
 """Seaquest has the most channels of the MinAtar games; padding to 10 fits every game."""
@@ -41,16 +42,23 @@ class ChannelsFirst(gym.ObservationWrapper):
         self.observation_space = gym.spaces.Box(0.0, 1.0, (self.channels, h, w), np.float32)
 
     def observation(self, obs):
-        return pad_channels(np.transpose(obs, (2, 0, 1)).astype(np.float32), self.channels)
+        return pad_obs(np.transpose(obs, (2, 0, 1)).astype(np.float32), self.channels)
 
 
-def pad_channels(obs: np.ndarray, channels: int) -> np.ndarray:
-    """Zero-pad the channel axis (-3) of channels-first images up to `channels`; no-op for flat observations."""
-    if obs.ndim < 3 or obs.shape[-3] == channels:
+def pad_obs(obs, size: int | None):
+    """Zero-pad observations (numpy or torch, batched or not) up to `size` channels for grids (axis -3 of 3-D/4-D
+    arrays) or `size` features for vectors (axis -1 of 1-D/2-D arrays), so that one student reads several games."""
+    axis = -3 if obs.ndim >= 3 else -1
+    if size is None or obs.shape[axis] == size:
         return obs
-    pad = [(0, 0)] * obs.ndim
-    pad[-3] = (0, channels - obs.shape[-3])
-    return np.pad(obs, pad)
+    if obs.shape[axis] > size:
+        raise ValueError(f"observation has {obs.shape[axis]} channels/features, more than the student's {size}")
+    if isinstance(obs, torch.Tensor):
+        pad = (0, size - obs.shape[-1]) if axis == -1 else (0, 0, 0, 0, 0, size - obs.shape[-3])
+        return torch.nn.functional.pad(obs, pad)
+    widths = [(0, 0)] * obs.ndim
+    widths[axis] = (0, size - obs.shape[axis])
+    return np.pad(obs, widths)
 
 
 def make_env(

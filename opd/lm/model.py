@@ -7,6 +7,7 @@ largest tensor in the whole step.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Callable
 
@@ -25,16 +26,38 @@ def position_ids(attention_mask_BL: torch.Tensor) -> torch.Tensor:
     return (attention_mask_BL.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def final_hidden(model: PreTrainedModel, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor) -> torch.Tensor:
-    """Last hidden states [B, L, D] (after the final norm), without computing logits."""
-    out = model.get_decoder()(
-        input_ids=input_ids_BL, attention_mask=attention_mask_BL, position_ids=position_ids(attention_mask_BL)
-    )
-    return out.last_hidden_state
+def final_hidden(model, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor) -> torch.Tensor:
+    """Last hidden states [B, L, D] (after the final norm), computing logits for one position only.
+
+    The call goes through `model` itself, so a DDP/FSDP wrapper sees its forward and synchronises gradients; a hook on
+    the decoder trunk catches its output, and `logits_to_keep=1` keeps the LM head from building [B, L, V] logits.
+    """
+    inner = unwrap(model)
+    captured = []
+
+    def keep(module, args, output):
+        captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
+    kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(inner.forward).parameters else {}
+    handle = inner.get_decoder().register_forward_hook(keep)
+    try:
+        model(input_ids=input_ids_BL, attention_mask=attention_mask_BL, position_ids=position_ids(attention_mask_BL),
+              use_cache=False, **kwargs)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def unwrap(model):
+    """The Hugging Face model inside a DDP/FSDP/accelerate wrapper (or the model itself)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
 
 
 def lm_head(model: PreTrainedModel) -> Callable[[torch.Tensor], torch.Tensor]:
     """hidden [..., D] -> logits [..., V], including any logit post-processing the model's config asks for."""
+    model = unwrap(model)
     head = model.get_output_embeddings()
     cfg = getattr(model.config, "get_text_config", lambda: model.config)()
     softcap = getattr(cfg, "final_logit_softcapping", None)

@@ -44,7 +44,7 @@ class RLConfig:
     steps: int = 200
     """Student updates."""
     batch_size: int = 8
-    """Prompts per update; each is sampled `group_size` times, so an update sees batch_size × group_size completions."""
+    """Prompts per update; each is sampled `group_size` times: an update sees batch_size × group_size completions."""
     group_size: int = 4
     """Completions per prompt; the advantage compares each with the others of its group."""
     scale_by_std: bool = True
@@ -85,7 +85,7 @@ def group_advantages(rewards_PG: torch.Tensor, scale_by_std: bool = True, eps: f
 
 
 def rl_loss(student, batch: Batch, advantages_B: torch.Tensor, chunk_size: int = 1024) -> tuple[torch.Tensor, dict]:
-    """Policy-gradient loss averaged over the batch's completion tokens, each token weighted by its sequence's advantage.
+    """Policy-gradient loss averaged over the batch's completion tokens, each weighted by its sequence's advantage.
 
     The samples come from the current student, so the importance weight is 1 (its value) and the gradient is
     −A·∇log π(token).
@@ -102,7 +102,9 @@ def rl_loss(student, batch: Batch, advantages_B: torch.Tensor, chunk_size: int =
 def rl(cfg: RLConfig) -> dict:
     """Run the RL baseline the config describes; returns the final metrics. Writes config, metrics and checkpoints."""
     if cfg.group_size < 2:
-        raise ValueError(f"group_size must be at least 2 (advantages compare completions of one prompt), got {cfg.group_size}")
+        raise ValueError(
+            f"group_size must be at least 2 (advantages compare completions of one prompt), got {cfg.group_size}"
+        )
     out = Path(cfg.out_dir)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.student)
@@ -111,7 +113,8 @@ def rl(cfg: RLConfig) -> dict:
     task = get_task(cfg.task)
     train = task.examples(cfg.train_examples, seed=0, split="train")
     test = task.examples(cfg.eval_examples, seed=0, split="test")
-    prompt_ids = encode_prompts(tokenizer, [e.prompt for e in train], _context_length(student) - cfg.sampling.max_new_tokens)
+    max_prompt = _context_length(student) - cfg.sampling.max_new_tokens
+    prompt_ids = encode_prompts(tokenizer, [e.prompt for e in train], max_prompt)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
 
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
@@ -161,7 +164,7 @@ def rl(cfg: RLConfig) -> dict:
                     f"the update at step {step} made the student's weights non-finite; stopped without saving. Last "
                     f"good checkpoint: {find_checkpoint(out / 'checkpoint') or 'none'}; lower optim.lr, then --resume"
                 )
-            m.update(flops.step_flops(cost, None, batch.attention_mask_BL, batch.mask_BT, actor="student", scored=False))
+            m.update(flops.step_flops(cost, None, batch.attention_mask_BL, batch.mask_BT, "student", scored=False))
             total_flops = m["total_flops"] = total_flops + m["flops"]
             m.update(
                 step=step + 1, reward=rewards_PG.mean().item(),
@@ -175,8 +178,8 @@ def rl(cfg: RLConfig) -> dict:
             bar.set_postfix(reward=f"{m['reward']:.2f}", **({"acc": f"{m['accuracy']:.2f}"} if "accuracy" in m else {}))
             last = m
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or interrupted.flag:
-                path = save_checkpoint(out / "checkpoint", student, tokenizer, step + 1, opt)
-                torch.save(rng.get_state(), path / "loop_rng.pt")
+                save_checkpoint(out / "checkpoint", student, tokenizer, step + 1, opt,
+                                extra_files={"loop_rng.pt": rng.get_state()})
             if interrupted.flag:
                 raise KeyboardInterrupt(f"interrupted; saved a checkpoint at step {step + 1} in {out / 'checkpoint'}")
     finally:

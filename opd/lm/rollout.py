@@ -27,6 +27,12 @@ class Batch:
     """Log-prob of each target under the policy that sampled it, when that is not the current student
     (server-side rollouts); None means 'the student, at the weights being trained' (importance ratio 1)."""
 
+    def to(self, device) -> "Batch":
+        """The same batch with its tensors on `device`."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Batch(move(self.input_ids_BL), move(self.attention_mask_BL), move(self.mask_BT), self.prompt_lens,
+                     move(self.sampling_logp_BT))
+
     @property
     def targets_BT(self) -> torch.Tensor:
         return self.input_ids_BL[:, 1:]

@@ -71,12 +71,15 @@ def _sample_step(
     device = logits_BV.device
     temps_B = torch.tensor([r.temperature for r in rows], device=device)
     top_p_B = torch.tensor([r.top_p for r in rows], device=device)
-    greedy_B = temps_B == 0
+    # Below vLLM's 1e-5 (its _SAMPLING_EPS) a temperature means greedy, as in vLLM: dividing float32 logits by it
+    # can overflow them to inf and the softmax to nan.
+    greedy_B = temps_B < 1e-5
     raw_logp_BV = logits_BV.log_softmax(-1)
     probs_BV = (logits_BV / torch.where(greedy_B, 1.0, temps_B)[:, None]).softmax(-1)
     sorted_p_BV, order_BV = probs_BV.sort(-1, descending=True)
     # A token stays in the nucleus while the mass strictly before it is < top_p; the first one always stays.
     keep_sorted_BV = (sorted_p_BV.cumsum(-1) - sorted_p_BV) < top_p_B[:, None]
+    keep_sorted_BV[:, 0] = True  # even when a tiny top_p rounds to 0 in float32
     kept_p_BV = sorted_p_BV * keep_sorted_BV
     cdf_BV = kept_p_BV.cumsum(-1)
     # Inverse-CDF sampling with one uniform per row from that row's own generator: batch-independent.

@@ -94,6 +94,13 @@ def rows_for_request(
     max_prompt_len = min(args.max_prompt_len or max_model_len, max_model_len)
     prompts, texts, budgets = [], [], []
     for i, p in enumerate(req.prompt):
+        if isinstance(p, str) and not p.isascii():
+            try:  # JSON can carry lone surrogates ("\ud800"), which no tokenizer can encode
+                p.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise BadRequest(
+                    f"prompt {i} is not valid Unicode text ({e.reason} at character {e.start}); send UTF-8 text"
+                ) from None
         ids = tokenizer(p, add_special_tokens=req.add_special_tokens)["input_ids"] if isinstance(p, str) else p
         if not ids:
             raise BadRequest(f"prompt {i} is empty (no tokens); send at least one token")

@@ -18,13 +18,15 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from opd import flops, losses
 from opd.chunked import chunked_divergence, chunked_taken_logp
 from opd.checkpoint import find_checkpoint, load_trainer_state, save_checkpoint
 from opd.config import DistillConfig, save_config
-from opd.lm.model import final_hidden, lm_head, load_model, load_tokenizer
+from opd.lm.model import final_hidden, lm_head, load_model, load_tokenizer, unwrap
 from opd.lm.rollout import Batch, build_batch, encode_prompts, layout, sample
 from opd.lm.teacher import LocalTeacher, Teacher, TeacherSignal, TeacherUnreachable
 from opd.tasks import get_task
@@ -36,7 +38,7 @@ class TrainingError(RuntimeError):
     """A run stopped for a reason the user must act on; the message says what happened and what to do."""
 
 
-def make_teacher(cfg: DistillConfig, student, tokenizer) -> Teacher | None:
+def make_teacher(cfg: DistillConfig, student, tokenizer, device="cpu") -> Teacher | None:
     """The teacher the config names: a local HF model (vocabularies checked) or an OpenAI-compatible server."""
     if cfg.teacher is None:
         if cfg.loss != "sft" or cfg.source not in ("data",):
@@ -46,7 +48,7 @@ def make_teacher(cfg: DistillConfig, student, tokenizer) -> Teacher | None:
         from opd.lm.remote import RemoteTeacher
 
         return RemoteTeacher(cfg.teacher, model=None, top_k=cfg.top_k)
-    model = load_model(cfg.teacher)
+    model = load_model(cfg.teacher, device=device)
     check_same_vocabulary(student, model, tokenizer, load_tokenizer(cfg.teacher))
     return LocalTeacher(model, chunk_size=cfg.chunk_size)
 
@@ -111,17 +113,24 @@ def _scatter(values_N: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
 
 
 def distill(cfg: DistillConfig) -> dict:
-    """Run the LM loop the config describes; returns the final metrics. Writes config, metrics and checkpoints."""
+    """Run the LM loop the config describes; returns the final metrics. Writes config, metrics and checkpoints.
+
+    Runs unchanged under `accelerate launch` (DDP on CPU or GPUs, FSDP): each process samples its own prompts,
+    gradients are averaged across processes, and the main process logs, evaluates and saves.
+    """
     if cfg.loss not in LOSSES:
         raise ValueError(f"unknown loss {cfg.loss!r}; choose one of {', '.join(LOSSES)}")
     if cfg.source == "mixture" and not 0.0 <= cfg.lmbda <= 1.0:
         raise ValueError(f"lmbda must be in [0, 1], got {cfg.lmbda}")
+    # Without a GPU, cpu=True lets accelerate pick gloo when launched with several processes.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     out = Path(cfg.out_dir)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + rank)
     tokenizer = load_tokenizer(cfg.student)
     ckpt = find_checkpoint(out / "checkpoint") if cfg.resume else None
-    student = load_model(str(ckpt) if ckpt else cfg.student)
-    teacher = make_teacher(cfg, student, tokenizer)
+    student = load_model(str(ckpt) if ckpt else cfg.student, device=accelerator.device)
+    teacher = make_teacher(cfg, student, tokenizer, accelerator.device)
     task = get_task(cfg.task)
     train = task.examples(cfg.train_examples, seed=0, split="train")
     test = task.examples(cfg.eval_examples, seed=0, split="test")
@@ -133,20 +142,29 @@ def distill(cfg: DistillConfig) -> dict:
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     warmup = max(1, cfg.optim.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
-    rng = torch.Generator().manual_seed(cfg.seed)
+    rng = torch.Generator().manual_seed(cfg.seed + 100_003 * rank)  # prompt order and mixture coins, per process
     start = 0
     if ckpt:
-        state = load_trainer_state(ckpt, opt)
-        start = state["step"]
-        rng.set_state(torch.load(ckpt / "loop_rng.pt"))
+        start = load_trainer_state(ckpt, opt)["step"]
+        loop_rngs = torch.load(ckpt / "loop_rng.pt")
+        if len(loop_rngs) != world:
+            raise ValueError(f"{ckpt} was written by {len(loop_rngs)} processes; resume it with as many, not {world}")
+        rng.set_state(loop_rngs[rank][0])
+        torch.set_rng_state(loop_rngs[rank][1])
         sched.last_epoch = start
-    save_config(cfg, out)
-    metrics_file = (out / "metrics.jsonl").open("a")
+    student, opt = accelerator.prepare(student, opt)
+    if main:
+        save_config(cfg, out)
+    metrics_file = (out / "metrics.jsonl").open("a") if main else None
     interrupted = _InterruptFlag()
 
-    def checkpoint(step: int) -> None:
-        path = save_checkpoint(out / "checkpoint", student, tokenizer, step, opt)
-        torch.save(rng.get_state(), path / "loop_rng.pt")
+    def checkpoint(step: int, rng_states=None) -> None:
+        # Every process's RNGs go into the one checkpoint, so a resumed multi-process run is bit-for-bit too.
+        rng_states = gather_object([rng_states or (rng.get_state(), torch.get_rng_state())])
+        if main:
+            save_checkpoint(out / "checkpoint", unwrap(student), tokenizer, step, opt,
+                            extra_files={"loop_rng.pt": rng_states})
+        accelerator.wait_for_everyone()
 
     teacher_sampler = None
     if cfg.source == "teacher" and teacher is not None and not isinstance(teacher, LocalTeacher):
@@ -154,11 +172,12 @@ def distill(cfg: DistillConfig) -> dict:
 
         teacher_sampler = RemoteSampler(cfg.teacher)
     student.train()
-    costs = flops.model_cost(student), flops.model_cost(getattr(teacher, "model", None))
+    costs = flops.model_cost(unwrap(student)), flops.model_cost(getattr(teacher, "model", None))
     total_flops = flops.logged_total(out / "metrics.jsonl", start)
     last = {}
     try:
-        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress, desc="distill")
+        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not (cfg.progress and main),
+                   desc="distill")
         for step in bar:
             t0 = time.perf_counter()
             rng_at_step_start = rng.get_state(), torch.get_rng_state()
@@ -174,57 +193,76 @@ def distill(cfg: DistillConfig) -> dict:
                     batch = build_batch(prompts, [reference_ids[i] for i in idx], pad, eos)
                 elif source == "teacher" and teacher_sampler is not None:
                     # A teacher behind a server samples there, seeded per step so a resumed run draws the same samples.
-                    completions, _ = teacher_sampler.sample(prompts, s.max_new_tokens, s.temperature, s.top_p, seed=step)
+                    completions, _ = teacher_sampler.sample(prompts, s.max_new_tokens, s.temperature, s.top_p,
+                                                            seed=step * world + rank)
                     batch = layout(prompts, completions, pad)
                 else:
-                    actor = student if source == "student" else teacher.model
+                    actor = unwrap(student) if source == "student" else teacher.model
                     batch = sample(actor, prompts, pad, eos, s.max_new_tokens, s.temperature, s.top_p)
+                batch = batch.to(accelerator.device)
                 t_act = time.perf_counter()
                 # What the teacher gives: one forward pass over prompt + completion.
-                signal = None if cfg.loss == "sft" else teacher.score(batch.input_ids_BL, batch.attention_mask_BL, batch.mask_BT)
+                signal = None if cfg.loss == "sft" else teacher.score(batch.input_ids_BL, batch.attention_mask_BL,
+                                                                      batch.mask_BT)
             except TeacherUnreachable as e:
+                if world > 1:  # the other processes cannot join a save from here; the last periodic one stands
+                    raise TrainingError(f"{e} Last checkpoint: {find_checkpoint(out / 'checkpoint') or 'none'}") from None
                 # Save the state this step started from, so --resume redoes exactly this step.
-                rng.set_state(rng_at_step_start[0])
-                torch.set_rng_state(rng_at_step_start[1])
-                checkpoint(step)
+                checkpoint(step, rng_at_step_start)
                 raise TrainingError(
                     f"{e} Saved a checkpoint at step {step} in {out / 'checkpoint'}; run again with --resume"
                 ) from None
             loss, m = student_loss(student, batch, signal, cfg)
-            if not torch.isfinite(loss):
-                last_ok = find_checkpoint(out / "checkpoint")
+            if not _all_finite(accelerator, loss):
                 raise TrainingError(
                     f"loss is {loss.item()} at step {step}; stopped without saving. Last good checkpoint: "
-                    f"{last_ok or 'none'}; lower optim.lr or check the data, then run again with --resume"
+                    f"{find_checkpoint(out / 'checkpoint') or 'none'}; lower optim.lr or check the data, then run "
+                    f"again with --resume"
                 )
-            loss.backward()
+            accelerator.backward(loss)
             if cfg.optim.grad_clip > 0:
-                m["grad_norm"] = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip).item()
+                m["grad_norm"] = accelerator.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip).item()
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             if not all(torch.isfinite(p).all() for p in student.parameters()):
                 raise TrainingError(
-                    f"the update at step {step} made the student's weights non-finite; stopped without saving. Last good "
-                    f"checkpoint: {find_checkpoint(out / 'checkpoint') or 'none'}; lower optim.lr, then run again with --resume"
+                    f"the update at step {step} made the student's weights non-finite; stopped without saving. Last "
+                    f"good checkpoint: {find_checkpoint(out / 'checkpoint') or 'none'}; lower optim.lr, then run "
+                    f"again with --resume"
                 )
             m.update(step=step + 1, source=source, act_s=t_act - t0, step_s=time.perf_counter() - t0)
             m.update(flops.step_flops(*costs, batch.attention_mask_BL, batch.mask_BT, source, scored=signal is not None))
-            total_flops = m["total_flops"] = total_flops + m["flops"]
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-                m["accuracy"] = _eval_accuracy(student, tokenizer, task, test, cfg)
-            metrics_file.write(json.dumps(m) + "\n")
-            metrics_file.flush()
-            bar.set_postfix(loss=f"{m['loss']:.3f}", **({"acc": f"{m['accuracy']:.2f}"} if "accuracy" in m else {}))
+            total_flops = m["total_flops"] = total_flops + m["flops"] * world
+            if main and (cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+                m["accuracy"] = _eval_accuracy(unwrap(student), tokenizer, task, test, cfg)
+            if main:
+                metrics_file.write(json.dumps(m) + "\n")
+                metrics_file.flush()
+                bar.set_postfix(loss=f"{m['loss']:.3f}", **({"acc": f"{m['accuracy']:.2f}"} if "accuracy" in m else {}))
             last = m
-            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or interrupted.flag:
+            stop = _any_process(accelerator, interrupted.flag)
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stop:
                 checkpoint(step + 1)
-            if interrupted.flag:
+            if stop:
                 raise KeyboardInterrupt(f"interrupted; saved a checkpoint at step {step + 1} in {out / 'checkpoint'}")
     finally:
-        metrics_file.close()
+        if metrics_file is not None:
+            metrics_file.close()
         interrupted.restore()
     return last
+
+
+def _all_finite(accelerator, loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every process (all must stop together, or the others hang in all-reduce)."""
+    ok = torch.isfinite(loss.detach()).float().reshape(1)
+    return bool(accelerator.reduce(ok, "min").item()) if accelerator.num_processes > 1 else bool(ok.item())
+
+
+def _any_process(accelerator, flag: bool) -> bool:
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "max").item())
 
 
 def _eval_accuracy(student, tokenizer, task, test, cfg) -> float:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from opd.control.envs import make_env, make_vec_env, pad_channels
+from opd.control.envs import make_env, make_vec_env, pad_obs
 from opd.control.policies import Policy, PolicySpec, count_parameters, load_policy, save_policy, spec_for_fraction
 
 
@@ -19,7 +19,10 @@ def test_minatar_observations_are_channels_first_float_and_padded():
     assert obs10.shape == (10, 10, 10)
     np.testing.assert_array_equal(obs10[:4], obs)
     assert obs10[4:].sum() == 0
-    assert pad_channels(np.ones((3, 2, 2)), 5)[3:].sum() == 0
+    assert pad_obs(np.ones((3, 2, 2)), 5)[3:].sum() == 0 and pad_obs(np.ones((3, 2, 2)), 5).shape == (5, 2, 2)
+    assert pad_obs(torch.ones(7, 3, 2, 2), 5).shape == (7, 5, 2, 2)
+    np.testing.assert_array_equal(pad_obs(np.ones((2, 4)), 6), [[1, 1, 1, 1, 0, 0]] * 2)
+    assert pad_obs(torch.ones(4), 6).tolist() == [1, 1, 1, 1, 0, 0]
     with pytest.raises(ValueError, match="pad_to"):
         make_env("MinAtar/Seaquest-v1", pad_to=4)
 

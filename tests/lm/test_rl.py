@@ -28,7 +28,8 @@ def test_group_advantages_hand_example():
 
 def test_rl_loss_is_minus_advantage_weighted_log_likelihood_per_token(model_dirs, tokenizer):
     student = load_model(model_dirs["student"])
-    batch = build_batch([[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14, 15]], tokenizer.pad_token_id, tokenizer.eos_token_id)
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    batch = build_batch([[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14, 15]], pad, eos)
     advantages_B = torch.tensor([2.0, -0.5])
     loss, m = rl_loss(student, batch, advantages_B, chunk_size=2)
     loss.backward()
@@ -68,7 +69,8 @@ def test_a_few_dozen_rl_steps_raise_a_sparse_reward(model_dirs, tokenizer, tmp_p
     monkeypatch.setitem(tasks.TASKS, "starts-with-7", StartsWithSeven)
     cfg = RLConfig(student=model_dirs["student"], task="starts-with-7", steps=30, batch_size=8, group_size=8,
                    sampling=SamplingArgs(max_new_tokens=2), optim=OptimArgs(lr=3e-2, warmup_steps=1),
-                   train_examples=64, eval_examples=4, eval_every=0, save_every=30, out_dir=str(tmp_path), progress=False)
+                   train_examples=64, eval_examples=4, eval_every=0, save_every=30, out_dir=str(tmp_path),
+                   progress=False)
     before = _p_first_is_seven(load_model(model_dirs["student"]), tokenizer)
     rl(cfg)
     after = _p_first_is_seven(load_model(str(tmp_path / "checkpoint")), tokenizer)

@@ -1,0 +1,24 @@
+"""Run by tests/lm/test_distributed.py under `accelerate launch --num_processes 2`: train, then check that every
+process ends with the same weights (gradients were averaged) and write what it saw to OUT/rank{r}.json."""
+
+import json
+import sys
+
+import torch
+from accelerate import PartialState
+
+from opd.config import DistillConfig, SamplingArgs
+from opd.lm.train import distill
+
+student, teacher, out, steps = sys.argv[1:5]
+torch.set_num_threads(1)
+final = distill(DistillConfig(student=student, teacher=teacher, steps=int(steps), batch_size=4, train_examples=64,
+                              eval_examples=4, eval_every=0, save_every=2, sampling=SamplingArgs(max_new_tokens=6),
+                              out_dir=out, progress=False, resume="--resume" in sys.argv))
+state = PartialState()
+from safetensors.torch import load_file  # noqa: E402
+
+weights = load_file(f"{out}/checkpoint/model.safetensors")
+checksum = float(sum(w.double().sum() for w in weights.values()))
+with open(f"{out}/rank{state.process_index}.json", "w") as f:
+    json.dump({"final_step": final["step"], "checksum": checksum, "loss": final["loss"]}, f)
