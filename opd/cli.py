@@ -19,6 +19,7 @@ def _commands() -> dict:
     # Imported here so that `opd --help` does not pay for every subcommand's dependencies twice.
     from opd.config import DistillConfig
     from opd.quickstart import QuickstartArgs
+    from opd.lm.eval import EvalArgs
     from opd.lm.serve import ServeArgs
     from opd.tasks.train import TeacherArgs
 
@@ -41,13 +42,19 @@ def _commands() -> dict:
 
         train_teacher_main(args)
 
+    def evaluate(args: Annotated[EvalArgs, _NO_PREFIX]) -> None:
+        """Held-out accuracy of a model, and its per-token reverse KL to a teacher on its own samples."""
+        from opd.lm.eval import eval_main
+
+        eval_main(args)
+
     def serve(args: Annotated[ServeArgs, _NO_PREFIX]) -> None:
         """Serve a local model over the OpenAI-compatible completions API (vLLM's subset: prompt_logprobs, ...)."""
         from opd.lm.serve import serve_main
 
         serve_main(args)
 
-    return {"quickstart": quickstart, "train": train, "teacher": teacher, "serve": serve}
+    return {"quickstart": quickstart, "train": train, "teacher": teacher, "eval": evaluate, "serve": serve}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

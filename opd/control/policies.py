@@ -85,6 +85,18 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def spec_parameters(spec: PolicySpec) -> int:
+    """`count_parameters(Policy(spec))` without building the network (for size searches)."""
+    if len(spec.obs_shape) == 3:
+        c, h, w = spec.obs_shape
+        total, width = c * spec.conv_channels * 9 + spec.conv_channels, spec.conv_channels * (h - 2) * (w - 2)
+    else:
+        total, width = 0, spec.obs_shape[0]
+    for hidden in spec.hidden:
+        total, width = total + width * hidden + hidden, hidden
+    return total + sum(width * n + n for n in spec.num_actions)
+
+
 def spec_for_fraction(reference: PolicySpec, target_params: int, depth: int = 1) -> PolicySpec:
     """A narrower spec of the same shape whose parameter count is closest to `target_params`.
 
@@ -99,7 +111,7 @@ def spec_for_fraction(reference: PolicySpec, target_params: int, depth: int = 1)
             hidden=(width,) * depth,
             conv_channels=max(1, round(reference.conv_channels * scale)),
         )
-        gap = abs(count_parameters(Policy(spec)) - target_params)
+        gap = abs(spec_parameters(spec) - target_params)
         if best_gap is None or gap < best_gap:
             best, best_gap = spec, gap
     return best

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from opd.control.envs import make_env, make_vec_env, pad_obs
-from opd.control.policies import Policy, PolicySpec, count_parameters, load_policy, save_policy, spec_for_fraction
+from opd.control.policies import (
+    Policy, PolicySpec, count_parameters, load_policy, save_policy, spec_for_fraction, spec_parameters,
+)  # fmt: skip
 
 
 def test_minatar_observations_are_channels_first_float_and_padded():
@@ -41,7 +43,8 @@ def test_parameter_count_matches_hand_count():
     cnn = Policy(PolicySpec((4, 10, 10), (3, 5), hidden=(16,), conv_channels=2))
     conv = 4 * 2 * 9 + 2
     dense = 2 * 8 * 8 * 16 + 16
-    assert count_parameters(cnn) == conv + dense + (16 * 3 + 3) + (16 * 5 + 5)
+    assert count_parameters(cnn) == conv + dense + (16 * 3 + 3) + (16 * 5 + 5) == spec_parameters(cnn.spec)
+    assert spec_parameters(mlp.spec) == count_parameters(mlp)
     assert cnn(torch.zeros(7, 4, 10, 10), head=1).shape == (7, 5)
     assert cnn.features(torch.zeros(7, 4, 10, 10)).shape == (7, 16)
 
