@@ -60,13 +60,13 @@ def save_checkpoint(
     for name, obj in (extra_files or {}).items():
         torch.save(obj, tmp / name)
     (tmp / STATE_JSON).write_text(json.dumps({"step": step, **(extra or {})}, indent=2) + "\n")
-    _fsync_dir(tmp)
+    _fsync_tree(tmp)
     # Swap: the previous checkpoint is moved aside (not deleted) until the new one is in place.
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    _fsync(final.parent)
     shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -91,15 +91,16 @@ def load_trainer_state(path: str | Path, optimizer=None) -> dict:
     return json.loads((path / STATE_JSON).read_text())
 
 
-def _fsync_dir(path: Path) -> None:
-    for p in [*path.iterdir(), path] if path.is_dir() else [path]:
-        try:
-            fd = os.open(p, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+def _fsync(path: Path) -> None:
+    """Flush a file or directory entry to disk, so a rename never lands before the data it points to."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in path.iterdir():
+        _fsync(p)
+    _fsync(path)

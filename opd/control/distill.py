@@ -86,12 +86,14 @@ def compression_student(env_id: str, teacher_params: int, fraction: float) -> Po
     return spec_for_fraction(default_student_spec([env_id]), round(fraction * teacher_params))
 
 
-def _collect(teacher: Teacher, env, obs, steps: int, epsilon: float, rng: np.random.Generator, buffer: StateBuffer):
-    """`steps` vector-env steps of ε-greedy teacher play; every visited state and its grade goes into `buffer`."""
+def collect(teacher: Teacher, env, obs, steps: int, epsilon: float, rng: np.random.Generator, buffer: StateBuffer,
+            actor=None):
+    """`steps` vector-env steps of ε-greedy play by the teacher (or by `actor(obs) -> actions` if given); the
+    teacher grades every visited state and the state goes into `buffer` with its grade. Returns the last obs."""
     for _ in range(steps):
         grade = teacher(obs)
         buffer.add(obs, grade)
-        actions = grade.actions_N.numpy()
+        actions = grade.actions_N.numpy() if actor is None else actor(obs)
         explore = rng.random(len(actions)) < epsilon
         actions = np.where(explore, rng.integers(env.single_action_space.n, size=len(actions)), actions)
         obs, _, _, _, _ = env.step(actions)
@@ -121,13 +123,13 @@ def distill_policy(teachers: dict, config: PolicyDistillConfig, student: Policy 
     buffers = {e: StateBuffer(config.buffer_size) for e in env_ids}
     obs = {e: envs[e].reset(seed=config.seed + 100 * i)[0] for i, e in enumerate(env_ids)}
     for e in env_ids:  # teachers see their own observations; the buffer keeps them unpadded
-        obs[e] = _collect(teachers[e], envs[e], obs[e], config.warmup_steps, config.teacher_epsilon, rng, buffers[e])
+        obs[e] = collect(teachers[e], envs[e], obs[e], config.warmup_steps, config.teacher_epsilon, rng, buffers[e])
     log = MetricsLog(run_dir)
     bar = tqdm(range(1, config.updates + 1), desc=f"distill[{config.loss}]", disable=not config.progress)
     for update in bar:
         if update % config.collect_every == 0:
             for e in env_ids:
-                obs[e] = _collect(teachers[e], envs[e], obs[e], config.collect_steps, config.teacher_epsilon, rng,
+                obs[e] = collect(teachers[e], envs[e], obs[e], config.collect_steps, config.teacher_epsilon, rng,
                                   buffers[e])  # fmt: skip
         loss = 0.0
         for head, e in enumerate(env_ids):
