@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from opd.control.common import MetricsLog, StateBuffer, check_loss, policy_loss
-from opd.control.envs import env_shapes, evaluate, is_minatar, make_vec_env, pad_obs
+from opd.control.envs import MINATAR_MAX_CHANNELS, env_shapes, evaluate, is_minatar, make_vec_env, pad_obs
 from opd.control.policies import Policy, PolicySpec, count_parameters, spec_for_fraction
 from opd.control.teachers import Teacher, as_teacher
 
@@ -66,11 +66,14 @@ class PolicyDistillConfig:
 
 
 def student_input_size(env_ids: list[str]) -> int:
-    """Channels (grids) or features (vectors) every game's observation is padded to for a shared student."""
+    """Channels (grids) or features (vectors) every game's observation is padded to for a shared student: all 10
+    MinAtar channels for several MinAtar games (so the network can later take up a held-out game too)."""
     shapes = [env_shapes(env_id)[0] for env_id in env_ids]
     if len({len(s) for s in shapes}) > 1 or len({s[1:] for s in shapes}) > 1:
         raise ValueError(f"games {env_ids} have observation shapes {shapes}; one student needs grids of one size "
                          "or vectors")  # fmt: skip
+    if len(env_ids) > 1 and all(is_minatar(e) for e in env_ids):
+        return MINATAR_MAX_CHANNELS
     return max(s[0] for s in shapes)
 
 
@@ -112,8 +115,8 @@ def distill_policy(teachers: dict, config: PolicyDistillConfig, student: Policy 
     for teacher in teachers.values():
         check_loss(config.loss, teacher.kind)
     torch.manual_seed(config.seed)
-    pad_to = student_input_size(env_ids)
     student = student or Policy(default_student_spec(env_ids))
+    pad_to = student.spec.obs_shape[0]
     if len(student.spec.num_actions) != len(env_ids):
         raise ValueError(f"the student has {len(student.spec.num_actions)} heads for {len(env_ids)} games")
     optimizer = torch.optim.Adam(student.parameters(), lr=config.lr)

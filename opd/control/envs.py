@@ -45,6 +45,23 @@ class ChannelsFirst(gym.ObservationWrapper):
         return pad_obs(np.transpose(obs, (2, 0, 1)).astype(np.float32), self.channels)
 
 
+class PadVector(gym.ObservationWrapper):
+    """Vector observations zero-padded to `size` features (to share a student with a game that has more)."""
+
+    def __init__(self, env: gym.Env, size: int):
+        super().__init__(env)
+        (d,) = env.observation_space.shape
+        if size < d:
+            raise ValueError(f"pad_to={size} is smaller than the {d} features of {env.spec.id}; pass pad_to >= {d}")
+        low = np.concatenate([env.observation_space.low, np.zeros(size - d, np.float32)])
+        high = np.concatenate([env.observation_space.high, np.zeros(size - d, np.float32)])
+        self.observation_space = gym.spaces.Box(low, high, dtype=np.float32)
+        self.size = size
+
+    def observation(self, obs):
+        return pad_obs(np.asarray(obs, np.float32), self.size)
+
+
 def pad_obs(obs, size: int | None):
     """Zero-pad observations (numpy or torch, batched or not) up to `size` channels for grids (axis -3 of 3-D/4-D
     arrays) or `size` features for vectors (axis -1 of 1-D/2-D arrays), so that one student reads several games."""
@@ -77,6 +94,8 @@ def make_env(
         raise ValueError(f"cannot make environment {env_id!r}: {error}") from None
     if is_minatar(env_id):
         env = ChannelsFirst(env, pad_to)
+    elif pad_to is not None:
+        env = PadVector(env, pad_to)
     if not isinstance(env.action_space, gym.spaces.Discrete):
         raise ValueError(f"{env_id} has action space {env.action_space}; opd.control handles Discrete actions only")
     if seed is not None:

@@ -186,7 +186,8 @@ class TeacherConfig:
     """Seed for SB3 and the environments."""
 
 
-def _hyperparameters(config: TeacherConfig) -> dict:
+def dqn_ppo_hyperparameters(config: TeacherConfig) -> dict:
+    """SB3 keyword arguments for training `config`'s teacher (also used by the transfer DQN)."""
     # Tuned values in the spirit of rl-baselines3-zoo, shrunk to what two CPU cores can train in minutes.
     if config.algo == "ppo":
         if config.env_id.startswith("LunarLander"):
@@ -231,8 +232,8 @@ def train_teacher(config: TeacherConfig, progress: bool = True, retrain: bool = 
     algo = {"dqn": DQN, "ppo": PPO}[config.algo]
     path = teacher_path(config)
     if path.exists() and not retrain:
-        return algo.load(path, device="cpu", custom_objects={"policy_kwargs": _hyperparameters(config).get("policy_kwargs", {})})
-    hyper = _hyperparameters(config)
+        return algo.load(path, device="cpu")
+    hyper = dqn_ppo_hyperparameters(config)
     n_envs = 8 if config.algo == "ppo" else 1
     env = sb3_vec_env(lambda: make_env(config.env_id), n_envs=n_envs, seed=config.seed)
     model = algo("MlpPolicy", env, seed=config.seed, device="cpu", verbose=0, **hyper)

@@ -4,6 +4,7 @@ import math
 import pytest
 
 from benchmarks.table31 import METHODS, Table31Args, _command, table31
+from benchmarks.table31_report import summarise_method
 from benchmarks.teacher_bias import affected, biased_version, solve_biased
 from opd.tasks import get_task
 from opd.tasks.arithmetic import solve
@@ -16,6 +17,24 @@ def test_planted_error_drops_only_the_carry_out_of_a_column_summing_to_ten():
     assert solve_biased(5, 5) == solve(5, 5)  # the last column is written in full
     pairs = affected(get_task("arithmetic").examples(300, seed=0, split="test"))
     assert pairs and all(b.answer != t.answer and b == biased_version(t) for t, b in pairs)
+
+
+def _curve(accuracy, flops, wall):
+    kinds = {"flops_sample": 0.0, "flops_teacher_generate": 0.0, "flops_teacher_score": 0.0, "flops_update": flops[-1]}
+    return {"step": [0, 10, 20], "flops": flops, "wall_seconds": wall, "accuracy": accuracy, "total_flops": flops[-1],
+            "wall_seconds_total": wall[-1], "flops_by_kind": kinds, "steps": 20}
+
+
+def test_flops_to_target_is_read_off_the_seed_mean_curve():
+    curves = [_curve([0.1, 0.5, 0.9], [0.0, 100.0, 200.0], [0.0, 1.0, 2.0]),
+              _curve([0.1, 0.7, 0.7], [0.0, 110.0, 220.0], [0.0, 3.0, 6.0])]
+    s = summarise_method(curves, target=0.6)
+    assert s["flops_to_target"] == 105.0 and s["wall_seconds_to_target"] == 2.0  # mean curve: 0.1, 0.6, 0.8
+    assert s["flops_to_target_seeds"] == [200.0, 110.0]
+    assert s["final_accuracy"] == pytest.approx(0.8) and s["final_accuracy_std"] == pytest.approx(0.1 * 2**0.5)
+    assert s["curve"]["accuracy_min"] == [0.1, 0.5, 0.7] and s["curve"]["accuracy_max"] == [0.1, 0.7, 0.9]
+    assert s["total_flops"] == 210.0 and s["wall_seconds"] == 4.0
+    assert summarise_method(curves, target=0.95)["flops_to_target"] is None
 
 
 def test_command_lists_only_the_flags_that_differ_from_the_defaults():

@@ -1,0 +1,25 @@
+"""The control benchmark's --quick mode writes the promised json keys, tables and plots."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+spec = importlib.util.spec_from_file_location("control_bench", ROOT / "benchmarks" / "control.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+def test_quick_benchmark_writes_results(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPD_CACHE", str(tmp_path / "cache"))
+    args = bench.ControlBenchArgs(quick=True, workers=1, out_dir=str(tmp_path / "out"), sections=("dagger", "rusu"),
+                                  games=("MinAtar/Breakout-v1",), fractions=(0.25,))  # fmt: skip
+    bench.control_bench_main(args)
+    data = json.loads((tmp_path / "out" / "control.json").read_text())
+    dagger = data["dagger_vs_bc"]
+    assert dagger["expert_labels"] == [20, 40]  # 2 iterations × 5 steps × 4 envs
+    assert len(dagger["bc_return"]) == len(dagger["dagger_return"]) == 2
+    (row,) = data["rusu_compression"]
+    assert row["game"] == "MinAtar/Breakout-v1" and row["param_fraction"] == 0.25 and "score_fraction" in row
+    assert "| expert labels |" in (tmp_path / "out" / "control.md").read_text()
+    assert (tmp_path / "out" / "control_dagger.png").stat().st_size > 1000

@@ -1,0 +1,85 @@
+"""Fuzzing `opd serve`: malformed requests get a clear 4xx, well-typed ones a 200 or a 4xx, nothing gets a 5xx.
+
+The short version of `benchmarks.reliability`'s fuzz phase (a few hundred derandomised hypothesis examples
+in-process, where an unhandled server exception fails the test with its traceback), plus the requests that fuzzing
+found answered with a 500 before the fixes, pinned as regressions.
+"""
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+
+from benchmarks.reliability_fuzz import Target, cases, judge
+from opd.lm.serve import ServeArgs, build_app
+from tests.lm.serve_helpers import served_model
+
+TIM = []
+ARGS = ServeArgs(model_dir="tiny", batch_window_ms=1)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return served_model(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def client(model, tokenizer):
+    with TestClient(build_app(model, tokenizer, ARGS)) as c:  # raises any exception the app does not handle
+        yield c
+
+
+@pytest.fixture(scope="module")
+def target(model):
+    return Target.of(ARGS, model.get_input_embeddings().num_embeddings, model.config.max_position_embeddings)
+
+
+def test_fuzzed_requests_get_a_4xx_with_a_message_or_a_well_formed_200(client, target):
+    seen = []
+
+    @settings(max_examples=300, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(case=cases(target))
+    def one(case):
+        import time; t0 = time.perf_counter(); r = case.send(client); TIM.append((time.perf_counter() - t0, case.kind, case.body[:80] if case.body else None))
+        seen.append((case.kind, case.must_fail, r.status_code))
+        assert judge(case, r.status_code, r.content) is None, (case, r.status_code, r.text[:300])
+
+    one(); TIM.sort(reverse=True); print(sum(x[0] for x in TIM), TIM[:8])
+    # The strategies reach every family, and a well-typed request does get answered.
+    assert {kind.split(":")[0] for kind, _, _ in seen} == {"field", "body", "endpoint", "limit", "in_schema"}
+    assert any(status == 200 for kind, _, status in seen if kind == "in_schema")
+    assert all(400 <= status < 500 for _, must_fail, status in seen if must_fail)
+
+
+def _completion(client, **body) -> dict:
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-7])
+def test_a_temperature_below_1e5_is_greedy_as_in_vllm(client, tokenizer, temperature):
+    # 1e-40 used to overflow the float32 logits to inf and the sampler to a 500.
+    ids = tokenizer("12+34=")["input_ids"]
+    greedy = _completion(client, prompt=ids, max_tokens=6, temperature=0.0, ignore_eos=True, return_token_ids=True)
+    tiny = _completion(client, prompt=ids, max_tokens=6, temperature=temperature, ignore_eos=True, seed=3,
+                       return_token_ids=True)
+    assert tiny["token_ids"] == greedy["token_ids"]
+
+
+def test_a_top_p_that_rounds_to_zero_keeps_the_most_likely_token(client, model, tokenizer):
+    # 1e-320 is 0 in float32: the nucleus used to be empty and the sampler indexed position -1 (a 500).
+    ids = tokenizer("7+5=")["input_ids"]
+    choice = _completion(client, prompt=ids, max_tokens=1, top_p=1e-320, seed=0, return_token_ids=True)
+    with torch.no_grad():
+        argmax = model(torch.tensor([ids])).logits[0, -1].argmax().item()
+    assert choice["token_ids"] == [argmax]
+
+
+def test_a_prompt_with_a_lone_surrogate_is_a_400(client):
+    r = client.post("/v1/completions", content=b'{"prompt": ["1+1=", "a\\ud800b"]}',
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == (
+        "prompt 1 is not valid Unicode text (surrogates not allowed at character 1); send UTF-8 text")
