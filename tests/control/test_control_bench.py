@@ -2,11 +2,13 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("control_bench", ROOT / "benchmarks" / "control.py")
 bench = importlib.util.module_from_spec(spec)
+sys.modules["control_bench"] = bench  # dataclasses and the worker processes look the module up by name
 spec.loader.exec_module(bench)
 
 

@@ -1,0 +1,19 @@
+import json
+
+from opd import quickstart as qs
+from tests.conftest import tiny_llama
+
+
+def test_quickstart_plumbing_writes_results_and_prints_the_table(tokenizer, tmp_path, monkeypatch, capsys):
+    # tiny stand-ins for the cached teacher and the warm start; the real ones are exercised by the README command
+    monkeypatch.setattr(qs, "get_teacher", lambda: (tiny_llama(tokenizer, 16, 1, seed=0), tokenizer, {}))
+    monkeypatch.setattr(qs, "warm_start_student", lambda tok, seed, steps: tiny_llama(tok, 8, 1, seed=seed))
+    args = qs.QuickstartArgs(seeds=(0, 1), steps=2, batch_size=2, eval_examples=3, out_dir=str(tmp_path), threads=1)
+    results = qs.quickstart(args)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["seeds"] == [0, 1]
+    for row in ("student before", *qs.METHODS):
+        assert len(saved[row]) == 2 and all(0.0 <= v <= 1.0 for v in saved[row])
+    assert results["teacher"] == saved["teacher"]
+    table = capsys.readouterr().out
+    assert "| on-policy distillation |" in table and "| SFT on teacher samples |" in table
