@@ -128,9 +128,10 @@ def _prompt(t: Target):
 def _optional_fields(t: Target) -> dict:
     return {
         "model": st.sampled_from([None, t.served_name]),
-        "max_tokens": st.none() | st.integers(0, 8),
-        "temperature": st.floats(0, 5) | st.floats(0, 1e-3) | st.just(0.0),
-        "top_p": st.floats(0, 1, exclude_min=True),
+        "max_tokens": st.sampled_from([0, 1, 2, 8, None]),  # None: up to the context (the slowest)
+        # Edge values next to random ones: float32 rounds 1e-320 to 0, and 1e-40 overflows logits divided by it.
+        "temperature": st.floats(0, 5) | st.sampled_from([0.0, 5e-324, 1e-300, 1e-40, 1e-38, 1e-6, 1e-5, 1e4, 1e300]),
+        "top_p": st.floats(0, 1, exclude_min=True) | st.sampled_from([5e-324, 1e-320, 1e-45, 1e-40, 1e-7, 1.0]),
         "n": st.integers(1, 2),
         "seed": st.none() | st.integers(-(2**63), 2**63 - 1),
         "logprobs": st.none() | st.integers(0, t.max_logprobs),
@@ -196,7 +197,7 @@ def bad_field(draw, t: Target) -> Case:
     """A well-typed body with one field replaced by a wrong value."""
     body, _ = draw(well_typed_body(t))
     values = _bad_values(t)
-    name = draw(st.sampled_from(sorted(values)))
+    name = draw(st.sampled_from(sorted(values)) | st.just("prompt"))  # the prompt has the most ways to be wrong
     body[name] = draw(values[name])
     return Case(f"field:{name}", "POST", "/v1/completions", json.dumps(body).encode(), "application/json", True)
 

@@ -63,11 +63,45 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (ValueError, OSError, TrainingError)
 
 
+BENCHMARKS = {
+    "table31": "table31.py",
+    "control": "control.py",
+    "reliability": "reliability.py",
+    "perf": "perf/run.py",
+}
+"""`opd bench NAME [flags]` runs benchmarks/<file> of the source checkout (benchmarks are not installed)."""
+
+
+def _bench(argv: list[str]) -> None:
+    import runpy
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    available = {name: root / f for name, f in BENCHMARKS.items() if (root / f).exists()}
+    if not argv or argv[0] not in available:
+        names = ", ".join(available) or "none (benchmarks live in a clone of the repository, install it with -e)"
+        raise ValueError(f"usage: opd bench NAME [--quick] [flags]; NAME is one of: {names}")
+    path = available[argv[0]]
+    sys.argv = [f"opd bench {argv[0]}", *argv[1:]]
+    sys.path.insert(0, str(root.parent))
+    runpy.run_path(str(path), run_name="__main__")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `opd` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        return _guarded(_bench, argv[1:])
     commands = _commands()
+    _guarded(lambda a: tyro.extras.subcommand_cli_from_dict(
+        commands, args=a, prog="opd", description="On-policy distillation. Benchmarks: opd bench NAME [--quick]."
+    ), argv)
+
+
+def _guarded(fn, argv) -> None:
+    """Run fn(argv), turning the errors a user can act on into one line on stderr and exit code 2."""
     try:
-        tyro.extras.subcommand_cli_from_dict(commands, args=argv, prog="opd")
+        fn(argv)
     except _user_errors() as e:
         if os.environ.get("OPD_DEBUG"):
             raise

@@ -246,3 +246,23 @@ def train_teacher(config: TeacherConfig, progress: bool = True, retrain: bool = 
     path.with_suffix(".seconds").write_text(f"{time.time() - start:.1f}\n")
     env.close()
     return model
+
+
+def train_teacher_main(config: TeacherConfig) -> None:
+    """CLI: train (or load from the cache) one teacher and print its path, training time and greedy score."""
+    import torch
+
+    from opd.control.envs import evaluate
+
+    torch.set_num_threads(1)
+    start = time.time()
+    model = train_teacher(config)
+    horizon = 2_000 if is_minatar(config.env_id) else None
+    returns = evaluate(as_teacher(model).act, config.env_id, 20, max_episode_steps=horizon)
+    print(f"{teacher_path(config)}  {time.time() - start:.0f} s  return {returns.mean():.1f} ± {returns.std():.1f}")
+
+
+if __name__ == "__main__":
+    import tyro
+
+    train_teacher_main(tyro.cli(TeacherConfig))

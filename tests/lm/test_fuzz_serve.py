@@ -17,6 +17,15 @@ from tests.lm.serve_helpers import served_model
 ARGS = ServeArgs(model_dir="tiny", batch_window_ms=1)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Hundreds of small forwards: on a busy machine a second intra-op thread mostly waits for a core.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def model(tokenizer):
     return served_model(tokenizer)
