@@ -120,6 +120,8 @@ def distill(cfg: DistillConfig) -> dict:
     """
     if cfg.loss not in LOSSES:
         raise ValueError(f"unknown loss {cfg.loss!r}; choose one of {', '.join(LOSSES)}")
+    if cfg.loss in losses.DIVERGENCES:
+        divergence_from_config(cfg)  # bad β/α fail now, not at the first step
     if cfg.source == "mixture" and not 0.0 <= cfg.lmbda <= 1.0:
         raise ValueError(f"lmbda must be in [0, 1], got {cfg.lmbda}")
     # Without a GPU, cpu=True lets accelerate pick gloo when launched with several processes.

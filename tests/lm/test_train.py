@@ -183,3 +183,11 @@ def test_teacher_server_dying_mid_run_stops_with_a_resumable_checkpoint(model_di
         distill(tiny_cfg(model_dirs, tmp_path, teacher=url, steps=4, save_every=100, resume=True))
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3, 4]
+
+
+def test_out_of_range_divergence_parameters_fail_before_any_work(model_dirs, tmp_path):
+    with pytest.raises(ValueError, match="beta"):
+        distill(tiny_cfg(model_dirs, tmp_path, loss="jsd", beta=1.5))
+    with pytest.raises(ValueError, match="lmbda must be in"):
+        distill(tiny_cfg(model_dirs, tmp_path, source="mixture", lmbda=2.0))
+    assert not (tmp_path / "run").exists()
