@@ -64,6 +64,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 BENCHMARKS = {
+    "quickstart": "quickstart.py",
     "table31": "table31.py",
     "control": "control.py",
     "reliability": "reliability.py",
@@ -85,6 +86,8 @@ def _bench(argv: list[str]) -> None:
     sys.argv = [f"opd bench {argv[0]}", *argv[1:]]
     sys.path.insert(0, str(root.parent))
     runpy.run_path(str(path), run_name="__main__")
+    # Every benchmark writes its own section; RESULTS.md is rebuilt from all of them.
+    runpy.run_path(str(root / "report.py"), run_name="__main__")
 
 
 def main(argv: list[str] | None = None) -> None:
