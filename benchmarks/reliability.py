@@ -24,7 +24,9 @@ minute or two; the full run takes a few minutes.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 import random
 import shutil
 import time
@@ -35,9 +37,11 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
+import opd
 from benchmarks import reliability_server as server_phases
 from benchmarks.reliability_fuzz import Target
 from benchmarks.reliability_runs import Server, TrainSpec, free_port, kill_and_resume, teacher_dies
+from opd.lm.model import load_tokenizer
 from opd.lm.serve import ServeArgs
 
 
@@ -72,13 +76,25 @@ QUICK = dict(kills=3, fuzz_cases=300, load_seconds=5.0)
 
 def reliability(args: ReliabilityArgs) -> dict:
     """Run the four checks, write reliability.json and reliability.md, and return the results."""
+    threads, bars = torch.get_num_threads(), transformers.utils.logging.is_progress_bar_enabled()
+    torch.set_num_threads(1)
+    transformers.utils.logging.disable_progress_bar()  # checkpoints are loaded after every kill
+    try:
+        results = _run(args)
+    finally:
+        torch.set_num_threads(threads)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+    write(results, Path(args.results_dir))
+    return results
+
+
+def _run(args: ReliabilityArgs) -> dict:
     command = _command(args)
     if args.quick:
         args = dataclasses.replace(args, **QUICK)
-    torch.set_num_threads(1)
-    transformers.utils.logging.disable_progress_bar()  # checkpoints are loaded after every kill
     work, t0 = Path(args.work_dir), time.monotonic()
-    phase_s = {}
+    phase_s, code_before, load_before = {}, code_fingerprint(), os.getloadavg()[0]
     student, teacher = make_models(work / "models", args.seed)
     rng = random.Random(args.seed)
     bar = tqdm(total=args.kills, desc="kill -9 and resume", disable=not args.progress)
@@ -90,11 +106,9 @@ def reliability(args: ReliabilityArgs) -> dict:
     shutil.rmtree(work / "serve", ignore_errors=True)  # the log is read for errors: start it empty
     server = Server(teacher, free_port(), work / "serve" / "server.log").start()
     try:
-        from opd.lm.model import load_tokenizer
-
         tokenizer = load_tokenizer(teacher)
-        serve_args = ServeArgs(model_dir=teacher)
-        target = Target.of(serve_args, len(tokenizer), tokenizer.model_max_length)
+        context = transformers.AutoConfig.from_pretrained(teacher).max_position_embeddings
+        target = Target.of(ServeArgs(model_dir=teacher), len(tokenizer), context)
         bar = tqdm(total=args.fuzz_cases, desc="fuzz", disable=not args.progress)
         fuzz = server_phases.fuzz_server(server.url, target, args.fuzz_cases, args.seed, bar)
         bar.close()
@@ -112,13 +126,23 @@ def reliability(args: ReliabilityArgs) -> dict:
         server.stop()
     phase_s["teacher_kill"] = round(time.monotonic() - t0 - sum(phase_s.values()), 1)
     results = {
-        "command": command, "quick": args.quick, "seed": args.seed, "wall_s": round(time.monotonic() - t0, 1), "phase_s": phase_s,
+        "command": command, "quick": args.quick, "seed": args.seed, "wall_s": round(time.monotonic() - t0, 1),
+        "phase_s": phase_s, "cpus": os.cpu_count(),
+        # The machine's 1-minute load average (other work included) at the start and the end: context for timings.
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "torch": torch.__version__, "kill_resume": summarize_kills(kill), "fuzz": fuzz, "load": load,
         "teacher_kill": dies,
+        # Runs are compared across processes started minutes apart: an edit to opd/ in between can break a comparison.
+        "code_changed_during_run": sorted({f for f, _ in code_fingerprint().items() ^ code_before.items()}),
     }
     results["all_passed"] = passed(results)
-    write(results, Path(args.results_dir))
     return results
+
+
+def code_fingerprint() -> dict[str, str]:
+    """opd's source files (relative path -> sha256)."""
+    root = Path(opd.__file__).parent
+    return {str(p.relative_to(root.parent)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*.py")}
 
 
 def make_models(root: Path, seed: int) -> tuple[str, str]:
@@ -130,7 +154,7 @@ def make_models(root: Path, seed: int) -> tuple[str, str]:
     tokenizer = build_tokenizer(get_task("arithmetic"))
     paths = []
     for name, size, model_seed in (("student", "xs", seed + 2), ("teacher", "s", seed + 1)):
-        path = root / name
+        path = (root / name).resolve()  # absolute: the server runs in another folder
         make_model(size, tokenizer, model_seed).save_pretrained(path)
         tokenizer.save_pretrained(path)
         paths.append(str(path))
@@ -149,8 +173,7 @@ def summarize_kills(kill: dict) -> dict:
         "corrupt_checkpoints": sum(r["checkpoint_loadable"] is False for r in records),
         "checkpoint_step_went_back": sum(r["step_went_back"] for r in records),
         "kills_during_startup": sum(r["after_steps"] == 0 for r in records if r["killed"]),
-        "kills_inside_a_checkpoint_write": sum(r["checkpoint_tmp_dir_left"] or r["checkpoint_old_dir_left"]
-                                               for r in records if r["killed"]),
+        "kills_inside_a_checkpoint_write": sum(r["checkpoint_inside_write"] for r in records if r["killed"]),
         "kills_between_the_two_renames": sum(r["checkpoint_where"] == ".checkpoint.old" for r in records),
         "checkpoint_steps_at_kills": steps,
         **kill,
@@ -164,6 +187,7 @@ def passed(results: dict) -> bool:
     return all([
         k["kills"] > 0, k["resume_failures"] == 0, k["corrupt_checkpoints"] == 0, k["checkpoint_step_went_back"] == 0,
         c["weights_bit_exact"], c["optimizer_bit_exact"], c["metrics_match"], c["final_step"] == k["steps"],
+        k["tmp_dirs_left_at_end"] == 0,
         f["failures"] == 0, f["server_alive"], not f["server_log_errors"], f["weights_version_after"] == 0,
         ld["errors"] == 0, ld["requests"] > 0, ld["server_alive"], not ld["server_log_errors"],
         t["server_killed_mid_run"], t["exit_code"] == 2, t["message_is_one_line"], t["message_names_checkpoint"],
@@ -191,16 +215,17 @@ def markdown(r: dict) -> str:
     lines = [
         "## Reliability",
         "",
-        f"`{r['command']}` ({r['wall_s']:.0f} s, torch {r['torch']}, CPU). All processes are the real CLI "
+        f"`{r['command']}` ({r['wall_s']:.0f} s, torch {r['torch']}, {r['cpus']} CPUs with load average "
+        f"{r['load_average'][0]} → {r['load_average'][1]}). All processes are the real CLI "
         "(`python -m opd.cli train|serve`) on tiny arithmetic models; timings depend on the machine, the yes/no "
         "answers must not.",
         "",
         "| check | result |",
         "| --- | --- |",
-        f"| kill -9 during training, then `--resume` | {k['kills']} kills ({k['kills_during_startup']} during start-up, "
+        f"| kill -9 during training, then `--resume` | {k['kills']} kills ({k['kills_during_startup']} in start-up, "
         f"{k['kills_inside_a_checkpoint_write']} inside a checkpoint write), {k['resume_failures']} failed resumes, "
-        f"{k['corrupt_checkpoints']} corrupt checkpoints; {k['steps']} steps, checkpoints at kills "
-        f"{k['checkpoint_steps_at_kills']} |",
+        f"{k['corrupt_checkpoints']} corrupt checkpoints, {k['tmp_dirs_left_at_end']} temporary directories left at "
+        f"the end; {k['steps']} steps, checkpoints at kills {k['checkpoint_steps_at_kills']} |",
         f"| final weights = uninterrupted run (same seed) | bit-exact: {_yes(c['weights_bit_exact'])} "
         f"({c['tensors']} tensors, max abs diff {c['max_abs_weight_diff']:.1e}); optimiser state bit-exact: "
         f"{_yes(c['optimizer_bit_exact'])}; every logged step (incl. {c['redone_steps']} redone) matches: "
@@ -221,9 +246,11 @@ def markdown(r: dict) -> str:
         f"{t['checkpoint']['step']} loads: {_yes(bool(t['checkpoint']['loadable']))}; after a restart the resumed "
         f"run equals an uninterrupted one bit for bit: {_yes(tc['weights_bit_exact'] and tc['optimizer_bit_exact'])} |",
         "",
-        f"Load workload: {ld['workload']}. The trainer's message: `{t['message']}`",
+        f"Load workload: {ld['workload']}. The trainer's message: `` {t['message']} ``",
         "",
-        f"All properties held: {_yes(r['all_passed'])}.",
+        f"All properties held: {_yes(r['all_passed'])}."
+        + (f" Files of opd edited during the run: {', '.join(r['code_changed_during_run'])}."
+           if r["code_changed_during_run"] else ""),
         "",
     ]
     if r["quick"]:
@@ -238,7 +265,10 @@ def _command(args: ReliabilityArgs) -> str:
         value = getattr(args, f.name)
         if value != f.default:
             name = f.name.replace("_", "-")
-            flags += [f"--{name}" if value else f"--no-{name}"] if isinstance(value, bool) else [f"--{name}", str(value)]
+            if isinstance(value, bool):
+                flags.append(f"--{name}" if value else f"--no-{name}")
+            else:
+                flags += [f"--{name}", str(value)]
     return " ".join(["python -m benchmarks.reliability", *flags])
 
 

@@ -260,7 +260,8 @@ def bad_endpoint(draw, t: Target) -> Case:
     if kind == "method":
         path = draw(st.sampled_from(KNOWN_PATHS))
         allowed = "POST" if path in ("/v1/completions", "/opd/update_weights") else "GET"
-        method = draw(st.sampled_from([m for m in ("GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS") if m != allowed]))
+        methods = [m for m in ("GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS") if m != allowed]
+        method = draw(st.sampled_from(methods))
         return Case("endpoint:method", method, path, b'{"prompt": "1"}', "application/json", True)
     if kind == "path":
         path = draw(st.sampled_from(["/v2/", "/x", "/v1/models/", "/opd/"])) + draw(

@@ -99,11 +99,17 @@ def last_line(path: Path) -> str:
     return lines[-1] if lines else ""
 
 
-def inspect_checkpoint(run: Path) -> dict:
-    """What a resume would load from `run`, and whether all of it loads: weights, optimiser, RNGs, the HF model."""
+def inspect_checkpoint(run: Path, writer_pid: int | None = None, old_before: bool = True) -> dict:
+    """What a resume would load from `run`, and whether all of it loads: weights, optimiser, RNGs, the HF model.
+
+    `inside_write`: process `writer_pid` died while writing a checkpoint: its temporary directory is still there, or
+    the previous checkpoint is still moved aside (and was not before the process started, `old_before`).
+    """
     found = find_checkpoint(run / "checkpoint")
+    old_now = (run / ".checkpoint.old").exists()
     info = {"step": None, "where": None, "loadable": None, "error": None,
-            "tmp_dir_left": any(run.glob(".checkpoint.tmp-*")), "old_dir_left": (run / ".checkpoint.old").exists()}
+            "inside_write": (run / f".checkpoint.tmp-{writer_pid}").exists() or (old_now and not old_before),
+            "tmp_dirs": len(list(run.glob(".checkpoint.tmp-*")))}
     if found is None:
         return info
     info["where"] = found.name
@@ -154,22 +160,23 @@ def kill_and_resume(spec: TrainSpec, root: Path, kills: int, rng: random.Random,
     """SIGKILL a run `kills` times at random moments, resuming each time, then finish it and compare it with one run
     straight through.
 
-    A kill lands either during start-up (a random fraction of the uninterrupted run's start-up time) or a random
-    fraction of a step after 1-3 more steps were logged: inside the update, or inside the checkpoint write that
-    follows the log line. After every kill the checkpoint a resume would load must load.
+    A kill lands either during start-up (a random fraction of the uninterrupted run's start-up time, cut short by
+    the first step) or a random fraction of a step after 1-3 more steps were logged: inside the update, or inside
+    the checkpoint write that follows the log line. After every kill the checkpoint a resume would load must load.
     """
     straight, killed = root / "uninterrupted", root / "killed"
-    for path in root.glob("*"):
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    shutil.rmtree(root, ignore_errors=True)
     timing = _timed_run(spec, straight)
     records = []
     for i in range(kills):
         before, step_before = logged_steps(killed), inspect_checkpoint(killed)["step"] or 0
+        old_before = (killed / ".checkpoint.old").exists()
         after_steps, fraction = rng.randint(0, 3), rng.random()
         t0 = time.monotonic()
         proc = spec.start(killed, resume=i > 0)
-        if after_steps == 0:
-            _sleep_unless_exited(proc, fraction * timing["startup_s"])
+        if after_steps == 0:  # in start-up: a fraction of the uninterrupted run's, or at its first step at the latest
+            wait_until(lambda: time.monotonic() - t0 >= fraction * timing["startup_s"] or logged_steps(killed) > before,
+                       proc)
         elif wait_until(lambda: logged_steps(killed) >= before + after_steps, proc):
             _sleep_unless_exited(proc, fraction * timing["step_s"])
         alive = proc.poll() is None
@@ -179,7 +186,7 @@ def kill_and_resume(spec: TrainSpec, root: Path, kills: int, rng: random.Random,
         record = {"kill": i + 1, "after_steps": after_steps, "fraction": round(fraction, 3),
                   "seconds_alive": round(time.monotonic() - t0, 3), "killed": alive,
                   "exit_code": None if alive else code, "steps_logged": logged_steps(killed) - before,
-                  **{f"checkpoint_{k}": v for k, v in inspect_checkpoint(killed).items()}}
+                  **{f"checkpoint_{k}": v for k, v in inspect_checkpoint(killed, proc.pid, old_before).items()}}
         record["resume_failed"] = not alive and code != 0
         record["step_went_back"] = (record["checkpoint_step"] or 0) < step_before
         if record["resume_failed"]:
@@ -191,6 +198,7 @@ def kill_and_resume(spec: TrainSpec, root: Path, kills: int, rng: random.Random,
             break  # the run finished before this kill: nothing left to kill
     final_s = finish(spec, killed, resume=True)
     return {"steps": spec.steps, "seed": spec.seed, "uninterrupted": timing, "final_resume_s": round(final_s, 2),
+            "tmp_dirs_left_at_end": inspect_checkpoint(killed)["tmp_dirs"],
             "records": records, "comparison": compare_runs(straight, killed)}
 
 
@@ -288,8 +296,7 @@ def teacher_dies(spec: TrainSpec, root: Path, server: Server, kill_after_steps: 
     `spec.teacher` must be `server.url`. The trainer's client retries 5 times with back-off (0.5 s doubling) first.
     """
     straight, run = root / "uninterrupted", root / "teacher_killed"
-    for path in root.glob("*"):
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    shutil.rmtree(root, ignore_errors=True)
     straight_s = finish(spec, straight, resume=False)
     proc = spec.start(run, resume=False)
     reached = wait_until(lambda: logged_steps(run) >= kill_after_steps, proc)
@@ -314,6 +321,7 @@ def teacher_dies(spec: TrainSpec, root: Path, server: Server, kill_after_steps: 
         "message_is_one_line": message.startswith("opd: error:") and "Traceback" not in Path(f"{run}.err").read_text(),
         "message_names_checkpoint": f"checkpoint at step {checkpoint['step']}" in message and "--resume" in message,
         "seconds_kill_to_exit": round(seconds_to_exit, 2), "checkpoint": checkpoint,
-        "server_restart_s": round(restart_s, 2), "resume_s": round(resumed_s, 2), "uninterrupted_s": round(straight_s, 2),
+        "server_restart_s": round(restart_s, 2), "resume_s": round(resumed_s, 2),
+        "uninterrupted_s": round(straight_s, 2),
         "comparison": compare_runs(straight, run),
     }

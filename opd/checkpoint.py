@@ -49,7 +49,10 @@ def save_checkpoint(
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     old = final.with_name(f".{final.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
+    # A writer killed mid-write leaves its temporary directory (a full copy of the weights) behind: remove those too.
+    for stale in final.parent.iterdir():
+        if stale.name.startswith(f".{final.name}.tmp-"):
+            shutil.rmtree(stale, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)

@@ -12,7 +12,8 @@ def test_quickstart_plumbing_writes_results_and_prints_the_table(tokenizer, tmp_
     results = qs.quickstart(args)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["seeds"] == [0, 1]
-    for row in ("student before", *qs.METHODS):
+    assert 0.0 <= saved["student before"] <= 1.0
+    for row in qs.METHODS:
         assert len(saved[row]) == 2 and all(0.0 <= v <= 1.0 for v in saved[row])
     assert results["teacher"] == saved["teacher"]
     table = capsys.readouterr().out

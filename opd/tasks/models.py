@@ -9,12 +9,13 @@ from opd.tasks.base import Example
 
 MODEL_SIZES: dict[str, dict] = {
     "teacher": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4),
-    "student": dict(hidden_size=48, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2),
-    # A ladder of students for capacity sweeps, smallest first.
-    "xs": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+    # Depth matters more than width here: finding a column's digits in the prompt takes two hops of attention.
+    "student": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4),
+    # A ladder of students for capacity sweeps, smallest first ("m" is "student").
+    "xs": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
     "s": dict(hidden_size=48, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2),
-    "m": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4),
-    "l": dict(hidden_size=96, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4),
+    "m": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4),
+    "l": dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4),
 }
 """Name -> LlamaConfig fields that set a model's size (the rest come from the tokenizer, see `make_model`)."""
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -33,6 +32,8 @@ from opd.tasks.models import encode_examples, make_model, num_params
 from opd.tasks.tokenizer import build_tokenizer
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+WARM_START_VERSION = 1
+"""Part of the warm-start cache key: bump it when the task, the model sizes or the training loop change."""
 
 
 def sft_loss(model: PreTrainedModel, input_ids_BL, attention_mask_BL, completion_mask_BL) -> torch.Tensor:
@@ -154,7 +155,6 @@ def train_teacher(args: TeacherArgs, progress: bool = True) -> tuple[LlamaForCau
         threads=args.threads,
         args=asdict(args),
         command=args.command(),
-        argv=shlex.join(sys.argv),
         config=model.config.to_dict(),
         versions=dict(torch=torch.__version__, transformers=__import__("transformers").__version__),
     )
@@ -199,20 +199,30 @@ def warm_start_student(
     tokenizer: PreTrainedTokenizerBase,
     size: str = "student",
     seed: int = 0,
-    steps: int = 100,
-    batch_size: int = 32,
-    lr: float = 3e-3,
+    steps: int = 500,
+    batch_size: int = 64,
+    lr: float = 1e-2,
     task: str = "arithmetic",
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
     progress: bool = True,
 ) -> LlamaForCausalLM:
     """A student of `size` given a little SFT on ground-truth examples: a starting point with headroom.
 
-    Deterministic given the arguments (and the torch thread count); the data use seed `seed + 1`, so
-    they differ from the teacher's training draws at the same seed.
+    Deterministic given the arguments (up to the torch thread count); the data use seed `seed + 1`, so
+    they differ from the teacher's training draws at the same seed. The result is cached under
+    `<cache root>/students/` (see `cache_root`) keyed by every argument, as it takes a minute or so.
     """
+    key = f"{task}-{size}-seed{seed}-steps{steps}-batch{batch_size}-lr{lr:g}-v{WARM_START_VERSION}"
+    path = cache_root(cache_dir) / "students" / key
+    if use_cache and (path / "config.json").is_file():
+        return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     student = make_model(size, tokenizer, seed=seed)
     examples = get_task(task).examples(steps * batch_size, seed=seed + 1, split="train")
     train_supervised(student, tokenizer, examples, steps, batch_size, lr, seed, progress=progress, desc="warm start")
+    if use_cache:
+        student.save_pretrained(path)
+        tokenizer.save_pretrained(path)
     return student
 
 

@@ -1,0 +1,230 @@
+"""Each speed/memory lever of the performance benchmark measured on its own, before and after, back to back.
+
+    python -m benchmarks.perf.lever_bench            # about 5 minutes on 2 quiet cores
+    python -m benchmarks.perf.lever_bench --quick    # plumbing check
+
+Uses the model directories `benchmarks.perf.run` builds under `out_dir`/models (run it first, or pass `--quick` for
+random stand-ins). Each measurement is the median of `repeats` alternating runs of the two variants, in process CPU
+seconds (robust to other jobs on a shared machine) and wall seconds. Writes `results_dir`/perf_levers.json and
+perf_levers.md.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import tyro
+
+from benchmarks.perf import pairs
+from benchmarks.perf.levers import LEVER_CHUNK_SIZE, fused_chunked_divergence
+from opd import losses
+from opd.chunked import chunked_divergence
+from opd.lm.model import final_hidden, lm_head, load_model, load_tokenizer, taken_logp
+from opd.lm.rollout import encode_prompts, layout
+from opd.lm.sampler import sample_completions
+from opd.tasks import get_task
+
+
+@dataclass(frozen=True)
+class LeverArgs:
+    """Lever-by-lever measurements on the benchmark's pairs."""
+
+    quick: bool = False
+    """Random stand-in models, one repeat."""
+    threads: int = 1
+    """torch threads."""
+    repeats: int = 3
+    """Alternating runs of each variant; the median is reported."""
+    tiny_batch: int = 32
+    smollm2_batch: int = 4
+    smollm2_new_tokens: int = 256
+    compile: bool = False
+    """Also time a torch.compile'd decode step (tiny student; compiling takes about a minute)."""
+    out_dir: str = "runs/perf"
+    results_dir: str = "benchmarks/results"
+
+
+def _time(fn, repeats: int) -> tuple[float, float]:
+    """(median CPU seconds, median wall seconds) of `fn()`, after one untimed call."""
+    fn()
+    cpu, wall = [], []
+    for _ in range(repeats):
+        c, w = time.process_time(), time.perf_counter()
+        fn()
+        cpu.append(time.process_time() - c)
+        wall.append(time.perf_counter() - w)
+    return statistics.median(cpu), statistics.median(wall)
+
+
+def _compare(name: str, before, after, repeats: int, note: str = "", **extra) -> dict:
+    b_cpu, b_wall = _time(before, repeats)
+    a_cpu, a_wall = _time(after, repeats)
+    row = dict(lever=name, before_cpu_s=b_cpu, after_cpu_s=a_cpu, before_wall_s=b_wall, after_wall_s=a_wall,
+               speedup_cpu=b_cpu / a_cpu, note=note, **extra)
+    print(f"{name}: {b_cpu:.3f} -> {a_cpu:.3f} CPU s ({row['speedup_cpu']:.2f}x) {note}", flush=True)
+    return row
+
+
+def _hf_generate(model, prompts, pad, eos, max_new_tokens):
+    P = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompts])
+    attn = (torch.arange(P)[None, :] >= torch.tensor([P - len(p) for p in prompts])[:, None]).long()
+    out = model.eval().generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, do_sample=True,
+                                temperature=1.0, top_k=0, top_p=1.0, pad_token_id=pad, eos_token_id=eos)
+    return out[:, P:]
+
+
+def sampler_levers(model_dir: str, batch: int, new_tokens: int, repeats: int, label: str) -> dict:
+    tok, model = load_tokenizer(model_dir), load_model(model_dir)
+    prompts = encode_prompts(tok, [e.prompt for e in get_task("arithmetic").examples(batch, seed=0, split="train")],
+                             1 << 30)
+    pad, eos = tok.pad_token_id, tok.eos_token_id
+    return _compare(f"sampler ({label}, batch {batch}, {new_tokens} new tokens)",
+                    lambda: _hf_generate(model, prompts, pad, eos, new_tokens),
+                    lambda: sample_completions(model, prompts, pad, eos, new_tokens), repeats,
+                    "HF generate -> opd.lm.sampler (KV cache, rows leave at eos, inverse-CDF draw)")
+
+
+def loss_levers(models: dict, batch: int, new_tokens: int, repeats: int) -> list[dict]:
+    """Teacher scoring and the chunked loss (forward + backward) on one on-policy batch of the 49k pair."""
+    tok = load_tokenizer(models["student"])
+    student, teacher = load_model(models["student"]), load_model(models["teacher"]).eval()
+    prompts = encode_prompts(tok, [e.prompt for e in get_task("arithmetic").examples(batch, seed=0, split="train")],
+                             1 << 30)
+    torch.manual_seed(0)
+    b = layout(prompts, sample_completions(student, prompts, tok.pad_token_id, tok.eos_token_id, new_tokens),
+               tok.pad_token_id)
+    m = b.mask_BT.bool()
+    with torch.no_grad():
+        t_hidden_BTD = final_hidden(teacher, b.input_ids_BL, b.attention_mask_BL)[:, :-1]
+    t_hidden, t_head, s_head = t_hidden_BTD[m], lm_head(teacher), lm_head(student)
+    rows = []
+
+    def opd_loss(divergence, chunk):
+        def run():
+            s_hidden = final_hidden(student, b.input_ids_BL, b.attention_mask_BL)[:, :-1][m]
+            chunked_divergence(divergence, s_hidden, s_head, teacher_hidden_ND=t_hidden, teacher_head=t_head,
+                               chunk_size=chunk).mean().backward()
+            student.zero_grad(set_to_none=True)
+        return run
+
+    def fused_loss(beta, chunk):
+        def run():
+            s_hidden = final_hidden(student, b.input_ids_BL, b.attention_mask_BL)[:, :-1][m]
+            fused_chunked_divergence(beta, s_hidden, s_head.weight, t_hidden, t_head.weight, chunk).mean().backward()
+            student.zero_grad(set_to_none=True)
+        return run
+
+    n = int(m.sum())
+    for name, divergence, beta in (("JSD β=0.5", losses.get_divergence("jsd", beta=0.5), 0.5),
+                                   ("reverse KL", losses.reverse_kl, 1.0)):
+        vocab = s_head.weight.shape[0]
+        rows.append(_compare(f"chunk size 1024 -> {LEVER_CHUNK_SIZE} ({name}, {n} positions, V={vocab})",
+                             opd_loss(divergence, 1024), opd_loss(divergence, LEVER_CHUNK_SIZE), repeats,
+                             "student forward + chunked divergence + backward"))
+        rows.append(_compare(f"fused divergence ({name}, chunk {LEVER_CHUNK_SIZE})",
+                             opd_loss(divergence, LEVER_CHUNK_SIZE), fused_loss(beta, LEVER_CHUNK_SIZE), repeats,
+                             "autograd through the divergence -> written-out gradient"))
+    @torch.no_grad()
+    def teacher_score(with_taken: bool):
+        def run():
+            h = final_hidden(teacher, b.input_ids_BL, b.attention_mask_BL)[:, :-1]
+            if with_taken:
+                taken_logp(h, t_head, b.input_ids_BL[:, 1:], b.mask_BT)
+        return run
+
+    rows.append(_compare("teacher scoring without the taken-token pass", teacher_score(True), teacher_score(False),
+                         repeats, "LocalTeacher.score runs the teacher head over every completion token for "
+                         "taken_logp_BT, which the full-vocabulary losses never read"))
+    # bf16 teacher: speed of the trunk and the head, size of the weights, and how far its log-probs move
+    teacher_bf16 = load_model(models["teacher"], dtype="bfloat16").eval()
+
+    @torch.no_grad()
+    def score(model):
+        h = final_hidden(model, b.input_ids_BL, b.attention_mask_BL)[:, :-1][m]
+        return torch.log_softmax(lm_head(model)(h).float(), -1)
+
+    diff = (score(teacher) - score(teacher_bf16)).abs()
+    weights_mb = lambda mdl: sum(p.numel() * p.element_size() for p in mdl.parameters()) / 2**20  # noqa: E731
+    rows.append(_compare("teacher in bf16 (trunk + full log-probs at completion positions)", lambda: score(teacher),
+                         lambda: score(teacher_bf16), repeats,
+                         f"weights {weights_mb(teacher):.0f} -> {weights_mb(teacher_bf16):.0f} MB; "
+                         f"max |Δ log p| {diff.max().item():.3f}, mean {diff.mean().item():.4f}",
+                         weights_mb_before=weights_mb(teacher), weights_mb_after=weights_mb(teacher_bf16)))
+    return rows
+
+
+def compile_lever(model_dir: str, batch: int, repeats: int) -> dict:
+    """Eager vs torch.compile'd forward for the decode steps of the tiny student (static cache, fixed batch)."""
+    from transformers import StaticCache
+
+    from opd.lm.model import position_ids
+
+    tok, model = load_tokenizer(model_dir), load_model(model_dir).eval()
+    prompts = encode_prompts(tok, [e.prompt for e in get_task("arithmetic").examples(batch, seed=0, split="train")],
+                             1 << 30)
+    P, steps = max(map(len, prompts)), 46
+    ids = torch.tensor([[tok.pad_token_id] * (P - len(p)) + p for p in prompts])
+    attn = torch.zeros((batch, P + steps + 1), dtype=torch.long)
+    attn[:, :P] = ids != tok.pad_token_id
+    compiled = torch.compile(model.forward, dynamic=False)
+
+    @torch.no_grad()
+    def decode(forward):
+        cache, a = StaticCache(config=model.config, max_cache_len=P + steps + 1), attn.clone()
+        pos = position_ids(a[:, :P])
+        out = model(input_ids=ids, attention_mask=a[:, :P], position_ids=pos, cache=cache, logits_to_keep=1)
+        nxt = pos[:, -1:] + 1
+        for s in range(steps):
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            a[:, P + s] = 1
+            out = forward(input_ids=token, attention_mask=a, position_ids=nxt, cache=cache, logits_to_keep=1,
+                          cache_position=torch.tensor([P + s]))
+            nxt = nxt + 1
+
+    t0 = time.perf_counter()
+    decode(compiled)
+    compile_s = time.perf_counter() - t0
+    return _compare(f"torch.compile decode step (tiny student, batch {batch}, {steps} steps)",
+                    lambda: decode(model.forward), lambda: decode(compiled), repeats,
+                    f"first call (compiling) took {compile_s:.0f} s", compile_s=compile_s)
+
+
+def markdown(rows: list[dict], args: LeverArgs) -> str:
+    lines = ["### Levers, one at a time", "",
+             f"`python -m benchmarks.perf.lever_bench{' --quick' if args.quick else ''}` — {args.threads} thread(s), "
+             f"median of {args.repeats} alternating runs; CPU seconds of this process (wall seconds in the JSON).", "",
+             "| lever | before (CPU s) | after (CPU s) | speedup | note |", "|---|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['lever']} | {r['before_cpu_s']:.3f} | {r['after_cpu_s']:.3f} | "
+                     f"{r['speedup_cpu']:.2f}× | {r['note']} |")
+    return "\n".join(lines) + "\n"
+
+
+def lever_bench(args: LeverArgs) -> list[dict]:
+    """Run every lever measurement; write perf_levers.json and perf_levers.md."""
+    torch.set_num_threads(args.threads)
+    root = Path(args.out_dir) / "models"
+    root.mkdir(parents=True, exist_ok=True)
+    repeats = 1 if args.quick else args.repeats
+    tiny, big = pairs.tiny_pair(root, args.quick), pairs.smollm2_pair(root, args.quick)
+    new_tokens = 8 if args.quick else args.smollm2_new_tokens
+    rows = [sampler_levers(tiny["student"], args.tiny_batch, 8 if args.quick else 64, repeats, "tiny student"),
+            sampler_levers(big["student"], args.smollm2_batch, new_tokens, repeats, "49k-vocabulary student")]
+    rows += loss_levers(big, args.smollm2_batch, new_tokens, repeats)
+    if args.compile:
+        rows.append(compile_lever(tiny["student"], args.tiny_batch, repeats))
+    out = Path(args.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "perf_levers.json").write_text(json.dumps({"args": asdict(args), "levers": rows}, indent=1) + "\n")
+    (out / "perf_levers.md").write_text(markdown(rows, args))
+    return rows
+
+
+if __name__ == "__main__":
+    lever_bench(tyro.cli(LeverArgs))

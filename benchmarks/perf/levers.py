@@ -1,0 +1,146 @@
+"""Prototypes of the speed levers measured by the benchmark, and the patch that applies them to opd's loop.
+
+Not library code: each lever here is measured end to end as the `opd_levers` system (opd's own `distill`, with the
+patches of `patched_opd` applied in its process) and, piece by piece, by `python -m benchmarks.perf.lever_bench`.
+The ones that help are proposed for `opd.chunked` / `opd.lm.teacher` in the benchmark's report.
+
+1. `FusedDivergence`: the reverse KL and the generalized JSD between a student and a teacher head, from hidden
+   states, chunk by chunk, with the gradient written out instead of differentiated through ~25 element-wise ops:
+     reverse KL   d/dz_s = p_s ⊙ (log p_s − log p_t − KL(p_s ‖ p_t))
+     JSD_β        d/dz_s = (1 − β) p_s ⊙ (log p_s − log m − KL(p_s ‖ m)),  m = β p_t + (1 − β) p_s
+   Backward recomputes both heads' log-probs for the chunk (memory stays O(chunk · V), as with checkpointing) but
+   neither the loss nor an autograd graph over [chunk, V] tensors.
+2. Smaller chunks (`LEVER_CHUNK_SIZE`), a plain config value (`--chunk-size`).
+3. The teacher's log-prob of the taken token (`TeacherSignal.taken_logp_BT`) is not computed for the full-vocabulary
+   losses, which never read it: one pass of the teacher's head over every completion token saved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from opd import losses
+
+LEVER_CHUNK_SIZE = 128
+"""Positions per chunk of the head and divergence: [128, 49152] fp32 tiles stay in the last-level cache through the
+~10 element-wise passes over them, where opd's default of 1024 streams 200 MB tiles through memory each time."""
+
+
+def _log_probs(hidden_nD: torch.Tensor, weight_VD: torch.Tensor) -> torch.Tensor:
+    logits_nV = hidden_nD @ weight_VD.T
+    return F.log_softmax(logits_nV.to(torch.promote_types(logits_nV.dtype, torch.float32)), -1)
+
+
+def _forward_terms(s_logp, t_logp, beta):
+    """(per-position loss, log q): the student's gradient is p_s ⊙ (log p_s − log q − KL(p_s ‖ q)) · scale."""
+    p = s_logp.exp()
+    if beta == 1.0:  # reverse KL: q = teacher
+        diff = torch.where(p == 0, torch.zeros_like(s_logp), s_logp - t_logp)
+        return (p * diff).sum(-1), t_logp
+    log_m = torch.logaddexp(t_logp + math.log(beta), s_logp + math.log1p(-beta))
+    q = t_logp.exp()
+    kl_t = (q * torch.where(q == 0, torch.zeros_like(t_logp), t_logp - log_m)).sum(-1)
+    kl_s = (p * torch.where(p == 0, torch.zeros_like(s_logp), s_logp - log_m)).sum(-1)
+    return beta * kl_t + (1 - beta) * kl_s, log_m
+
+
+class FusedDivergence(torch.autograd.Function):
+    """Per-position divergence [n] of one chunk; beta = 1.0 is the reverse KL, 0 < beta < 1 the generalized JSD."""
+
+    @staticmethod
+    def forward(ctx, s_hidden_nD, s_weight_VD, t_hidden_nD, t_weight_VD, beta):
+        with torch.no_grad():
+            s_logp = _log_probs(s_hidden_nD, s_weight_VD)
+            t_logp = _log_probs(t_hidden_nD, t_weight_VD)
+            loss_n, _ = _forward_terms(s_logp, t_logp, beta)
+        ctx.save_for_backward(s_hidden_nD, s_weight_VD, t_hidden_nD, t_weight_VD)
+        ctx.beta = beta
+        return loss_n
+
+    @staticmethod
+    def backward(ctx, grad_n):
+        s_hidden, s_weight, t_hidden, t_weight = ctx.saved_tensors
+        beta = ctx.beta
+        with torch.no_grad():
+            s_logp = _log_probs(s_hidden, s_weight)
+            t_logp = _log_probs(t_hidden, t_weight)
+            p = s_logp.exp()
+            _, log_q = _forward_terms(s_logp, t_logp, beta) if beta != 1.0 else (None, t_logp)
+            gap = torch.where(p == 0, torch.zeros_like(s_logp), s_logp - log_q)
+            kl = (p * gap).sum(-1, keepdim=True)
+            scale = (1.0 if beta == 1.0 else 1.0 - beta) * grad_n.unsqueeze(-1)
+            g_nV = (p * (gap - kl) * scale).to(s_hidden.dtype)
+            grad_hidden = g_nV @ s_weight if ctx.needs_input_grad[0] else None
+            grad_weight = g_nV.T @ s_hidden if ctx.needs_input_grad[1] else None
+        return grad_hidden, grad_weight, None, None, None
+
+
+def fused_chunked_divergence(beta: float, student_hidden_ND, student_weight_VD, teacher_hidden_ND, teacher_weight_VD,
+                             chunk_size: int = 1024) -> torch.Tensor:
+    """`opd.chunked.chunked_divergence` for the reverse KL (beta=1) or JSD_β, with `FusedDivergence` per chunk."""
+    n = student_hidden_ND.shape[0]
+    parts = [FusedDivergence.apply(student_hidden_ND[i : i + chunk_size], student_weight_VD,
+                                   teacher_hidden_ND[i : i + chunk_size].detach(), teacher_weight_VD.detach(), beta)
+             for i in range(0, max(n, 1), chunk_size)]
+    return torch.cat(parts)
+
+
+def _fused_beta(divergence_fn) -> float | None:
+    """beta for `FusedDivergence` if `divergence_fn` is the reverse KL or a generalized JSD with 0 < β < 1."""
+    fn = getattr(divergence_fn, "func", divergence_fn)
+    if fn is losses.reverse_kl:
+        return 1.0
+    beta = getattr(divergence_fn, "keywords", {}).get("beta")
+    if fn is losses.generalized_jsd and beta is not None and 0 < beta < 1:
+        return float(beta)
+    return None
+
+
+def _plain_linear(head) -> bool:
+    return isinstance(head, torch.nn.Linear) and head.bias is None
+
+
+@contextlib.contextmanager
+def patched_opd(loss: str):
+    """Inside this block opd's loop uses the prototypes above for `loss` (only where they apply: Llama-style plain
+    heads, the reverse KL or the JSD, a local teacher); everything else runs unchanged."""
+    if loss not in ("reverse_kl", "jsd"):
+        raise ValueError(f"the lever prototypes cover the reverse_kl and jsd losses, not {loss!r}")
+    import opd.lm.teacher as teacher_mod
+    import opd.lm.train as train_mod
+
+    original_divergence = train_mod.chunked_divergence
+    original_score = teacher_mod.LocalTeacher.score
+
+    @functools.wraps(original_divergence)
+    def divergence(divergence_fn, student_hidden_ND, student_head, *, teacher_hidden_ND=None, teacher_head=None,
+                   chunk_size=1024, temperature=1.0, **kwargs):
+        beta = _fused_beta(divergence_fn)
+        if (beta is not None and teacher_hidden_ND is not None and temperature == 1.0 and not kwargs
+                and _plain_linear(student_head) and _plain_linear(teacher_head)):
+            return fused_chunked_divergence(beta, student_hidden_ND, student_head.weight, teacher_hidden_ND,
+                                            teacher_head.weight, chunk_size)
+        return original_divergence(divergence_fn, student_hidden_ND, student_head, teacher_hidden_ND=teacher_hidden_ND,
+                                   teacher_head=teacher_head, chunk_size=chunk_size, temperature=temperature, **kwargs)
+
+    @torch.no_grad()
+    def score(self, input_ids_BL, attention_mask_BL, mask_BT):
+        from opd.lm.model import final_hidden, lm_head
+
+        hidden_BTD = final_hidden(self.model, input_ids_BL, attention_mask_BL)[:, :-1]
+        # taken_logp_BT is read by the sampled and SFT losses only; the full-vocabulary ones skip that head pass
+        return teacher_mod.TeacherSignal(taken_logp_BT=torch.zeros(mask_BT.shape), hidden_BTD=hidden_BTD,
+                                         head=lm_head(self.model))
+
+    train_mod.chunked_divergence = divergence
+    teacher_mod.LocalTeacher.score = score
+    try:
+        yield
+    finally:
+        train_mod.chunked_divergence = original_divergence
+        teacher_mod.LocalTeacher.score = original_score

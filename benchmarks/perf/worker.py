@@ -1,0 +1,265 @@
+"""One benchmark entry, in a process of its own so that its peak RSS is its own:
+
+    python -m benchmarks.perf.worker SPEC.json OUT.json
+
+SPEC names the system (`opd`, `opd_levers`, `opd_overlap`, `trl_distillation`, `trl_gkd`), the pair's model
+directories and the shared settings (divergence, batch, completion length, steps, learning rate, threads). Every
+system trains the same student from the same weights on the same prompts, fully on-policy at temperature 1, AdamW at
+a constant learning rate with gradient clipping 1.0, fp32. OUT gets, per step, the wall time, the completion tokens
+and the FLOPs (`opd.flops`, the same formula for everyone), the peak RSS of training, and the held-out per-token
+reverse KL to the teacher after training, measured by one function for all systems (`opd.lm.eval`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def max_rss_mb() -> float:
+    """Peak resident set size of this process so far (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _costs(student, teacher):
+    from opd import flops
+
+    return flops.model_cost(student), flops.model_cost(teacher)
+
+
+def step_flops(costs, prompt_lens: list[int], completion_lens: list[int]) -> float:
+    """FLOPs of one on-policy step over rows of these prompt and completion lengths (real tokens only)."""
+    from opd import flops
+
+    L = max(p + c for p, c in zip(prompt_lens, completion_lens)) + 1
+    attn_BL = torch.zeros((len(prompt_lens), L), dtype=torch.long)
+    mask_BT = torch.zeros((len(prompt_lens), L - 1), dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompt_lens, completion_lens)):
+        attn_BL[i, : p + c] = 1
+        mask_BT[i, p - 1 : p - 1 + c] = 1
+    return flops.step_flops(*costs, attn_BL, mask_BT, "student", scored=True)["flops"]
+
+
+def prompt_order(spec: dict, n_train: int) -> list[int]:
+    """The train-split indices opd's loop draws, step by step (its generator, seeded as in `opd.lm.train.distill`),
+    so the TRL trainers see the same prompts."""
+    rng = torch.Generator().manual_seed(spec["seed"])
+    draws = [torch.randint(n_train, (spec["batch_size"],), generator=rng).tolist() for _ in range(spec["steps"])]
+    return [i for step in draws for i in step]
+
+
+def train_prompts(spec: dict):
+    from opd.tasks import get_task
+
+    return get_task("arithmetic").examples(spec["train_examples"], seed=0, split="train")
+
+
+def run_opd(spec: dict, scratch: Path, chunk_size: int = 1024) -> dict:
+    """`opd.lm.train.distill`, unchanged, as `opd train` runs it; per-step numbers from its metrics.jsonl."""
+    from opd.config import DistillConfig, OptimArgs, SamplingArgs
+    from opd.lm.model import load_model
+    from opd.lm.train import distill
+
+    cfg = DistillConfig(
+        student=spec["student"], teacher=spec["teacher"], task="arithmetic", source="student", loss=spec["loss"],
+        beta=spec["beta"], steps=spec["steps"], batch_size=spec["batch_size"],
+        sampling=SamplingArgs(max_new_tokens=spec["max_new_tokens"], temperature=1.0, top_p=1.0),
+        optim=OptimArgs(lr=spec["lr"], warmup_steps=0, weight_decay=0.0, grad_clip=1.0),
+        train_examples=spec["train_examples"], eval_examples=1, eval_every=0, save_every=10**9,
+        chunk_size=chunk_size, seed=spec["seed"], out_dir=str(scratch / "run"), progress=False,
+    )
+    if Path(cfg.out_dir).exists():
+        raise ValueError(f"{cfg.out_dir} exists; an entry needs a fresh run directory (metrics.jsonl is appended to)")
+    distill(cfg)
+    peak = max_rss_mb()
+    rows = [json.loads(line) for line in (scratch / "run" / "metrics.jsonl").read_text().splitlines()]
+    student = load_model(str(scratch / "run" / "checkpoint"))
+    return {"peak_rss_mb": peak, "step_s": [r["step_s"] for r in rows],
+            "completion_tokens": [r["completion_tokens"] for r in rows], "flops": [r["flops"] for r in rows],
+            "student": student}
+
+
+def run_opd_levers(spec: dict, scratch: Path) -> dict:
+    """The same `distill`, with the lever prototypes of `benchmarks.perf.levers` patched in and smaller chunks."""
+    from benchmarks.perf.levers import LEVER_CHUNK_SIZE, patched_opd
+
+    with patched_opd(spec["loss"]):
+        return run_opd(spec, scratch, chunk_size=LEVER_CHUNK_SIZE)
+
+
+def run_opd_overlap(spec: dict, scratch: Path) -> dict:
+    """All the lever prototypes, and the next batch sampled in a second process during each update."""
+    from benchmarks.perf.levers import LEVER_CHUNK_SIZE, patched_opd
+    from benchmarks.perf.pipeline import run_opd_pipelined
+
+    with patched_opd(spec["loss"]):
+        return run_opd_pipelined(spec, scratch, chunk_size=LEVER_CHUNK_SIZE)
+
+
+class _StepTimer:
+    """A TrainerCallback (built lazily: transformers is imported by the caller) timing each optimizer step."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class Timer(TrainerCallback):
+            def __init__(self):
+                self.step_s = []
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                self.t0 = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                self.step_s.append(time.perf_counter() - self.t0)
+
+        return Timer()
+
+
+def _trl_common(spec: dict, scratch: Path) -> dict:
+    # TRL's defaults except what must match opd: lr, constant schedule, no warm-up, no weight decay, clip 1.0, batch,
+    # fp32 (bf16 off). Gradient checkpointing is off: opd does not recompute the trunk, and with it on GKD also
+    # generates without a KV cache. No logging, saving or evaluation during training.
+    return dict(output_dir=str(scratch / "trl"), per_device_train_batch_size=spec["batch_size"],
+                max_steps=spec["steps"], learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0,
+                weight_decay=0.0, max_grad_norm=1.0, gradient_checkpointing=False, bf16=False, logging_steps=10**6,
+                save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=spec["seed"],
+                dataloader_num_workers=0)
+
+
+def _beta(spec: dict) -> float:
+    # TRL's β: 0 forward KL, 1 reverse KL, in between the generalized JSD (same mixture as opd's).
+    return 1.0 if spec["loss"] == "reverse_kl" else spec["beta"]
+
+
+def run_trl_distillation(spec: dict, scratch: Path) -> dict:
+    """TRL's `DistillationTrainer` (on-policy; chunked divergence from hidden states)."""
+    from datasets import Dataset
+    from trl import DistillationConfig, DistillationTrainer
+
+    from opd.lm.model import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(spec["student"])
+    student, teacher = load_model(spec["student"]), load_model(spec["teacher"])
+    costs = _costs(student, teacher)
+    train = train_prompts(spec)
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    prompts = [train[i].prompt for i in prompt_order(spec, len(train))]
+    rows = [[{"role": "user", "content": p}] for p in prompts] if chat else prompts
+    args = DistillationConfig(**_trl_common(spec, scratch), beta=_beta(spec), temperature=1.0, top_p=1.0, top_k=0,
+                              max_completion_length=spec["max_new_tokens"], shuffle_dataset=False)
+    timer = _StepTimer()
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, processing_class=tokenizer,
+                                  train_dataset=Dataset.from_dict({"prompt": rows}), callbacks=[timer])
+    lengths = []
+    generate = trainer._generate_single_turn
+
+    def counted(prompt_ids, *a, **k):  # instrumentation only: record what was generated
+        completion_ids = generate(prompt_ids, *a, **k)
+        lengths.append(([len(p) for p in prompt_ids], [len(c) for c in completion_ids]))
+        return completion_ids
+
+    trainer._generate_single_turn = counted
+    trainer.train()
+    peak = max_rss_mb()
+    return {"peak_rss_mb": peak, "step_s": timer.step_s, "completion_tokens": [sum(c) for _, c in lengths],
+            "flops": [step_flops(costs, p, c) for p, c in lengths], "student": trainer.model, "teacher": teacher}
+
+
+def run_trl_gkd(spec: dict, scratch: Path) -> dict:
+    """TRL's `GKDTrainer` with λ = 1 (every batch sampled by the student): full [B, L, V] logits of both models."""
+    from datasets import Dataset
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    from opd.lm.model import load_model, load_tokenizer
+    from opd.lm.rollout import encode_prompts
+
+    tokenizer = load_tokenizer(spec["student"])
+    student, teacher = load_model(spec["student"]), load_model(spec["teacher"])
+    costs = _costs(student, teacher)
+    train = train_prompts(spec)
+    ids = encode_prompts(tokenizer, [train[i].prompt for i in prompt_order(spec, len(train))], 1 << 30)
+
+    def collate(rows):  # left-padded prompts, as GKD's own chat collator builds them
+        P = max(len(r["ids"]) for r in rows)
+        prompts = torch.full((len(rows), P), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(prompts)
+        for i, r in enumerate(rows):
+            prompts[i, P - len(r["ids"]) :] = torch.tensor(r["ids"])
+            mask[i, P - len(r["ids"]) :] = 1
+        return {"prompts": prompts, "prompt_attention_mask": mask, "input_ids": prompts, "attention_mask": mask}
+
+    args = GKDConfig(**_trl_common(spec, scratch), beta=_beta(spec), lmbda=1.0, temperature=1.0,
+                     max_new_tokens=spec["max_new_tokens"])
+    timer = _StepTimer()
+    trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, processing_class=tokenizer,
+                         data_collator=collate, train_dataset=Dataset.from_dict({"ids": ids}), callbacks=[timer])
+    lengths = []
+    generate = trainer.generate_on_policy_outputs
+
+    def counted(model, inputs, generation_config):  # instrumentation only
+        out = generate(model, inputs, generation_config)
+        prompt_lens = inputs["prompt_attention_mask"].sum(1).tolist()
+        lengths.append((prompt_lens, (out[2] != -100).sum(1).tolist()))
+        return out
+
+    trainer.generate_on_policy_outputs = counted
+    trainer.train()
+    peak = max_rss_mb()
+    return {"peak_rss_mb": peak, "step_s": timer.step_s, "completion_tokens": [sum(c) for _, c in lengths],
+            "flops": [step_flops(costs, p, c) for p, c in lengths], "student": trainer.model, "teacher": teacher}
+
+
+RUNNERS = {"opd": run_opd, "opd_levers": run_opd_levers, "opd_overlap": run_opd_overlap,
+           "trl_distillation": run_trl_distillation, "trl_gkd": run_trl_gkd}
+
+
+def run(spec: dict, scratch: Path) -> dict:
+    """Train as `spec` says, then measure; returns the entry's raw numbers (no model objects)."""
+    if spec["system"] not in RUNNERS:
+        raise ValueError(f"unknown system {spec['system']!r}; choose one of {sorted(RUNNERS)}")
+    torch.set_num_threads(spec["threads"])
+    import transformers  # noqa: F401  (import cost is part of the baseline for every system)
+
+    import_rss = max_rss_mb()
+    load_before = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    raw = RUNNERS[spec["system"]](spec, scratch)
+    train_wall = time.perf_counter() - t0
+    from opd.lm.eval import heldout_reverse_kl
+    from opd.lm.model import load_model, load_tokenizer
+    from opd.tasks import get_task
+
+    student = raw.pop("student")
+    teacher = raw.pop("teacher", None)
+    out = dict(raw, import_rss_mb=import_rss, train_wall_s=train_wall, threads=torch.get_num_threads(),
+               loadavg_start=load_before, loadavg_end=os.getloadavg()[0])
+    if spec["heldout_prompts"] > 0:
+        teacher = teacher or load_model(spec["teacher"])
+        tokenizer = load_tokenizer(spec["student"])
+        held_out = [e.prompt for e in get_task("arithmetic").examples(spec["heldout_prompts"], seed=0, split="test")]
+
+        def kl(model) -> float:
+            return heldout_reverse_kl(model, teacher, tokenizer, held_out, spec["max_new_tokens"],
+                                      batch_size=spec["batch_size"], seed=spec["seed"])
+
+        out["heldout_reverse_kl"] = kl(student)
+        if spec.get("initial_kl"):
+            out["heldout_reverse_kl_start"] = kl(load_model(spec["student"]))
+    return out
+
+
+def main(argv: list[str]) -> None:
+    spec_path, out_path = Path(argv[0]), Path(argv[1])
+    spec = json.loads(spec_path.read_text())
+    out = run(spec, out_path.parent / (out_path.stem + "-scratch"))
+    out_path.write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

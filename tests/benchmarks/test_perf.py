@@ -1,0 +1,87 @@
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks.perf.levers import fused_chunked_divergence
+from benchmarks.perf.pairs import padded_char_tokenizer
+from benchmarks.perf.run import SYSTEMS, PerfArgs, command, perf
+from benchmarks.perf.worker import step_flops
+from opd import flops, losses
+from opd.chunked import chunked_divergence
+from opd.lm.rollout import layout
+from opd.tasks import get_task
+from opd.tasks.tokenizer import build_tokenizer
+from tests.conftest import tiny_llama
+
+
+@pytest.mark.parametrize("name,beta", [("reverse_kl", 1.0), ("jsd", 0.5), ("jsd", 0.9)])
+def test_fused_divergence_equals_opd_chunked_divergence_in_value_and_gradient(name, beta):
+    torch.manual_seed(0)
+    V, N = 40, 23
+    hs = torch.randn(N, 6, dtype=torch.float64, requires_grad=True)
+    ws = (torch.randn(V, 6, dtype=torch.float64) * 0.7).requires_grad_()
+    ht, wt = torch.randn(N, 9, dtype=torch.float64), torch.randn(V, 9, dtype=torch.float64)
+    upstream = torch.linspace(0.5, 1.5, N, dtype=torch.float64)  # per-token weights reach the gradient
+    divergence = losses.reverse_kl if name == "reverse_kl" else losses.get_divergence("jsd", beta=beta)
+    expected = chunked_divergence(divergence, hs, lambda h: h @ ws.T, teacher_hidden_ND=ht,
+                                  teacher_head=lambda h: h @ wt.T, chunk_size=5)
+    (expected * upstream).sum().backward()
+    grads = hs.grad.clone(), ws.grad.clone()
+    hs.grad = ws.grad = None
+    got = fused_chunked_divergence(beta, hs, ws, ht, wt, chunk_size=7)
+    (got * upstream).sum().backward()
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(hs.grad, grads[0], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(ws.grad, grads[1], rtol=1e-9, atol=1e-12)
+
+
+def test_step_flops_from_lengths_equals_opd_flops_of_the_batch_layout(tokenizer):
+    student, teacher = tiny_llama(tokenizer, 16, 1, seed=0), tiny_llama(tokenizer, 32, 2, seed=1)
+    costs = flops.model_cost(student), flops.model_cost(teacher)
+    prompts, completions = [[5, 6, 7], [8, 9], [5, 5, 5, 5, 5]], [[10, 11, 2], [12], [13, 14, 15, 16]]
+    b = layout(prompts, completions, tokenizer.pad_token_id)
+    expected = flops.step_flops(*costs, b.attention_mask_BL, b.mask_BT, "student", scored=True)["flops"]
+    assert step_flops(costs, [3, 2, 5], [3, 1, 4]) == expected > 0
+
+
+def test_padded_char_tokenizer_encodes_like_the_task_tokenizer_and_has_the_asked_size():
+    base, padded = build_tokenizer(get_task("arithmetic")), padded_char_tokenizer(300)
+    assert len(padded) == 300 and padded.eos_token_id == base.eos_token_id and padded.pad_token_id == base.pad_token_id
+    for text in ("4827+596=", "7+6+0=13 ans=5423"):
+        assert padded(text)["input_ids"] == base(text)["input_ids"]
+    assert padded.decode([5, 299, 6]) == base.decode([5]) + "<f299>" + base.decode([6])
+    with pytest.raises(ValueError, match="vocab_size must be at least"):
+        padded_char_tokenizer(10)
+
+
+def test_command_lists_only_the_flags_that_differ_from_the_defaults():
+    assert command(PerfArgs()) == "python -m benchmarks.perf.run"
+    assert command(PerfArgs(quick=True, lr=0.01, pairs=("tiny",))) == (
+        "python -m benchmarks.perf.run --quick --pairs tiny --lr 0.01")
+
+
+def test_quick_benchmark_writes_well_formed_results(tmp_path):
+    results_dir = tmp_path / "results"
+    perf(PerfArgs(quick=True, out_dir=str(tmp_path / "runs"), results_dir=str(results_dir)))
+    results = json.loads((results_dir / "perf.json").read_text())
+    assert results["quick"] is True
+    for pair in ("tiny", "smollm2"):
+        block = results[pair]
+        assert set(SYSTEMS) <= set(block)
+        assert block["matmul_gflops"] > 0 and block["flop_limit_tokens_per_s"] > 0
+        for system in SYSTEMS:
+            e = block[system]
+            assert e["completion_tokens_per_s"] > 0 and e["step_time_s"] > 0 and e["peak_rss_mb"] > e["import_rss_mb"]
+            assert math.isfinite(e["heldout_reverse_kl"]) and e["heldout_reverse_kl"] >= 0
+            assert 0 < e["mfu"] < 1 and e["timed_steps"] == block["settings"]["steps"] - block["settings"]["warmup"]
+            # tokens/s, step time and tokens per step describe the same timed steps
+            assert e["completion_tokens_per_s"] == pytest.approx(e["completion_tokens_per_step"] / e["step_time_s"])
+            assert e["flop_limit_tokens_per_s"] == pytest.approx(e["completion_tokens_per_s"] / e["mfu"])
+        assert block["goals"]["speedup_vs_trl_gkd"] == pytest.approx(
+            block["opd"]["completion_tokens_per_s"] / block["trl_gkd"]["completion_tokens_per_s"])
+        assert math.isfinite(block["opd"]["heldout_reverse_kl_start"])
+    text = (results_dir / "perf.md").read_text()
+    assert text.count("\n| opd |") == 2 and text.count("| TRL GKDTrainer") == 2 and "--quick" in text
+    assert (results_dir / "perf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
