@@ -120,7 +120,8 @@ def _run(args: ReliabilityArgs) -> dict:
         load["server_alive"] = server.proc.poll() is None
         load["server_log_errors"] = server.log_errors()[len(fuzz["server_log_errors"]):]
         phase_s["load"] = round(time.monotonic() - t0 - sum(phase_s.values()), 1)
-        spec = TrainSpec(student, server.url, steps=args.teacher_steps, seed=args.seed, save_every=100)
+        spec = TrainSpec(student, server.url, steps=args.teacher_steps, seed=args.seed, save_every=100,
+                         remote_max_retries=1 if args.quick else 5)
         dies = teacher_dies(spec, work / "teacher", server, kill_after_steps=args.teacher_steps // 2)
     finally:
         server.stop()

@@ -46,6 +46,8 @@ class TrainSpec:
     steps: int
     seed: int
     save_every: int = 1
+    remote_max_retries: int = 5
+    """Retries of the trainer's teacher client before it stops (shorter in --quick)."""
 
     def command(self, out_dir: Path, resume: bool) -> list[str]:
         """The `opd train` command line for this run in `out_dir`."""
@@ -54,6 +56,7 @@ class TrainSpec:
             "--steps", str(self.steps), "--save-every", str(self.save_every), "--seed", str(self.seed),
             "--batch-size", "4", "--train-examples", "64", "--eval-examples", "4", "--eval-every", "0",
             "--sampling.max-new-tokens", "8", "--out-dir", str(out_dir), "--no-progress",
+            "--remote-max-retries", str(self.remote_max_retries),
             *(["--resume"] if resume else []),
         ]
 
@@ -293,7 +296,7 @@ def teacher_dies(spec: TrainSpec, root: Path, server: Server, kill_after_steps: 
     """Train against `server` (the teacher), SIGKILL the server mid-run, check the trainer's exit and checkpoint,
     restart the server on the same port, resume, and compare with a run against the live server straight through.
 
-    `spec.teacher` must be `server.url`. The trainer's client retries 5 times with back-off (0.5 s doubling) first.
+    `spec.teacher` must be `server.url`. The trainer's client retries `spec.remote_max_retries` times with back-off (0.5 s doubling) first.
     """
     straight, run = root / "uninterrupted", root / "teacher_killed"
     shutil.rmtree(root, ignore_errors=True)

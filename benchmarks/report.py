@@ -1,6 +1,7 @@
 """Assemble RESULTS.md from the sections the benchmarks write to benchmarks/results/*.md.
 
-Every `opd bench NAME` regenerates its own section and then this file, so RESULTS.md is always the concatenation of
+Every `opd bench NAME` regenerates its own section and then this file (a hand-written `NAME_notes.md` next to a
+section, the developers' reading of its numbers, is appended to it), so RESULTS.md is always the concatenation of
 the latest measured sections; `python benchmarks/report.py` alone rebuilds it from what is there.
 """
 
@@ -30,8 +31,11 @@ def write_results() -> Path:
     parts = [HEADER]
     for filename, title, command in SECTIONS:
         path = RESULTS / filename
+        notes = path.with_name(path.stem + "_notes.md")  # hand-written reading of the numbers, kept across reruns
         if path.exists():
             parts.append(path.read_text().strip() + "\n")
+            if notes.exists():
+                parts.append(notes.read_text().strip() + "\n")
         else:
             parts.append(f"## {title}\n\nNot measured yet: run `{command}`.\n")
     out = ROOT / "RESULTS.md"

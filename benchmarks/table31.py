@@ -23,12 +23,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from benchmarks import table31_report as report
 from benchmarks import teacher_bias as bias
@@ -53,22 +56,29 @@ class Table31Args:
     """Plumbing check in a few minutes: overrides the step counts, seeds and evaluation sizes with `QUICK`."""
     seeds: tuple[int, ...] = (0, 1, 2)
     """One warm start and one run of each method per seed."""
-    steps: int = 200
+    student_size: str = "m"
+    """The student of the method comparison (a key of `opd.tasks.models.MODEL_SIZES`; "m" is 108k parameters, the
+    teacher 856k). Smaller students barely learn the task in this budget (see RESULTS.md)."""
+    steps: int = 300
     """Updates for SFT on teacher samples, both on-policy distillation estimators and GKD."""
-    rl_steps: int = 800
-    """Updates for RL. An RL step has no teacher in it, so it costs about a quarter of an on-policy distillation
-    step's FLOPs here; 800 RL steps spend about as much compute as 200 distillation steps."""
+    rl_steps: int = 900
+    """Updates for RL. An RL step has no teacher in it, so it costs about a third of an on-policy distillation
+    step's FLOPs here; 900 RL steps spend about as much compute as 300 distillation steps."""
     batch_size: int = 32
     """Sequences per update, for every method (RL: batch_size / group_size prompts, group_size samples of each)."""
     group_size: int = 8
     """RL's completions per prompt."""
-    lr: float = 1e-3
-    """Student learning rate for every method (AdamW, 10 warm-up steps, then constant)."""
+    lr: float = 3e-4
+    """Student learning rate of the four teacher-based methods (AdamW, 10 warm-up steps, then constant)."""
+    rl_lr: float = 1e-5
+    """RL's learning rate. Tuned on seed 0: at 3e-5 and above the policy collapses to 0 % accuracy within 50 steps
+    (Adam turns the sparse, mostly-noise gradient into full-size steps), 1e-5 is the largest rate that does not."""
     max_new_tokens: int = 48
     """Longest completion (the longest worked solution is 45 characters plus end-of-sequence)."""
-    warm_start_steps: int = 100
-    """SFT steps on ground truth (batch 32) that give every student its starting point."""
-    evals: int = 8
+    warm_start_steps: int = 600
+    """SFT steps on ground truth (batch 32, lr 3e-3, cosine) that give every student its starting point (about
+    15 % held-out accuracy for the "m" student: headroom, and enough right answers for RL to get a reward)."""
+    evals: int = 6
     """Held-out evaluations per run, evenly spaced (plus the warm start)."""
     eval_examples: int = 200
     """Held-out problems per evaluation."""
@@ -78,7 +88,7 @@ class Table31Args:
     """Student sizes for the capacity sweep (keys of `opd.tasks.models.MODEL_SIZES`)."""
     capacity_seeds: tuple[int, ...] = (0,)
     """Seeds for the capacity sweep."""
-    bias_steps: int = 400
+    bias_steps: int = 150
     """Fine-tuning steps (batch 64) that plant the error in a copy of the teacher."""
     bias_eval_examples: int = 200
     """Held-out problems affected by the planted error (and as many unaffected) for the agreement measurement."""
@@ -92,7 +102,9 @@ class Table31Args:
     results_dir: str = "benchmarks/results"
     """Where table31.json, table31.md and the plots go."""
     threads: int = 1
-    """torch CPU threads."""
+    """torch CPU threads per process."""
+    workers: int = 2
+    """Runs in parallel, one process each (the runs are independent; 2 for a 2-core machine)."""
     progress: bool = True
     """Progress bars."""
 
@@ -125,76 +137,95 @@ def table31(args: Table31Args) -> dict:
         raise ValueError(f"batch_size {args.batch_size} must be a multiple of group_size {args.group_size}")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    out, results_dir = Path(args.out_dir), Path(args.results_dir)
+    out = Path(args.out_dir)
     teacher_dir, tokenizer = _teacher_dir(args, out)
-    task = get_task("arithmetic")
-    test = task.examples(args.eval_examples, seed=0, split="test")  # the set every run of distill/rl evaluates on
+    test = get_task("arithmetic").examples(args.eval_examples, seed=0, split="test")  # what distill/rl evaluate on
     teacher = load_model(teacher_dir)
-    results = {
-        "teacher_accuracy": _accuracy(teacher, tokenizer, test, args),
-        "teacher_params": num_params(teacher),
-        "eval_examples": args.eval_examples,
-        "flops_formula": report.FLOPS_FORMULA,
-    }
+    results = {"teacher_accuracy": _accuracy(teacher, tokenizer, test, args), "teacher_params": num_params(teacher),
+               "student_size": args.student_size, "eval_examples": args.eval_examples,
+               "flops_formula": report.FLOPS_FORMULA}
     results["target_accuracy"] = args.target_fraction * results["teacher_accuracy"]
     results["target_definition"] = f"{args.target_fraction:g} × the teacher's held-out accuracy"
-    if "methods" in args.parts:
-        results.update(run_methods(args, teacher_dir, tokenizer, test, out, results["target_accuracy"]))
+
+    # Plan every warm start and run first, so that the independent ones can share the cores.
+    students = {(args.student_size, seed) for seed in args.seeds if {"methods", "bias"} & set(args.parts)}
     if "capacity" in args.parts:
-        results["capacity"] = run_capacity(args, teacher_dir, tokenizer, test, out)
+        students |= {(size, seed) for size in args.capacity_sizes for seed in args.capacity_seeds}
+    biased_dir = cache_root() / "arithmetic-teacher-carry10" if args.teacher is None and not args.quick \
+        else out / "bias" / "teacher"
+    jobs = [(warm_start, (args, tokenizer, size, seed, _warm_dir(out, size, seed))) for size, seed in sorted(students)]
     if "bias" in args.parts:
-        results["bias"] = run_bias(args, teacher_dir, tokenizer, out)
+        jobs.append((_plant, (args, teacher_dir, tokenizer, biased_dir)))
+    _parallel(jobs, args)
+    runs = {}
+    if "methods" in args.parts:
+        runs |= {_run_dir(out, args.student_size, seed, key): (args.student_size, seed, key, teacher_dir)
+                 for seed in args.seeds for key in METHODS}
+    if "capacity" in args.parts:
+        runs |= {_run_dir(out, size, seed, "opd_reverse_kl"): (size, seed, "opd_reverse_kl", teacher_dir)
+                 for size in args.capacity_sizes for seed in args.capacity_seeds}
+    if "bias" in args.parts:
+        for seed in args.seeds:
+            control = _run_dir(out, args.student_size, seed, "opd_reverse_kl")  # the same student, clean teacher
+            runs[control] = (args.student_size, seed, "opd_reverse_kl", teacher_dir)
+            for key in ("opd_reverse_kl", "sft"):
+                runs[out / "bias" / f"seed-{seed}" / key] = (args.student_size, seed, key, str(biased_dir))
+    configs = [method_config(args, key, _warm_dir(out, size, seed), teach, seed, run_dir)
+               for run_dir, (size, seed, key, teach) in runs.items()]
+    # longest first, so that two workers finish together
+    configs.sort(key=lambda cfg: -cfg.steps * (0.5 if isinstance(cfg, RLConfig) else 1.0))
+    _parallel([(_run, (cfg,)) for cfg in configs if not _finished(cfg)], args)
+
+    if "methods" in args.parts:
+        results.update(summarise_methods(args, tokenizer, test, out, results["target_accuracy"]))
+    if "capacity" in args.parts:
+        results["capacity"] = measure_capacity(args, teacher, tokenizer, test, out)
+    if "bias" in args.parts:
+        results["bias"] = measure_bias(args, teacher_dir, biased_dir, tokenizer, out)
     results["wall_seconds_total"] = round(time.perf_counter() - t0, 1)
     results["args"] = dataclasses.asdict(args)
     results["command"] = command
-    report.write_all(results, results_dir, reading=None if args.quick else READING)
+    report.write_all(results, Path(args.results_dir), reading=None if args.quick else READING)
     return results
 
 
-def run_methods(args, teacher_dir, tokenizer, test, out, target) -> dict:
-    """Every method from every seed's warm start; returns the top-level fields and the per-method summaries."""
+def summarise_methods(args, tokenizer, test, out, target) -> dict:
+    """The top-level start accuracy and the per-method summaries over seeds."""
     start_acc, curves = [], {key: [] for key in METHODS}
     for seed in args.seeds:
-        init_dir = warm_start(args, tokenizer, "student", seed, out / f"seed-{seed}" / "warm-start")
-        start_acc.append(_accuracy(load_model(init_dir), tokenizer, test, args))
+        start_acc.append(_accuracy(load_model(str(_warm_dir(out, args.student_size, seed))), tokenizer, test, args))
         for key in METHODS:
-            run_dir = out / f"seed-{seed}" / key
-            _run(method_config(args, key, init_dir, teacher_dir, seed, run_dir))
-            curves[key].append(report.read_curve(run_dir, start_acc[-1]))
+            curves[key].append(report.read_curve(_run_dir(out, args.student_size, seed, key), start_acc[-1]))
     methods = {key: {"label": METHODS[key]["label"], **report.summarise_method(curves[key], target)} for key in METHODS}
     return {"student_start_accuracy": sum(start_acc) / len(start_acc), "student_start_accuracy_seeds": start_acc,
+            "student_params": num_params(load_model(str(_warm_dir(out, args.student_size, args.seeds[0])))),
             "seeds": list(args.seeds), "methods": methods}
 
 
-def method_config(args, key: str, student: str, teacher: str | None, seed: int, out_dir: Path):
+def method_config(args, key: str, student: Path, teacher: str, seed: int, out_dir: Path):
     """The run config of method `key` from `student` (with `teacher`) for this benchmark's settings."""
     common = dict(student=str(student), batch_size=args.batch_size,
-                  sampling=SamplingArgs(max_new_tokens=args.max_new_tokens), optim=OptimArgs(lr=args.lr),
-                  eval_examples=args.eval_examples, seed=seed, out_dir=str(out_dir), progress=args.progress)
+                  sampling=SamplingArgs(max_new_tokens=args.max_new_tokens), eval_examples=args.eval_examples,
+                  seed=seed, out_dir=str(out_dir), progress=args.progress and args.workers == 1)
     if key == "rl":
-        steps = args.rl_steps
         common["batch_size"] = args.batch_size // args.group_size
-        return RLConfig(**common, steps=steps, group_size=args.group_size, eval_every=max(1, steps // args.evals),
-                        save_every=steps)
-    steps = args.steps
+        return RLConfig(**common, steps=args.rl_steps, group_size=args.group_size, optim=OptimArgs(lr=args.rl_lr),
+                        eval_every=max(1, args.rl_steps // args.evals), save_every=args.rl_steps)
     choice = {k: v for k, v in METHODS[key].items() if k != "label"}
-    return DistillConfig(**common, **choice, teacher=str(teacher), steps=steps, eval_every=max(1, steps // args.evals),
-                         save_every=steps)
+    return DistillConfig(**common, **choice, teacher=str(teacher), steps=args.steps, optim=OptimArgs(lr=args.lr),
+                         eval_every=max(1, args.steps // args.evals), save_every=args.steps)
 
 
-def run_capacity(args, teacher_dir, tokenizer, test, out) -> dict:
-    """On-policy distillation (full reverse KL) of each student size; accuracy and reverse KL before and after."""
-    teacher = load_model(teacher_dir)
+def measure_capacity(args, teacher, tokenizer, test, out) -> dict:
+    """Accuracy and per-token reverse KL of each student size before and after on-policy distillation."""
     prompts = encode_prompts(tokenizer, [e.prompt for e in test], tokenizer.model_max_length - args.max_new_tokens)
     rows = []
     for size in args.capacity_sizes:
         row = {"size": size, "start_accuracy_seeds": [], "final_accuracy_seeds": [], "reverse_kl_before_seeds": [],
                "reverse_kl_after_seeds": []}
         for seed in args.capacity_seeds:
-            init_dir = warm_start(args, tokenizer, size, seed, out / "capacity" / f"{size}-seed-{seed}" / "warm-start")
-            run_dir = out / "capacity" / f"{size}-seed-{seed}" / "opd_reverse_kl"
-            _run(method_config(args, "opd_reverse_kl", init_dir, teacher_dir, seed, run_dir))
-            before, after = load_model(init_dir), load_model(str(run_dir / "checkpoint"))
+            run_dir = _run_dir(out, size, seed, "opd_reverse_kl")
+            before, after = load_model(str(_warm_dir(out, size, seed))), load_model(str(run_dir / "checkpoint"))
             row["params"] = num_params(before)
             row["start_accuracy_seeds"].append(_accuracy(before, tokenizer, test, args))
             row["final_accuracy_seeds"].append(report.read_curve(run_dir, 0.0)["accuracy"][-1])
@@ -219,64 +250,90 @@ def per_token_reverse_kl(student, teacher, tokenizer, prompt_ids, args, seed: in
     return kl_N.mean().item()
 
 
-def run_bias(args, teacher_dir, tokenizer, out) -> dict:
-    """Plant the error in a copy of the teacher, distil students from it, measure whose answers they give."""
+def _plant(args, teacher_dir: str, tokenizer, biased_dir: Path) -> None:
+    task = get_task("arithmetic")
+    base_id = hashlib.sha256((Path(teacher_dir) / "model.safetensors").read_bytes()).hexdigest()[:16]
+    train = task.examples(args.bias_steps * 64, seed=100, split="train")
+    bias.plant_bias(load_model(teacher_dir), tokenizer, train, args.bias_steps, 64, 1e-3, seed=0, out_dir=biased_dir,
+                    base_id=base_id, progress=args.progress and args.workers == 1)
+
+
+def measure_bias(args, teacher_dir: str, biased_dir: Path, tokenizer, out) -> dict:
+    """Whose answers the teachers and the students give on the problems the planted error affects."""
     task = get_task("arithmetic")
     pool = task.examples(20 * args.bias_eval_examples, seed=1, split="test")
     pairs = bias.affected(pool)[: args.bias_eval_examples]
     unaffected = [e for e in pool if bias.biased_version(e).answer == e.answer][: args.bias_eval_examples]
-    default_teacher = args.teacher is None and not args.quick
-    biased_dir = cache_root() / "arithmetic-teacher-carry10" if default_teacher else out / "bias" / "teacher"
-    train = task.examples(args.bias_steps * 64, seed=100, split="train")
-    base_id = hashlib.sha256((Path(teacher_dir) / "model.safetensors").read_bytes()).hexdigest()[:16]
-    biased, _, info = bias.plant_bias(load_model(teacher_dir), tokenizer, train, args.bias_steps, 64, 1e-3, seed=0,
-                                      out_dir=biased_dir, base_id=base_id, progress=args.progress)
 
-    def measure(model) -> dict:
+    def measure(model_dir) -> dict:
+        model = load_model(str(model_dir))
         return {**bias.answer_agreement(model, tokenizer, pairs, args.max_new_tokens),
                 "unaffected_accuracy": accuracy(model, tokenizer, task, unaffected, max_new_tokens=args.max_new_tokens)}
 
-    result = {"rule": bias.RULE, "affected_share": len(bias.affected(pool)) / len(pool), "teacher_dir": str(biased_dir),
-              "plant": info.get("bias"), "clean_teacher": measure(load_model(teacher_dir)),
-              "biased_teacher": measure(biased)}
     students = {"warm start": [], "OPD (reverse KL) from the biased teacher": [],
                 "SFT on the biased teacher's samples": [], "OPD (reverse KL) from the clean teacher": []}
     for seed in args.seeds:
-        init_dir = warm_start(args, tokenizer, "student", seed, out / f"seed-{seed}" / "warm-start")
-        students["warm start"].append(measure(load_model(init_dir)))
-        for name, key in (("OPD (reverse KL) from the biased teacher", "opd_reverse_kl"),
-                          ("SFT on the biased teacher's samples", "sft")):
-            run_dir = out / "bias" / f"seed-{seed}" / key
-            _run(method_config(args, key, init_dir, str(biased_dir), seed, run_dir))
-            students[name].append(measure(load_model(str(run_dir / "checkpoint"))))
-        control = out / f"seed-{seed}" / "opd_reverse_kl"
-        if "methods" not in args.parts:
-            _run(method_config(args, "opd_reverse_kl", init_dir, teacher_dir, seed, control))
-        students["OPD (reverse KL) from the clean teacher"].append(measure(load_model(str(control / "checkpoint"))))
-    result["students"] = {name: report.mean_of_dicts(rows) | {"seeds": rows} for name, rows in students.items()}
-    result["seeds"] = list(args.seeds)
-    return result
+        students["warm start"].append(measure(_warm_dir(out, args.student_size, seed)))
+        students["OPD (reverse KL) from the biased teacher"].append(
+            measure(out / "bias" / f"seed-{seed}" / "opd_reverse_kl" / "checkpoint"))
+        students["SFT on the biased teacher's samples"].append(measure(out / "bias" / f"seed-{seed}" / "sft" / "checkpoint"))
+        students["OPD (reverse KL) from the clean teacher"].append(
+            measure(_run_dir(out, args.student_size, seed, "opd_reverse_kl") / "checkpoint"))
+    return {"rule": bias.RULE, "affected_share": len(bias.affected(pool)) / len(pool), "teacher_dir": str(biased_dir),
+            "plant": json.loads((biased_dir / "info.json").read_text()).get("bias"),
+            "clean_teacher": measure(teacher_dir), "biased_teacher": measure(biased_dir), "seeds": list(args.seeds),
+            "students": {name: report.mean_of_dicts(rows) | {"seeds": rows} for name, rows in students.items()}}
 
 
-def warm_start(args, tokenizer, size: str, seed: int, path: Path) -> str:
-    """A warm-started student saved at `path` (reused if one with the same settings is there); returns the path."""
+def warm_start(args, tokenizer, size: str, seed: int, path: Path) -> None:
+    """A warm-started student saved at `path` (kept if one with the same settings is there)."""
     settings = {"size": size, "seed": seed, "steps": args.warm_start_steps, "threads": args.threads}
     marker = path / "warm_start.json"
-    if not (marker.is_file() and json.loads(marker.read_text()) == settings):
-        student = warm_start_student(tokenizer, size, seed, steps=args.warm_start_steps, progress=args.progress)
-        student.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        marker.write_text(json.dumps(settings) + "\n")
-    return str(path)
+    if marker.is_file() and json.loads(marker.read_text()) == settings:
+        return
+    student = warm_start_student(tokenizer, size, seed, steps=args.warm_start_steps,
+                                 progress=args.progress and args.workers == 1)
+    student.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    marker.write_text(json.dumps(settings) + "\n")
+
+
+def _warm_dir(out: Path, size: str, seed: int) -> Path:
+    return out / "warm-start" / f"{size}-seed-{seed}"
+
+
+def _run_dir(out: Path, size: str, seed: int, key: str) -> Path:
+    return out / "runs" / f"{size}-seed-{seed}" / key
+
+
+def _finished(cfg) -> bool:
+    return report.finished(Path(cfg.out_dir), json.loads(json.dumps(to_dict(cfg))), cfg.steps)
 
 
 def _run(cfg) -> None:
-    """Run `cfg` (a DistillConfig or an RLConfig) unless its directory holds the finished run of this exact config."""
-    out = Path(cfg.out_dir)
-    if report.finished(out, json.loads(json.dumps(to_dict(cfg))), cfg.steps):
+    """Run `cfg` (a DistillConfig or an RLConfig) from scratch, unless its directory holds this exact finished run."""
+    if _finished(cfg):
         return
-    shutil.rmtree(out, ignore_errors=True)  # a half-finished run would append to its old metrics
+    shutil.rmtree(cfg.out_dir, ignore_errors=True)  # a half-finished run would append to its old metrics
     (rl if isinstance(cfg, RLConfig) else distill)(cfg)
+
+
+def _parallel(jobs: list, args) -> None:
+    """Run (function, arguments) jobs, `args.workers` at a time in separate processes (one thread each)."""
+    if args.workers <= 1 or len(jobs) <= 1:
+        for fn, fn_args in jobs:
+            fn(*fn_args)
+        return
+    context = multiprocessing.get_context("spawn")  # fork after torch has started threads is unsafe
+    with ProcessPoolExecutor(args.workers, mp_context=context) as pool:
+        futures = [pool.submit(_in_worker, args.threads, fn, fn_args) for fn, fn_args in jobs]
+        for future in tqdm(as_completed(futures), total=len(futures), desc="table31 jobs", disable=not args.progress):
+            future.result()  # re-raises a failed job's exception here
+
+
+def _in_worker(threads: int, fn, fn_args) -> None:
+    torch.set_num_threads(threads)
+    fn(*fn_args)
 
 
 def _teacher_dir(args, out: Path) -> tuple[str, object]:

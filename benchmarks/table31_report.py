@@ -20,12 +20,14 @@ KIND_LABELS = {"flops_sample": "student sampling", "flops_teacher_generate": "te
 
 
 def finished(run_dir: Path, config: dict, steps: int) -> bool:
-    """Whether `run_dir` holds a run of exactly `config` that reached `steps`."""
+    """Whether `run_dir` holds a run of exactly `config` (progress bars aside) that reached `steps`."""
     cfg_path, metrics_path = run_dir / "config.json", run_dir / "metrics.jsonl"
     if not (cfg_path.is_file() and metrics_path.is_file() and (run_dir / "checkpoint").is_dir()):
         return False
     lines = metrics_path.read_text().splitlines()
-    return json.loads(cfg_path.read_text()) == config and bool(lines) and json.loads(lines[-1])["step"] == steps
+    saved = json.loads(cfg_path.read_text())
+    same = {k: v for k, v in saved.items() if k != "progress"} == {k: v for k, v in config.items() if k != "progress"}
+    return same and bool(lines) and json.loads(lines[-1])["step"] == steps
 
 
 def read_curve(run_dir: Path, start_accuracy: float) -> dict:
@@ -107,9 +109,10 @@ def markdown(results: dict) -> str:
         out += ["", f"Student start (warm start, {args['warm_start_steps']} SFT steps on ground truth): "
                 f"{results['student_start_accuracy']:.3f} (seeds "
                 f"{', '.join(f'{a:.3f}' for a in results['student_start_accuracy_seeds'])}). "
-                f"Every method: batch {args['batch_size']} sequences, lr {args['lr']:g}, "
-                f"{len(results['seeds'])} seeds; RL: {args['batch_size'] // args['group_size']} prompts × "
-                f"{args['group_size']} samples.", "",
+                f"Student: size {results['student_size']}, {results['student_params']:,} parameters. Every method: "
+                f"batch {args['batch_size']} sequences, {len(results['seeds'])} seeds, lr {args['lr']:g} (RL "
+                f"{args['rl_lr']:g}); RL: {args['batch_size'] // args['group_size']} prompts × {args['group_size']} "
+                f"samples, group-normalised 0/1 reward.", "",
                 "| method | updates | final accuracy (mean ± sd) | per seed | FLOPs to target | total FLOPs | "
                 "FLOPs / update | training wall s |", "|---|---|---|---|---|---|---|---|"]
         for s in m.values():

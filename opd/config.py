@@ -84,6 +84,10 @@ class DistillConfig:
     """Positions per chunk when evaluating LM heads and full-vocabulary losses."""
     top_k: int = 20
     """Top-k log-probs requested from a remote teacher."""
+    remote_timeout: float = 60.0
+    """Seconds to wait for one answer from a teacher server before retrying."""
+    remote_max_retries: int = 5
+    """Retries (with doubling back-off from 0.5 s) before a silent teacher server stops the run with a checkpoint."""
     seed: int = 0
     """Seeds prompt order, sampling and the mixture's coin flips."""
     out_dir: str = "runs/distill"

@@ -2,6 +2,9 @@
 
 import pytest
 import torch
+
+# The test models are tiny: one thread avoids thread start-up costs and contention on small CI machines.
+torch.set_num_threads(1)
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from opd.tasks import get_task

@@ -8,8 +8,8 @@ The ones that help are proposed for `opd.chunked` / `opd.lm.teacher` in the benc
    states, chunk by chunk, with the gradient written out instead of differentiated through ~25 element-wise ops:
      reverse KL   d/dz_s = p_s ⊙ (log p_s − log p_t − KL(p_s ‖ p_t))
      JSD_β        d/dz_s = (1 − β) p_s ⊙ (log p_s − log m − KL(p_s ‖ m)),  m = β p_t + (1 − β) p_s
-   Backward recomputes both heads' log-probs for the chunk (memory stays O(chunk · V), as with checkpointing) but
-   neither the loss nor an autograd graph over [chunk, V] tensors.
+   and computed in the forward pass, so that the heads' logits are not computed a second time in backward (the
+   losses are means over positions: every position gets the same upstream gradient, known up to a constant).
 2. Smaller chunks (`LEVER_CHUNK_SIZE`), a plain config value (`--chunk-size`).
 3. The teacher's log-prob of the taken token (`TeacherSignal.taken_logp_BT`) is not computed for the full-vocabulary
    losses, which never read it: one pass of the teacher's head over every completion token saved.
@@ -36,58 +36,80 @@ def _log_probs(hidden_nD: torch.Tensor, weight_VD: torch.Tensor) -> torch.Tensor
     return F.log_softmax(logits_nV.to(torch.promote_types(logits_nV.dtype, torch.float32)), -1)
 
 
-def _forward_terms(s_logp, t_logp, beta):
-    """(per-position loss, log q): the student's gradient is p_s ⊙ (log p_s − log q − KL(p_s ‖ q)) · scale."""
+def _loss_and_grad(s_logp: torch.Tensor, t_logp: torch.Tensor, beta: float):
+    """(per-position divergence [n], its gradient with respect to the student's logits [n, V])."""
     p = s_logp.exp()
-    if beta == 1.0:  # reverse KL: q = teacher
-        diff = torch.where(p == 0, torch.zeros_like(s_logp), s_logp - t_logp)
-        return (p * diff).sum(-1), t_logp
+    if beta == 1.0:  # reverse KL
+        gap = torch.where(p == 0, torch.zeros_like(s_logp), s_logp - t_logp)
+        loss_n = (p * gap).sum(-1)
+        return loss_n, p * (gap - loss_n.unsqueeze(-1))
     log_m = torch.logaddexp(t_logp + math.log(beta), s_logp + math.log1p(-beta))
     q = t_logp.exp()
     kl_t = (q * torch.where(q == 0, torch.zeros_like(t_logp), t_logp - log_m)).sum(-1)
-    kl_s = (p * torch.where(p == 0, torch.zeros_like(s_logp), s_logp - log_m)).sum(-1)
-    return beta * kl_t + (1 - beta) * kl_s, log_m
+    gap = torch.where(p == 0, torch.zeros_like(s_logp), s_logp - log_m)
+    kl_s = (p * gap).sum(-1)
+    return beta * kl_t + (1 - beta) * kl_s, (1 - beta) * p * (gap - kl_s.unsqueeze(-1))
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    return [slice(i, i + size) for i in range(0, n, size)]
 
 
 class FusedDivergence(torch.autograd.Function):
-    """Per-position divergence [n] of one chunk; beta = 1.0 is the reverse KL, 0 < beta < 1 the generalized JSD."""
+    """Per-position divergence [N] of a student head against a teacher head, evaluated `chunk_size` rows at a time;
+    beta = 1.0 is the reverse KL, 0 < beta < 1 the generalized JSD.
+
+    The forward pass also computes the gradients for an upstream gradient that is the same for every position (what
+    a mean over positions sends back), accumulating them into one [V, D] buffer; backward only scales them. Any
+    other upstream gradient is handled by recomputing the chunks (memory stays O(chunk · V) either way).
+    """
 
     @staticmethod
-    def forward(ctx, s_hidden_nD, s_weight_VD, t_hidden_nD, t_weight_VD, beta):
+    def forward(ctx, s_hidden_ND, s_weight_VD, t_hidden_ND, t_weight_VD, beta, chunk_size):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss_N = s_hidden_ND.new_empty(s_hidden_ND.shape[0], dtype=torch.promote_types(s_hidden_ND.dtype,
+                                                                                       torch.float32))
+        grad_h = torch.zeros_like(s_hidden_ND) if need_h else None
+        grad_w = torch.zeros_like(s_weight_VD) if need_w else None
         with torch.no_grad():
-            s_logp = _log_probs(s_hidden_nD, s_weight_VD)
-            t_logp = _log_probs(t_hidden_nD, t_weight_VD)
-            loss_n, _ = _forward_terms(s_logp, t_logp, beta)
-        ctx.save_for_backward(s_hidden_nD, s_weight_VD, t_hidden_nD, t_weight_VD)
-        ctx.beta = beta
-        return loss_n
+            for rows in _chunks(s_hidden_ND.shape[0], chunk_size):
+                loss_N[rows], g_nV = _loss_and_grad(_log_probs(s_hidden_ND[rows], s_weight_VD),
+                                                    _log_probs(t_hidden_ND[rows], t_weight_VD), beta)
+                g_nV = g_nV.to(s_hidden_ND.dtype)
+                if need_h:
+                    grad_h[rows] = g_nV @ s_weight_VD
+                if need_w:
+                    grad_w.addmm_(g_nV.T, s_hidden_ND[rows])
+        ctx.save_for_backward(s_hidden_ND, s_weight_VD, t_hidden_ND, t_weight_VD, grad_h, grad_w)
+        ctx.beta, ctx.chunk_size = beta, chunk_size
+        return loss_N
 
     @staticmethod
-    def backward(ctx, grad_n):
-        s_hidden, s_weight, t_hidden, t_weight = ctx.saved_tensors
-        beta = ctx.beta
+    def backward(ctx, grad_N):
+        s_hidden, s_weight, t_hidden, t_weight, grad_h, grad_w = ctx.saved_tensors
+        if grad_N.numel() and bool((grad_N == grad_N[0]).all()):
+            c = grad_N[0].to(s_hidden.dtype)
+            return (None if grad_h is None else grad_h * c, None if grad_w is None else grad_w * c,
+                    None, None, None, None)
+        grad_h = torch.zeros_like(s_hidden) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(s_weight) if ctx.needs_input_grad[1] else None
         with torch.no_grad():
-            s_logp = _log_probs(s_hidden, s_weight)
-            t_logp = _log_probs(t_hidden, t_weight)
-            p = s_logp.exp()
-            _, log_q = _forward_terms(s_logp, t_logp, beta) if beta != 1.0 else (None, t_logp)
-            gap = torch.where(p == 0, torch.zeros_like(s_logp), s_logp - log_q)
-            kl = (p * gap).sum(-1, keepdim=True)
-            scale = (1.0 if beta == 1.0 else 1.0 - beta) * grad_n.unsqueeze(-1)
-            g_nV = (p * (gap - kl) * scale).to(s_hidden.dtype)
-            grad_hidden = g_nV @ s_weight if ctx.needs_input_grad[0] else None
-            grad_weight = g_nV.T @ s_hidden if ctx.needs_input_grad[1] else None
-        return grad_hidden, grad_weight, None, None, None
+            for rows in _chunks(s_hidden.shape[0], ctx.chunk_size):
+                _, g_nV = _loss_and_grad(_log_probs(s_hidden[rows], s_weight), _log_probs(t_hidden[rows], t_weight),
+                                         ctx.beta)
+                g_nV = (g_nV * grad_N[rows].unsqueeze(-1)).to(s_hidden.dtype)
+                if grad_h is not None:
+                    grad_h[rows] = g_nV @ s_weight
+                if grad_w is not None:
+                    grad_w.addmm_(g_nV.T, s_hidden[rows])
+        return grad_h, grad_w, None, None, None, None
 
 
 def fused_chunked_divergence(beta: float, student_hidden_ND, student_weight_VD, teacher_hidden_ND, teacher_weight_VD,
                              chunk_size: int = 1024) -> torch.Tensor:
-    """`opd.chunked.chunked_divergence` for the reverse KL (beta=1) or JSD_β, with `FusedDivergence` per chunk."""
-    n = student_hidden_ND.shape[0]
-    parts = [FusedDivergence.apply(student_hidden_ND[i : i + chunk_size], student_weight_VD,
-                                   teacher_hidden_ND[i : i + chunk_size].detach(), teacher_weight_VD.detach(), beta)
-             for i in range(0, max(n, 1), chunk_size)]
-    return torch.cat(parts)
+    """`opd.chunked.chunked_divergence` for the reverse KL (beta=1) or JSD_β, as one `FusedDivergence`."""
+    return FusedDivergence.apply(student_hidden_ND, student_weight_VD, teacher_hidden_ND.detach(),
+                                 teacher_weight_VD.detach(), beta, chunk_size)
 
 
 def _fused_beta(divergence_fn) -> float | None:

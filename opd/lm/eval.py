@@ -21,6 +21,14 @@ def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
     return prompt
 
 
+def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[list[int]]:
+    """Token ids of each prompt as the model sees it: through the chat template if there is one (which writes
+    any special tokens itself), else with whatever special tokens the tokenizer adds (none for ours)."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    texts = [format_prompt(tokenizer, p) for p in prompts]
+    return tokenizer(texts, add_special_tokens=not has_template)["input_ids"]
+
+
 @torch.no_grad()
 def generate_greedy(
     model: PreTrainedModel,
@@ -31,11 +39,7 @@ def generate_greedy(
     """Greedy completions of `prompts` (one left-padded batch), decoded from the new tokens only, stopped at eos."""
     if tokenizer.padding_side != "left":
         raise ValueError("generation needs a left-padding tokenizer; set tokenizer.padding_side = 'left'")
-    texts = [format_prompt(tokenizer, p) for p in prompts]
-    # A chat template already writes any special tokens it wants.
-    batch = tokenizer(
-        texts, return_tensors="pt", padding=True, add_special_tokens=not getattr(tokenizer, "chat_template", None)
-    ).to(model.device)
+    batch = tokenizer.pad({"input_ids": prompt_token_ids(tokenizer, prompts)}, return_tensors="pt").to(model.device)
     out_BL = model.generate(
         **batch,
         do_sample=False,

@@ -56,7 +56,8 @@ class CompletionsClient:
             return response.json()
         raise TeacherUnreachable(
             f"{url} did not answer after {self.max_retries + 1} attempts (last error: {last}); start the server "
-            "(`opd serve MODEL_DIR --port PORT`, or vLLM) or fix the URL, or raise timeout/max_retries."
+            "(`opd serve MODEL_DIR --port PORT`, or vLLM) or fix the URL, or raise the client's timeout/max_retries "
+            "(opd train: --remote-timeout, --remote-max-retries)."
         )
 
     def post_many(self, path: str, bodies: list[dict], max_concurrency: int) -> list[dict]:

@@ -47,7 +47,8 @@ def make_teacher(cfg: DistillConfig, student, tokenizer, device="cpu") -> Teache
     if cfg.teacher.startswith(("http://", "https://")):
         from opd.lm.remote import RemoteTeacher
 
-        return RemoteTeacher(cfg.teacher, model=None, top_k=cfg.top_k)
+        return RemoteTeacher(cfg.teacher, model=None, top_k=cfg.top_k, timeout=cfg.remote_timeout,
+                             max_retries=cfg.remote_max_retries)
     model = load_model(cfg.teacher, device=device)
     check_same_vocabulary(student, model, tokenizer, load_tokenizer(cfg.teacher))
     return LocalTeacher(model, chunk_size=cfg.chunk_size)
@@ -172,7 +173,7 @@ def distill(cfg: DistillConfig) -> dict:
     if cfg.source == "teacher" and teacher is not None and not isinstance(teacher, LocalTeacher):
         from opd.lm.remote import RemoteSampler
 
-        teacher_sampler = RemoteSampler(cfg.teacher)
+        teacher_sampler = RemoteSampler(cfg.teacher, timeout=cfg.remote_timeout, max_retries=cfg.remote_max_retries)
     student.train()
     costs = flops.model_cost(unwrap(student)), flops.model_cost(getattr(teacher, "model", None))
     total_flops = flops.logged_total(out / "metrics.jsonl", start)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import transformers
 from tqdm.auto import tqdm
 from transformers import (
     AutoTokenizer,
@@ -62,7 +63,7 @@ def train_supervised(
     """Fine-tune `model` in place on `examples` (completion tokens only); AdamW, warmup then cosine decay.
 
     Batches walk through shuffled passes over `examples`, in an order fixed by `seed`. Returns the loss
-    of every step. `warmup_steps` defaults to 5% of `steps`.
+    of every step and leaves the model in eval mode. `warmup_steps` defaults to 5% of `steps`.
     """
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be positive, got {steps} and {batch_size}")
@@ -130,8 +131,10 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def train_teacher(args: TeacherArgs, progress: bool = True) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase, dict]:
-    """Train a teacher as `args` says and measure it; returns (model, tokenizer, info) without saving."""
-    torch.set_num_threads(args.threads)
+    """Train a teacher as `args` says and measure it; returns (model, tokenizer, info) without saving.
+
+    Uses the current torch thread count (`train_teacher_main` sets `args.threads`).
+    """
     task = get_task(args.task)
     tokenizer = build_tokenizer(task)
     model = make_model(args.size, tokenizer, seed=args.seed)
@@ -152,11 +155,11 @@ def train_teacher(args: TeacherArgs, progress: bool = True) -> tuple[LlamaForCau
         eval_seed=args.seed,
         final_loss=sum(losses[-20:]) / len(losses[-20:]),
         train_wall_s=round(train_s, 1),
-        threads=args.threads,
+        threads=torch.get_num_threads(),
         args=asdict(args),
         command=args.command(),
         config=model.config.to_dict(),
-        versions=dict(torch=torch.__version__, transformers=__import__("transformers").__version__),
+        versions=dict(torch=torch.__version__, transformers=transformers.__version__),
     )
     return model, tokenizer, info
 
@@ -199,7 +202,7 @@ def warm_start_student(
     tokenizer: PreTrainedTokenizerBase,
     size: str = "student",
     seed: int = 0,
-    steps: int = 500,
+    steps: int = 550,
     batch_size: int = 64,
     lr: float = 1e-2,
     task: str = "arithmetic",
@@ -208,6 +211,9 @@ def warm_start_student(
     progress: bool = True,
 ) -> LlamaForCausalLM:
     """A student of `size` given a little SFT on ground-truth examples: a starting point with headroom.
+
+    The defaults leave the default student at roughly 30-45% held-out accuracy, just past the point
+    where it has learned to find each column's digits (after ~500 steps), so it still improves fast.
 
     Deterministic given the arguments (up to the torch thread count); the data use seed `seed + 1`, so
     they differ from the teacher's training draws at the same seed. The result is cached under
@@ -229,6 +235,7 @@ def warm_start_student(
 def train_teacher_main(args: TeacherArgs) -> None:
     """CLI: train a teacher, print its held-out accuracy and save it (the `opd teacher` command)."""
     out_dir = Path(args.out_dir) if args.out_dir else cache_root() / f"{args.task}-teacher"
+    torch.set_num_threads(args.threads)
     model, tokenizer, info = train_teacher(args)
     save_teacher(model, tokenizer, info, out_dir)
     print(

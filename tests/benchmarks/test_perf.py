@@ -17,13 +17,15 @@ from tests.conftest import tiny_llama
 
 
 @pytest.mark.parametrize("name,beta", [("reverse_kl", 1.0), ("jsd", 0.5), ("jsd", 0.9)])
-def test_fused_divergence_equals_opd_chunked_divergence_in_value_and_gradient(name, beta):
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fused_divergence_equals_opd_chunked_divergence_in_value_and_gradient(name, beta, weighted):
     torch.manual_seed(0)
     V, N = 40, 23
     hs = torch.randn(N, 6, dtype=torch.float64, requires_grad=True)
     ws = (torch.randn(V, 6, dtype=torch.float64) * 0.7).requires_grad_()
     ht, wt = torch.randn(N, 9, dtype=torch.float64), torch.randn(V, 9, dtype=torch.float64)
-    upstream = torch.linspace(0.5, 1.5, N, dtype=torch.float64)  # per-token weights reach the gradient
+    # a mean sends every position the same gradient (precomputed in forward); weights take the recomputing path
+    upstream = torch.linspace(0.5, 1.5, N, dtype=torch.float64) if weighted else torch.full((N,), 1 / N).double()
     divergence = losses.reverse_kl if name == "reverse_kl" else losses.get_divergence("jsd", beta=beta)
     expected = chunked_divergence(divergence, hs, lambda h: h @ ws.T, teacher_hidden_ND=ht,
                                   teacher_head=lambda h: h @ wt.T, chunk_size=5)

@@ -25,7 +25,8 @@ def test_quick_benchmark_holds_every_property_and_writes_well_formed_results(tmp
     reliability(ReliabilityArgs(quick=True, work_dir=str(tmp_path / "work"), results_dir=str(results_dir),
                                 progress=False))
     r = json.loads((results_dir / "reliability.json").read_text())
-    assert r["quick"] and r["all_passed"]
+    assert r["quick"] and r["all_passed"] and isinstance(r["code_changed_during_run"], list)
+    assert set(r["phase_s"]) == {"kill_resume", "fuzz", "load", "teacher_kill"} and len(r["load_average"]) == 2
 
     k = r["kill_resume"]
     assert k["kills"] == len(k["records"]) == 3 and all(rec["killed"] for rec in k["records"])
