@@ -139,7 +139,8 @@ def markdown(results: dict) -> str:
         b = results["bias"]
         out += ["", "### Teacher bias", "", f"Planted error: {b['rule']}. It changes the answer of "
                 f"{b['affected_share']:.0%} of problems; measured on {b['biased_teacher']['n']} affected held-out "
-                f"problems (answers) and as many unaffected ones (accuracy).", "",
+                f"problems (answers) and as many unaffected ones (accuracy); students: mean of seeds {b['seeds']}, "
+                f"{args['steps']} updates each.", "",
                 "| model | answer = truth | answer = biased teacher's | neither | accuracy, unaffected problems |",
                 "|---|---|---|---|---|"]
         rows = {"clean teacher": b["clean_teacher"], "biased teacher": b["biased_teacher"], **b["students"]}

@@ -120,6 +120,19 @@ def loss_levers(models: dict, batch: int, new_tokens: int, repeats: int) -> list
             student.zero_grad(set_to_none=True)
         return run
 
+    def trl_loss(beta):
+        from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+        def run():  # TRL takes [B, C, D] hidden states of the completion tokens and a completion mask
+            s_hidden = final_hidden(student, b.input_ids_BL, b.attention_mask_BL)[:, :-1]
+            C = int(b.mask_BT.sum(1).max())
+            P = b.input_ids_BL.shape[1] - 1 - C
+            loss, _, _ = _chunked_divergence_loss(s_hidden[:, P:], t_hidden_BTD[:, P:], s_head.weight, t_head.weight,
+                                                  b.mask_BT[:, P:], beta)
+            loss.backward()
+            student.zero_grad(set_to_none=True)
+        return run
+
     n = int(m.sum())
     for name, divergence, beta in (("JSD β=0.5", losses.get_divergence("jsd", beta=0.5), 0.5),
                                    ("reverse KL", losses.reverse_kl, 1.0)):
@@ -129,7 +142,10 @@ def loss_levers(models: dict, batch: int, new_tokens: int, repeats: int) -> list
                              "student forward + chunked divergence + backward"))
         rows.append(_compare(f"fused divergence ({name}, chunk {LEVER_CHUNK_SIZE})",
                              opd_loss(divergence, LEVER_CHUNK_SIZE), fused_loss(beta, LEVER_CHUNK_SIZE), repeats,
-                             "autograd through the divergence -> written-out gradient"))
+                             "autograd through the divergence -> written-out gradient, computed in the forward pass"))
+        rows.append(_compare(f"reference: TRL's chunked loss -> opd + levers ({name})", trl_loss(beta),
+                             fused_loss(beta, LEVER_CHUNK_SIZE), repeats,
+                             "TRL DistillationTrainer's _chunked_divergence_loss on the same hidden states"))
     @torch.no_grad()
     def teacher_score(with_taken: bool):
         def run():

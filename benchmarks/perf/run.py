@@ -34,6 +34,8 @@ import tyro
 from benchmarks.perf import pairs, report
 
 SYSTEMS = ("opd", "opd_levers", "opd_overlap", "trl_distillation", "trl_gkd")
+LEVER_SYSTEMS = ("opd_levers", "opd_overlap")
+"""opd's loop with the lever prototypes of `benchmarks.perf.levers` / `benchmarks.perf.pipeline` (not library code)."""
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -63,6 +65,8 @@ class PerfArgs:
     """Which pairs to run (`tiny`, `smollm2`)."""
     systems: tuple[str, ...] = SYSTEMS
     """Which systems to run on each pair."""
+    lever_pairs: tuple[str, ...] = ("tiny", "smollm2")
+    """Pairs on which the lever prototypes (`opd_levers`, `opd_overlap`) run; elsewhere they are left out."""
     loss: str = "jsd"
     """The divergence every system trains with: `jsd` (generalized JSD with `beta`) or `reverse_kl`."""
     beta: float = 0.5
@@ -99,6 +103,7 @@ class PerfArgs:
 
 QUICK = dict(
     also_reverse_kl=(),
+    lever_pairs=("tiny",),
     threads=1,
     tiny=PairSettings(batch_size=4, max_new_tokens=8, steps=2, warmup=1, heldout_prompts=4),
     smollm2=PairSettings(batch_size=2, max_new_tokens=8, steps=2, warmup=1, heldout_prompts=2),
@@ -165,7 +170,8 @@ def run_pair(args: PerfArgs, name: str, models: dict, settings: PairSettings, lo
     """The three systems on one pair, back to back, with the matmul peak measured just before them."""
     peak = matmul_gflops(args.threads)
     entries = {}
-    for i, system in enumerate(args.systems):
+    systems = [s for s in args.systems if name in args.lever_pairs or s not in LEVER_SYSTEMS]
+    for i, system in enumerate(systems):
         spec = _spec(args, name, models, settings, system, loss, initial_kl=(i == 0))
         raw = run_entry(spec, work, args)
         entries[system] = raw if "error" in raw else report.summarise_entry(raw, settings.warmup, peak)

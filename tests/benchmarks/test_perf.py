@@ -71,11 +71,12 @@ def test_quick_benchmark_writes_well_formed_results(tmp_path):
     assert results["quick"] is True
     for pair in ("tiny", "smollm2"):
         block = results[pair]
-        assert set(SYSTEMS) <= set(block)
+        systems = SYSTEMS if pair == "tiny" else ("opd", "trl_distillation", "trl_gkd")  # --quick: levers on tiny
+        assert set(systems) <= set(block)
         assert block["matmul_gflops"] > 0 and block["flop_limit_tokens_per_s"] > 0
-        for system in SYSTEMS:
+        for system in systems:
             e = block[system]
-            assert e["completion_tokens_per_s"] > 0 and e["step_time_s"] > 0 and e["peak_rss_mb"] > e["import_rss_mb"]
+            assert e["completion_tokens_per_s"] > 0 and e["step_time_s"] > 0 and e["peak_rss_mb"] >= e["import_rss_mb"]
             assert math.isfinite(e["heldout_reverse_kl"]) and e["heldout_reverse_kl"] >= 0
             assert 0 < e["mfu"] < 1 and e["timed_steps"] == block["settings"]["steps"] - block["settings"]["warmup"]
             # tokens/s, step time and tokens per step describe the same timed steps

@@ -164,21 +164,18 @@ def test_remote_top_k_equal_to_the_vocabulary_gives_the_local_full_loss(model_di
     assert torch.allclose(local, remote, atol=1e-5), (local, remote)
 
 
-def test_teacher_server_dying_mid_run_stops_with_a_resumable_checkpoint(model_dirs, tmp_path, monkeypatch):
-    import functools
-
-    from opd.lm import remote
+def test_teacher_server_dying_mid_run_stops_with_a_resumable_checkpoint(model_dirs, tmp_path):
     from opd.lm.serve import ServeArgs, build_app, load_served
     from tests.lm.serve_helpers import live_server
 
-    monkeypatch.setattr(remote, "RemoteTeacher", functools.partial(remote.RemoteTeacher, max_retries=1, backoff=0.01))
     args = ServeArgs(model_dir=model_dirs["teacher"], device="cpu")
     app = build_app(*load_served(args), args)
     with live_server(app) as url:
-        distill(tiny_cfg(model_dirs, tmp_path, teacher=url, steps=2, save_every=100))
+        distill(tiny_cfg(model_dirs, tmp_path, teacher=url, steps=2, save_every=100, remote_max_retries=1))
     # the server is gone now: the resumed run fails at its first step and says where to resume from
     with pytest.raises(TrainingError, match=r"did not answer after 2 attempts.* checkpoint at step 2 .*--resume"):
-        distill(tiny_cfg(model_dirs, tmp_path, teacher=url, steps=4, save_every=100, resume=True))
+        distill(tiny_cfg(model_dirs, tmp_path, teacher=url, steps=4, save_every=100, resume=True,
+                         remote_max_retries=1))
     with live_server(app) as url:
         distill(tiny_cfg(model_dirs, tmp_path, teacher=url, steps=4, save_every=100, resume=True))
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
