@@ -47,8 +47,8 @@ def section(results: dict) -> str:
     return "\n".join([
         "## Quickstart: on-policy distillation vs SFT on teacher samples",
         "",
-        f"Command: `opd bench quickstart` (= `opd quickstart`: one warm-started student ({args.warm_start_steps} SFT "
-        f"steps of batch 64 on ground truth), then per seed {args.steps} updates of batch {args.batch_size} at lr "
+        f"Command: `opd bench quickstart` (= `opd quickstart`: one warm-started student (SFT on ground truth, batch "
+        f"64, stopped at 20 % training accuracy, at most {args.warm_start_steps} steps), then per seed {args.steps} updates of batch {args.batch_size} at lr "
         f"{args.lr} for each method; accuracy is greedy on {args.eval_examples} held-out problems; seeds "
         f"{list(args.seeds)}). {args.threads} torch thread(s), {platform.machine()} CPU, "
         f"{results['wall_seconds']:.0f} s wall time.",

@@ -238,7 +238,7 @@ def warm_start_student(
     Trains for `steps` steps (warmup, cosine decay), but stops at the first multiple of `check_every`
     steps where the student writes at least `target_accuracy` of 200 training-split problems exactly
     (`exact_match_rate`; None: never stop early). Students learn this task suddenly, once they find
-    each column's digits, at a step that varies a lot with the seed (500-750 for the default student);
+    each column's digits, at a step that varies a lot with the seed (~400-750 for the default student);
     stopping on accuracy puts every seed just past that point, where it still improves fast, instead
     of some seeds before it, where they stay stuck. The learning rate is not annealed when it stops, so
     further training at a lower rate alone raises the student's accuracy.
@@ -251,10 +251,10 @@ def warm_start_student(
     path = cache_root(cache_dir) / "students" / f"{key}-v{WARM_START_VERSION}"
     if use_cache and (path / "config.json").is_file():
         return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    task_ = get_task(task)
+    problems = get_task(task)
     student = make_model(size, tokenizer, seed=seed)
-    examples = task_.examples(steps * batch_size, seed=seed + 1, split="train")
-    probe = task_.examples(200, seed=seed + 2, split="train")
+    examples = problems.examples(steps * batch_size, seed=seed + 1, split="train")
+    probe = problems.examples(200, seed=seed + 2, split="train")
 
     def reached_target(steps_done: int) -> bool:
         return (

@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import math
 import shlex
 
@@ -13,6 +14,7 @@ from opd.tasks.models import encode_examples, make_model, num_params
 from opd.tasks.tokenizer import build_tokenizer
 from opd.tasks.train import (
     TeacherArgs,
+    exact_match_rate,
     get_teacher,
     load_teacher,
     save_teacher,
@@ -115,3 +117,22 @@ def test_warm_start_is_deterministic_and_cached(tmp_path):
     assert torch.equal(first(ids).logits, again(ids).logits) and torch.equal(first(ids).logits, fresh(ids).logits)
     assert not torch.equal(first(ids).logits, other(ids).logits)
     assert len(list((tmp_path / "students").iterdir())) == 1
+    assert json.loads((cached / "warm_start.json").read_text())["steps_done"] == 3
+
+
+def test_warm_start_stops_at_the_first_check_that_reaches_the_target(tmp_path):
+    warm_start_student(TOK, size="xs", steps=9, batch_size=2, target_accuracy=0.0, check_every=4, cache_dir=tmp_path,
+                       progress=False)
+    (cached,) = (tmp_path / "students").iterdir()
+    assert json.loads((cached / "warm_start.json").read_text())["steps_done"] == 4
+
+
+def test_exact_match_rate_is_the_share_greedy_decoding_writes_exactly():
+    teacher, tok, _ = get_teacher(progress=False)
+    examples = TASK.examples(12, seed=3, split="test")
+    # corrupt every other completion: the teacher will not write those
+    examples = [e if i % 2 else dataclasses.replace(e, completion=e.completion[:-1] + "7") for i, e in enumerate(examples)]
+    greedy = generate_greedy(teacher, tok, [e.prompt for e in examples], max_new_tokens=48)
+    expected = sum(g == e.completion for g, e in zip(greedy, examples)) / len(examples)
+    assert 0.0 < expected < 1.0
+    assert exact_match_rate(teacher, tok, examples) == expected
