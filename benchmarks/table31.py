@@ -9,10 +9,11 @@
 3. Teacher bias (row 15): a copy of the teacher fine-tuned to make one systematic error; after distillation, how
    often the student's answer on the affected problems is the truth and how often it is the teacher's.
 
-Writes `results_dir`/table31.json, table31.md (a section for RESULTS.md), table31.png, capacity.png and bias.png;
-the runs (configs, metrics.jsonl, checkpoints) go to `out_dir`. A finished run found there is reused, not redone.
-`--quick` shrinks every step count so the whole thing takes a few minutes: it checks the plumbing, and its numbers
-mean nothing.
+Writes `results_dir`/table31.json, table31.md (a section for RESULTS.md; the hand-written reading of the numbers is
+table31_notes.md next to it), table31.png, capacity.png and bias.png; the runs (configs, metrics.jsonl, checkpoints)
+go to `out_dir`, and a finished run found there is reused, not redone. `--quick` shrinks every step count so the
+whole thing takes a few minutes: it checks the plumbing, its numbers mean nothing, and its files are named
+table31_quick.* etc. so that it never overwrites the real ones.
 
     python -m benchmarks.table31            # the full benchmark (about an hour on 2 quiet cores)
     python -m benchmarks.table31 --quick
@@ -44,7 +45,7 @@ from opd.lm.rollout import encode_prompts, sample
 from opd.lm.train import distill
 from opd.losses import reverse_kl
 from opd.tasks import get_task
-from opd.tasks.models import num_params
+from opd.tasks.models import MODEL_SIZES, num_params
 from opd.tasks.train import cache_root, get_teacher, warm_start_student
 
 
@@ -53,7 +54,8 @@ class Table31Args:
     """The Table 3.1 benchmark; the defaults are the full run whose numbers are in RESULTS.md."""
 
     quick: bool = False
-    """Plumbing check in a few minutes: overrides the step counts, seeds and evaluation sizes with `QUICK`."""
+    """Plumbing check in a few minutes: overrides the step counts, seeds and evaluation sizes with `QUICK`, runs in
+    `out_dir`-quick and writes table31_quick.* (never over a real run's files)."""
     seeds: tuple[int, ...] = (0, 1, 2)
     """One warm start and one run of each method per seed."""
     student_size: str = "student"
@@ -75,10 +77,12 @@ class Table31Args:
     (Adam turns the sparse, mostly-noise gradient into full-size steps), 1e-5 is the largest rate that does not."""
     max_new_tokens: int = 48
     """Longest completion (the longest worked solution is 45 characters plus end-of-sequence)."""
-    warm_start_steps: int = 550
-    """SFT steps on ground truth (`opd.tasks.train.warm_start_student`: batch 64, lr 1e-2, cosine) that give every
-    student its starting point: for the default student about 30-45 % held-out accuracy, just past the point where it
-    finds each column's digits, so it has headroom and RL gets rewards."""
+    warm_start_steps: int | None = None
+    """Cap on the SFT steps on ground truth that give every student its starting point; None: the task's default
+    (`opd.tasks.train.warm_start_student`, which stops once the student solves 20 % of training problems: just past
+    the point where it finds each column's digits, so it has headroom, and RL gets rewards)."""
+    timing_steps: int = 20
+    """Updates per method in the back-to-back timing that gives the seconds per update."""
     evals: int = 6
     """Held-out evaluations per run, evenly spaced (plus the warm start)."""
     eval_examples: int = 200
@@ -113,7 +117,7 @@ class Table31Args:
 
 
 QUICK = dict(seeds=(0, 1), steps=3, rl_steps=4, batch_size=8, group_size=4, warm_start_steps=3, evals=2,
-             eval_examples=16, capacity_seeds=(0,), bias_seeds=(0,), bias_steps=2, bias_eval_examples=8)
+             timing_steps=3, eval_examples=16, capacity_seeds=(0,), bias_seeds=(0,), bias_steps=2, bias_eval_examples=8)
 """What `--quick` overrides."""
 
 METHODS = {
@@ -124,15 +128,13 @@ METHODS = {
     "gkd": dict(label="GKD (λ = 0.5, JSD β = 0.5)", source="mixture", lmbda=0.5, loss="jsd", beta=0.5),
 }
 """Method key -> its label and the `DistillConfig` choices that make it (RL has its own loop)."""
-READING = Path(__file__).with_name("table31_reading.md")
-"""Hand-written reading of the full run's numbers, appended to table31.md by a full (not --quick) run."""
 
 
 def table31(args: Table31Args) -> dict:
     """Run the parts `args.parts` names, write the results files; returns the results."""
     command = _command(args)
-    if args.quick:
-        args = dataclasses.replace(args, **QUICK)
+    if args.quick:  # its runs go next to the real ones, never over them
+        args = dataclasses.replace(args, **QUICK, out_dir=args.out_dir.rstrip("/") + "-quick")
     unknown = set(args.parts) - {"methods", "capacity", "bias"}
     if unknown or not args.parts:
         raise ValueError(f"parts must be some of methods, capacity, bias; got {args.parts}")
@@ -157,7 +159,7 @@ def table31(args: Table31Args) -> dict:
     if "bias" in args.parts:
         students |= {(args.student_size, seed) for seed in args.bias_seeds}
     if "capacity" in args.parts:
-        students |= {(size, seed) for size in args.capacity_sizes for seed in args.capacity_seeds}
+        students |= {(_same(args, size), seed) for size in args.capacity_sizes for seed in args.capacity_seeds}
     biased_dir = cache_root() / "arithmetic-teacher-carry10" if args.teacher is None and not args.quick \
         else out / "bias" / "teacher"
     jobs = [(warm_start, (args, tokenizer, size, seed, _warm_dir(out, size, seed))) for size, seed in sorted(students)]
@@ -169,7 +171,8 @@ def table31(args: Table31Args) -> dict:
         runs |= {_run_dir(out, args.student_size, seed, key): (args.student_size, seed, key, teacher_dir)
                  for seed in args.seeds for key in METHODS}
     if "capacity" in args.parts:
-        runs |= {_run_dir(out, size, seed, "opd_reverse_kl"): (size, seed, "opd_reverse_kl", teacher_dir)
+        runs |= {_run_dir(out, _same(args, size), seed, "opd_reverse_kl"): (_same(args, size), seed, "opd_reverse_kl",
+                                                                             teacher_dir)
                  for size in args.capacity_sizes for seed in args.capacity_seeds}
     if "bias" in args.parts:
         for seed in args.bias_seeds:
@@ -181,10 +184,12 @@ def table31(args: Table31Args) -> dict:
                for run_dir, (size, seed, key, teach) in runs.items()]
     # longest first, so that two workers finish together
     configs.sort(key=lambda cfg: -cfg.steps * (0.5 if isinstance(cfg, RLConfig) else 1.0))
-    _parallel([(_run, (cfg,)) for cfg in configs if not _finished(cfg)], args)
+    todo = [cfg for cfg in configs if not _finished(cfg)]
+    results.update(runs_total=len(configs), runs_reused=len(configs) - len(todo))
+    _parallel([(_run, (cfg,)) for cfg in todo], args)
 
     if "methods" in args.parts:
-        results.update(summarise_methods(args, tokenizer, test, out, results["target_accuracy"]))
+        results.update(summarise_methods(args, tokenizer, test, out, results["target_accuracy"], teacher_dir))
     if "capacity" in args.parts:
         results["capacity"] = measure_capacity(args, teacher, tokenizer, test, out)
     if "bias" in args.parts:
@@ -192,11 +197,29 @@ def table31(args: Table31Args) -> dict:
     results["wall_seconds_total"] = round(time.perf_counter() - t0, 1)
     results["args"] = dataclasses.asdict(args)
     results["command"] = command
-    report.write_all(results, Path(args.results_dir), reading=None if args.quick else READING)
+    report.write_all(results, Path(args.results_dir))
     return results
 
 
-def summarise_methods(args, tokenizer, test, out, target) -> dict:
+def measure_timing(args, out: Path, teacher_dir: str) -> dict[str, float]:
+    """Wall seconds per update of each method, run back to back in this process from the first seed's warm start
+    (the benchmark's runs share the machine with each other, so their own step times depend on what ran beside them).
+    The first two updates (allocation, caches) are left out."""
+    seconds = {}
+    for key in METHODS:
+        cfg = method_config(args, key, _warm_dir(out, args.student_size, args.seeds[0]), teacher_dir, args.seeds[0],
+                            out / "timing" / key)
+        cfg = dataclasses.replace(cfg, steps=args.timing_steps, eval_every=0, eval_examples=1,
+                                  save_every=args.timing_steps, progress=False)
+        shutil.rmtree(cfg.out_dir, ignore_errors=True)
+        (rl if isinstance(cfg, RLConfig) else distill)(cfg)
+        lines = [json.loads(line) for line in (out / "timing" / key / "metrics.jsonl").read_text().splitlines()]
+        timed = lines[2:] or lines
+        seconds[key] = sum(m["step_s"] for m in timed) / len(timed)
+    return seconds
+
+
+def summarise_methods(args, tokenizer, test, out, target, teacher_dir) -> dict:
     """The top-level start accuracy and the per-method summaries over seeds."""
     start_acc, curves = [], {key: [] for key in METHODS}
     for seed in args.seeds:
@@ -204,7 +227,11 @@ def summarise_methods(args, tokenizer, test, out, target) -> dict:
         for key in METHODS:
             curves[key].append(report.read_curve(_run_dir(out, args.student_size, seed, key), start_acc[-1]))
     methods = {key: {"label": METHODS[key]["label"], **report.summarise_method(curves[key], target)} for key in METHODS}
+    level = report.add_rl_level(methods)
+    for key, seconds in measure_timing(args, out, teacher_dir).items():
+        methods[key]["seconds_per_update"] = seconds
     return {"student_start_accuracy": sum(start_acc) / len(start_acc), "student_start_accuracy_seeds": start_acc,
+            "rl_accuracy_level": level,
             "student_params": num_params(load_model(str(_warm_dir(out, args.student_size, args.seeds[0])))),
             "seeds": list(args.seeds), "methods": methods}
 
@@ -231,8 +258,9 @@ def measure_capacity(args, teacher, tokenizer, test, out) -> dict:
         row = {"size": size, "start_accuracy_seeds": [], "final_accuracy_seeds": [], "reverse_kl_before_seeds": [],
                "reverse_kl_after_seeds": []}
         for seed in args.capacity_seeds:
-            run_dir = _run_dir(out, size, seed, "opd_reverse_kl")
-            before, after = load_model(str(_warm_dir(out, size, seed))), load_model(str(run_dir / "checkpoint"))
+            run_dir = _run_dir(out, _same(args, size), seed, "opd_reverse_kl")
+            before = load_model(str(_warm_dir(out, _same(args, size), seed)))
+            after = load_model(str(run_dir / "checkpoint"))
             row["params"] = num_params(before)
             row["start_accuracy_seeds"].append(_accuracy(before, tokenizer, test, args))
             row["final_accuracy_seeds"].append(report.read_curve(run_dir, 0.0)["accuracy"][-1])
@@ -283,12 +311,14 @@ def measure_bias(args, teacher_dir: str, biased_dir: Path, tokenizer, out) -> di
         students["warm start"].append(measure(_warm_dir(out, args.student_size, seed)))
         students["OPD (reverse KL) from the biased teacher"].append(
             measure(out / "bias" / f"seed-{seed}" / "opd_reverse_kl" / "checkpoint"))
-        students["SFT on the biased teacher's samples"].append(measure(out / "bias" / f"seed-{seed}" / "sft" / "checkpoint"))
+        students["SFT on the biased teacher's samples"].append(
+            measure(out / "bias" / f"seed-{seed}" / "sft" / "checkpoint"))
         students["OPD (reverse KL) from the clean teacher"].append(
             measure(_run_dir(out, args.student_size, seed, "opd_reverse_kl") / "checkpoint"))
     return {"rule": bias.RULE, "affected_share": len(bias.affected(pool)) / len(pool), "teacher_dir": str(biased_dir),
             "plant": json.loads((biased_dir / "info.json").read_text()).get("bias"),
-            "clean_teacher": measure(teacher_dir), "biased_teacher": measure(biased_dir), "seeds": list(args.bias_seeds),
+            "clean_teacher": measure(teacher_dir), "biased_teacher": measure(biased_dir),
+            "seeds": list(args.bias_seeds),
             "students": {name: report.mean_of_dicts(rows) | {"seeds": rows} for name, rows in students.items()}}
 
 
@@ -298,12 +328,18 @@ def warm_start(args, tokenizer, size: str, seed: int, path: Path) -> None:
     marker = path / "warm_start.json"
     if marker.is_file() and json.loads(marker.read_text()) == settings:
         return
+    steps = {} if args.warm_start_steps is None else {"steps": args.warm_start_steps}
     # --quick students are not worth a place in the shared cache of warm starts
-    student = warm_start_student(tokenizer, size, seed, steps=args.warm_start_steps, use_cache=not args.quick,
+    student = warm_start_student(tokenizer, size, seed, **steps, use_cache=not args.quick,
                                  progress=args.progress and args.workers == 1)
     student.save_pretrained(path)
     tokenizer.save_pretrained(path)
     marker.write_text(json.dumps(settings) + "\n")
+
+
+def _same(args, size: str) -> str:
+    """The comparison's student size for a ladder size naming the same model ("m" is "student"): one run, not two."""
+    return args.student_size if MODEL_SIZES[size] == MODEL_SIZES[args.student_size] else size
 
 
 def _warm_dir(out: Path, size: str, seed: int) -> Path:
@@ -373,9 +409,15 @@ def _accuracy(model, tokenizer, examples, args) -> float:
 
 
 def table31_main(args: Table31Args) -> None:
-    """CLI: run the benchmark and print the markdown section it wrote."""
+    """CLI: run the benchmark, print the markdown section it wrote and, after a full run into the repository's
+    results, rebuild RESULTS.md (`benchmarks.report`, which appends the hand-written table31_notes.md)."""
     table31(args)
-    print((Path(args.results_dir) / "table31.md").read_text())
+    results_dir = Path(args.results_dir)
+    print((results_dir / report.output_names(args.quick)["md"]).read_text())
+    from benchmarks import report as results_md
+
+    if not args.quick and results_dir.resolve() == results_md.RESULTS.resolve():
+        results_md.write_results()
 
 
 if __name__ == "__main__":

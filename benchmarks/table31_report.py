@@ -85,6 +85,18 @@ def summarise_method(curves: list[dict], target: float) -> dict:
     }
 
 
+def add_rl_level(methods: dict) -> float:
+    """Give every method the FLOPs its seed-mean curve needs to reach RL's final accuracy (`flops_to_rl_accuracy`,
+    None if never) and RL's total FLOPs over that (`rl_flops_ratio`): the seed's "RL-level accuracy at a fraction
+    of RL's compute". Returns that accuracy level."""
+    level = methods["rl"]["final_accuracy"]
+    for s in methods.values():
+        s["flops_to_rl_accuracy"] = _first_reaching(s["curve"]["flops"], s["curve"]["accuracy"], level)
+        reached = s["flops_to_rl_accuracy"]
+        s["rl_flops_ratio"] = methods["rl"]["total_flops"] / reached if reached else None
+    return level
+
+
 def mean_of_dicts(rows: list[dict]) -> dict:
     """Key-wise mean of dicts of numbers."""
     return {k: _mean([r[k] for r in rows]) for k in rows[0]}
@@ -94,36 +106,55 @@ def _sci(x: float | None) -> str:
     return "never" if x is None else f"{x:.2e}"
 
 
+def _seconds(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
 def markdown(results: dict) -> str:
     """The RESULTS.md section: tables of every part that ran, and what the numbers say."""
     args = results["args"]
+    names = output_names(args["quick"])
     out = ["## Table 3.1 as an experiment: SFT vs RL vs on-policy distillation, accuracy against compute", ""]
     if args["quick"]:
         out += ["**--quick run: tiny step counts, the numbers below mean nothing.**", ""]
     out += [f"Teacher: {results['teacher_params']:,} parameters, held-out accuracy {results['teacher_accuracy']:.3f} "
             f"({results['eval_examples']} problems). Target accuracy {results['target_accuracy']:.3f} "
             f"({results['target_definition']}). Command: `{results['command']}`; {results['wall_seconds_total']:.0f} s "
-            f"wall in all, {args['threads']} torch thread(s)."]
+            f"wall for this invocation ({results['runs_reused']} of {results['runs_total']} runs found finished in "
+            f"the run directory and reused), {args['workers']} worker process(es) of {args['threads']} torch "
+            "thread(s)."]
     if "methods" in results:
         m = results["methods"]
-        out += ["", f"Student start (warm start, {args['warm_start_steps']} SFT steps on ground truth): "
+        out += ["", "Student start (warm start: SFT on ground truth until it solves 20 % of training problems, "
+                f"`opd.tasks.train.warm_start_student`, step cap {args['warm_start_steps'] or 'default'}): "
                 f"{results['student_start_accuracy']:.3f} (seeds "
                 f"{', '.join(f'{a:.3f}' for a in results['student_start_accuracy_seeds'])}). "
                 f"Student: size {results['student_size']}, {results['student_params']:,} parameters. Every method: "
                 f"batch {args['batch_size']} sequences, {len(results['seeds'])} seeds, lr {args['lr']:g} (RL "
                 f"{args['rl_lr']:g}); RL: {args['batch_size'] // args['group_size']} prompts × {args['group_size']} "
                 f"samples, group-normalised 0/1 reward.", "",
-                "| method | updates | final accuracy (mean ± sd) | per seed | FLOPs to target | total FLOPs | "
-                "FLOPs / update | training wall s |", "|---|---|---|---|---|---|---|---|"]
+                "| method | updates | final accuracy (mean ± sd) | per seed | FLOPs to target | FLOPs to RL's final "
+                f"accuracy ({results['rl_accuracy_level']:.3f}) | total FLOPs | FLOPs / update | s / update |",
+                "|---|---|---|---|---|---|---|---|---|"]
         for s in m.values():
+            ratio = ""
+            if s["rl_flops_ratio"] and s is not m["rl"]:
+                # reached at the first evaluation: the true crossing may be earlier, the ratio larger
+                at_least = "≥ " if s["flops_to_rl_accuracy"] == s["curve"]["flops"][1] else ""
+                ratio = f" ({at_least}{s['rl_flops_ratio']:.1f}× less than RL)"
             out.append(f"| {s['label']} | {s['steps']} | {s['final_accuracy']:.3f} ± {s['final_accuracy_std']:.3f} | "
                        f"{', '.join(f'{a:.3f}' for a in s['final_accuracy_seeds'])} | {_sci(s['flops_to_target'])} | "
-                       f"{s['total_flops']:.2e} | {s['total_flops'] / s['steps']:.2e} | {s['wall_seconds']:.0f} |")
+                       f"{_sci(s['flops_to_rl_accuracy'])}{ratio} | {s['total_flops']:.2e} | "
+                       f"{s['total_flops'] / s['steps']:.2e} | {_seconds(s.get('seconds_per_update'))} |")
+        out += ["", "FLOPs to a level: on the seed-mean curve, at the first evaluation at or above it. s / update: "
+                "wall seconds per update timed back to back in one process after the runs "
+                f"({args['timing_steps']} updates each, seed {results['seeds'][0]}'s warm start); the runs themselves "
+                "shared the machine, so their own step times (`wall_seconds` in the JSON) are noisier."]
         out += ["", "Where the FLOPs went (mean per run):", "",
                 "| method | " + " | ".join(KIND_LABELS.values()) + " |", "|---" * (len(KIND_LABELS) + 1) + "|"]
         for s in m.values():
             out.append(f"| {s['label']} | " + " | ".join(f"{s['flops_by_kind'][k]:.2e}" for k in KIND_LABELS) + " |")
-        out += ["", "![accuracy vs FLOPs](benchmarks/results/table31.png)"]
+        out += ["", f"![accuracy vs FLOPs](benchmarks/results/{names['methods']})"]
     if "capacity" in results:
         c = results["capacity"]
         out += ["", f"### Capacity sweep (on-policy distillation, full reverse KL, {c['steps']} updates, "
@@ -134,7 +165,7 @@ def markdown(results: dict) -> str:
             out.append(f"| {r['size']} | {r['params']:,} | {r['start_accuracy']:.3f} | {r['final_accuracy']:.3f} | "
                        f"{r['reverse_kl_before']:.3f} | {r['reverse_kl_after']:.3f} |")
         out += ["", "Reverse KL: mean over the student's own sampled completion tokens of KL(student ‖ teacher), "
-                "full vocabulary, on the held-out prompts.", "", "![capacity](benchmarks/results/capacity.png)"]
+                "full vocabulary, on the held-out prompts.", "", f"![capacity](benchmarks/results/{names['capacity']})"]
     if "bias" in results:
         b = results["bias"]
         out += ["", "### Teacher bias", "", f"Planted error: {b['rule']}. It changes the answer of "
@@ -147,23 +178,28 @@ def markdown(results: dict) -> str:
         for name, r in rows.items():
             out.append(f"| {name} | {r['truth']:.3f} | {r['teacher']:.3f} | {r['neither']:.3f} | "
                        f"{r['unaffected_accuracy']:.3f} |")
-        out += ["", "![teacher bias](benchmarks/results/bias.png)"]
+        out += ["", f"![teacher bias](benchmarks/results/{names['bias']})"]
     return "\n".join(out) + "\n"
 
 
-def write_all(results: dict, results_dir: Path, reading: Path | None = None) -> None:
-    """table31.json, table31.md (with the hand-written reading appended if `reading` exists) and the plots."""
+def output_names(quick: bool) -> dict[str, str]:
+    """File names of the outputs; a --quick run gets its own (`*_quick.*`) so it never overwrites the real ones."""
+    suffix = "_quick" if quick else ""
+    return {"json": f"table31{suffix}.json", "md": f"table31{suffix}.md", "methods": f"table31{suffix}.png",
+            "capacity": f"capacity{suffix}.png", "bias": f"bias{suffix}.png"}
+
+
+def write_all(results: dict, results_dir: Path) -> None:
+    """The JSON, the markdown section and the plots, under the names `output_names` gives."""
     from benchmarks import table31_plots as plots
 
+    names = output_names(results["args"]["quick"])
     results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / "table31.json").write_text(json.dumps(results, indent=2) + "\n")
-    text = markdown(results)
-    if reading is not None and reading.is_file():
-        text += "\n" + reading.read_text()
-    (results_dir / "table31.md").write_text(text)
+    (results_dir / names["json"]).write_text(json.dumps(results, indent=2) + "\n")
+    (results_dir / names["md"]).write_text(markdown(results))
     if "methods" in results:
-        plots.plot_methods(results, results_dir / "table31.png")
+        plots.plot_methods(results, results_dir / names["methods"])
     if "capacity" in results:
-        plots.plot_capacity(results, results_dir / "capacity.png")
+        plots.plot_capacity(results, results_dir / names["capacity"])
     if "bias" in results:
-        plots.plot_bias(results, results_dir / "bias.png")
+        plots.plot_bias(results, results_dir / names["bias"])

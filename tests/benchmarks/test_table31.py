@@ -4,7 +4,7 @@ import math
 import pytest
 
 from benchmarks.table31 import METHODS, Table31Args, _command, table31
-from benchmarks.table31_report import summarise_method
+from benchmarks.table31_report import add_rl_level, summarise_method
 from benchmarks.teacher_bias import affected, biased_version, solve_biased
 from opd.tasks import get_task
 from opd.tasks.arithmetic import solve
@@ -35,6 +35,11 @@ def test_flops_to_target_is_read_off_the_seed_mean_curve():
     assert s["curve"]["accuracy_min"] == [0.1, 0.5, 0.7] and s["curve"]["accuracy_max"] == [0.1, 0.7, 0.9]
     assert s["total_flops"] == 210.0 and s["wall_seconds"] == 4.0
     assert summarise_method(curves, target=0.95)["flops_to_target"] is None
+    rl = summarise_method([_curve([0.1, 0.2, 0.4], [0.0, 300.0, 600.0], [0.0, 1.0, 2.0])], target=0.6)
+    methods = {"rl": rl, "opd": s}
+    assert add_rl_level(methods) == 0.4
+    assert s["flops_to_rl_accuracy"] == 105.0 and s["rl_flops_ratio"] == pytest.approx(600.0 / 105.0)
+    assert rl["flops_to_rl_accuracy"] == 600.0 and rl["rl_flops_ratio"] == 1.0
 
 
 def test_command_lists_only_the_flags_that_differ_from_the_defaults():
@@ -47,7 +52,7 @@ def test_quick_benchmark_writes_well_formed_results(model_dirs, tmp_path):
     results_dir = tmp_path / "results"
     table31(Table31Args(quick=True, teacher=model_dirs["teacher"], capacity_sizes=("xs", "s", "m", "l"),
                         out_dir=str(tmp_path / "runs"), results_dir=str(results_dir), progress=False))
-    results = json.loads((results_dir / "table31.json").read_text())
+    results = json.loads((results_dir / "table31_quick.json").read_text())
     for key in ("teacher_accuracy", "student_start_accuracy", "target_accuracy"):
         assert 0.0 <= results[key] <= 1.0
     assert results["target_accuracy"] == pytest.approx(0.9 * results["teacher_accuracy"])
@@ -58,6 +63,7 @@ def test_quick_benchmark_writes_well_formed_results(model_dirs, tmp_path):
         assert m["total_flops"] > 0 and m["wall_seconds"] > 0
         assert m["total_flops"] == pytest.approx(sum(m["flops_by_kind"].values()))
         assert m["flops_to_target"] is None or 0 <= m["flops_to_target"] <= m["total_flops"]
+        assert m["seconds_per_update"] > 0
         steps = m["curve"]["step"]
         assert steps[0] == 0 and steps[-1] == m["steps"] and steps == sorted(set(steps)) and len(steps) >= 3
         assert m["curve"]["flops"] == sorted(m["curve"]["flops"])
@@ -71,7 +77,8 @@ def test_quick_benchmark_writes_well_formed_results(model_dirs, tmp_path):
     assert all(math.isfinite(r["reverse_kl_after"]) and r["reverse_kl_after"] >= 0 for r in sizes)
     for row in [results["bias"]["biased_teacher"], *results["bias"]["students"].values()]:
         assert row["truth"] + row["teacher"] + row["neither"] == pytest.approx(1.0)
-    text = (results_dir / "table31.md").read_text()
+    text = (results_dir / "table31_quick.md").read_text()
     assert text.count("\n| ") >= 5 + 4 + 6 and "--quick" in text
-    for name in ("table31.png", "capacity.png", "bias.png"):
+    assert not (results_dir / "table31.json").exists()  # a quick run never overwrites the real results
+    for name in ("table31_quick.png", "capacity_quick.png", "bias_quick.png"):
         assert (results_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
