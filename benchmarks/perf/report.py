@@ -122,6 +122,25 @@ def pair_table(pair: dict) -> list[str]:
     return lines
 
 
+def goals_table(goals: dict) -> list[str]:
+    """Markdown rows: each opd variant against both TRL trainers (speed, memory, quality) and the FLOP limit."""
+    if not goals:
+        return []
+    lines = ["| | tokens/s ÷ TRL Distillation | tokens/s ÷ TRL GKD | share of FLOP limit | RSS ÷ TRL Distillation "
+             "| RSS ÷ TRL GKD | KL − TRL Distillation | KL − TRL GKD | speed goal met |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for mine, prefix in (("opd", ""), ("opd_levers", "levers_"), ("opd_overlap", "overlap_")):
+        if f"{prefix}fraction_of_flop_limit" not in goals:
+            continue
+        g = lambda key, spec: _fmt(goals.get(prefix + key), spec)  # noqa: E731
+        lines.append(f"| {SYSTEM_NAMES[mine]} | {g('speedup_vs_trl_distillation', '.2f')} | "
+                     f"{g('speedup_vs_trl_gkd', '.2f')} | {g('fraction_of_flop_limit', '.2f')} | "
+                     f"{g('memory_ratio_vs_trl_distillation', '.2f')} | {g('memory_ratio_vs_trl_gkd', '.2f')} | "
+                     f"{g('reverse_kl_minus_trl_distillation', '+.4f')} | {g('reverse_kl_minus_trl_gkd', '+.4f')} | "
+                     f"{goals[prefix + 'speed_goal_met']} |")
+    return lines + [""]
+
+
 def markdown(results: dict) -> str:
     """The RESULTS.md section: per-pair tables, goals, the sweep, and how to reproduce."""
     m = results["machine"]
@@ -140,7 +159,7 @@ def markdown(results: dict) -> str:
         s = pair["settings"]
         lines += [f"### `{name}`: {pair['models']['description']}", "",
                   f"Batch {s['batch_size']}, up to {s['max_new_tokens']} new tokens, {s['steps']} steps "
-                  f"({s['warmup']} warm-up steps not timed), temperature 1, lr {results['args']['lr']} constant; "
+                  f"(the first {s['warmup']} not timed), temperature 1, lr {results['args']['lr']} constant; "
                   f"held-out reverse KL on {s['heldout_prompts']} test prompts after the last step "
                   f"(before training: {_fmt(pair.get('opd', {}).get('heldout_reverse_kl_start'), '.4f')}).", ""]
         for loss, block in blocks:
@@ -148,11 +167,7 @@ def markdown(results: dict) -> str:
             lines += [f"**{label}** — fp32 matmul peak {block['matmul_gflops']:.0f} GFLOP/s; FLOP limit "
                       f"{_fmt(block['flop_limit_tokens_per_s'], '.0f')} completion tokens/s.", ""]
             lines += pair_table(block) + [""]
-            g = block.get("goals", {})
-            if g:
-                parts = [f"{k.replace('_', ' ')}: {v:.2f}" for k, v in g.items() if isinstance(v, float)]
-                met = [f"{k.replace('_', ' ')}: {v}" for k, v in g.items() if isinstance(v, bool)]
-                lines += ["Goals — " + "; ".join(parts + met) + ".", ""]
+            lines += goals_table(block.get("goals", {}))
     if results.get("sweep"):
         lines += ["### Sweep: step time and peak RSS against completion length and vocabulary size", "",
                   "| vocab | new tokens | system | step time (s) | tokens/s | peak RSS (MB) | MFU |",

@@ -3,10 +3,10 @@
 HF `generate` keeps every row in the batch until the last one stops (finished rows keep being computed, their output
 replaced by padding) and runs a general machinery of processors and stopping criteria around every forward pass.
 On-policy distillation needs far less: draw from softmax(logits / temperature), optionally nucleus-filtered, until
-eos or `max_new_tokens`. `sample_completions` does exactly that with the same token-selection operations as
-`generate` (HF's own temperature and top-p warpers, softmax, `torch.multinomial`), so every completion has the same
-distribution as under `generate(do_sample=True, top_k=0)`; finished rows are dropped from the batch and its KV
-cache, so the remaining ones run on a smaller batch.
+eos or `max_new_tokens`. `sample_completions` does exactly that: the scores of `generate` (HF's own temperature and
+top-p warpers), then an exact draw from their softmax, so every completion has the same distribution as under
+`generate(do_sample=True, top_k=0)`, and greedy decoding gives the same tokens. Finished rows are dropped from the
+batch and its KV cache, so the remaining ones run on a smaller batch.
 
 What is not applied: sampling settings stored in the model's `generation_config` (repetition penalty, min length,
 suppressed tokens, ...). The on-policy losses assume the student samples from its own softmax, so those would be
@@ -101,9 +101,8 @@ def sample_completions(
         next_pos_B1 = pos_BL[:, -1:] + 1
         for step in range(max_new_tokens):
             token_B = _pick(out.logits[:, -1], temperature, top_p)
-            token_list = token_B.tolist()
-            for r, (row, tok) in enumerate(zip(rows, token_list)):
-                if not done_B[r]:
+            for row, tok, done in zip(rows, token_B.tolist(), done_B.tolist()):
+                if not done:
                     completions[row].append(tok)
             if eos_id is not None:
                 done_B |= (token_B == eos_id).cpu()
@@ -112,10 +111,10 @@ def sample_completions(
             n_done = int(done_B.sum())
             if n_done and n_done >= _COMPACT_FRACTION * len(rows):
                 keep = (~done_B).nonzero().squeeze(1)
-                cache.batch_select_indices(keep.to(device))
                 rows = [rows[k] for k in keep.tolist()]
-                keep_dev = keep.to(device)
-                token_B, attn_BL, next_pos_B1 = token_B[keep_dev], attn_BL[keep_dev], next_pos_B1[keep_dev]
+                keep = keep.to(device)
+                cache.batch_select_indices(keep)
+                token_B, attn_BL, next_pos_B1 = token_B[keep], attn_BL[keep], next_pos_B1[keep]
                 done_B = torch.zeros(len(rows), dtype=torch.bool)
             attn_BL = torch.cat([attn_BL, attn_BL.new_ones((attn_BL.shape[0], 1))], dim=1)
             out = model(input_ids=token_B[:, None], attention_mask=attn_BL, position_ids=next_pos_B1, **extra)

@@ -86,5 +86,7 @@ def test_quick_benchmark_writes_well_formed_results(tmp_path):
             block["opd"]["completion_tokens_per_s"] / block["trl_gkd"]["completion_tokens_per_s"])
         assert math.isfinite(block["opd"]["heldout_reverse_kl_start"])
     text = (results_dir / "perf.md").read_text()
-    assert text.count("\n| opd |") == 2 and text.count("| TRL GKDTrainer") == 2 and "--quick" in text
+    # per pair: one measurement row and one goals row for opd, one measurement row per TRL trainer
+    assert text.count("\n| opd |") == 4 and text.count("| TRL GKDTrainer") == 2 and "--quick" in text
+    assert text.count("| tokens/s ÷ TRL Distillation |") == 2
     assert (results_dir / "perf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
