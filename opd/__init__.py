@@ -7,6 +7,7 @@ The losses are re-exported here so that `opd.reverse_kl(...)` works; everything 
 __version__ = "0.1.0"
 
 from opd.chunked import chunked_divergence, chunked_taken_logp
+from opd.fused import fused_divergence
 from opd.losses import (
     DIVERGENCES,
     discounted_returns,
@@ -35,6 +36,7 @@ __all__ = [
     "discounted_returns",
     "feature_l2",
     "forward_kl",
+    "fused_divergence",
     "generalized_jsd",
     "get_divergence",
     "hinton_kd",

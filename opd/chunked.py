@@ -5,6 +5,8 @@ of the positions that count, flattened to [N, D] (select them first: `hidden_BTD
 (any callable [n, D] -> [n, V], e.g. `model.lm_head`). Each chunk computes logits -> log_softmax -> loss inside
 `torch.utils.checkpoint` (non-reentrant), so the chunk's logits are not kept for backward but recomputed there:
 peak memory is O(chunk_size·V), not O(N·V). Log-softmax runs in at least float32 whatever the head's dtype.
+Without a `chunk_size` a chunk holds about `CHUNK_ELEMENTS` logits (`auto_chunk_size`). `opd.fused` is the fast path
+of `chunked_divergence` for the KL family and plain linear heads.
 """
 
 from __future__ import annotations
@@ -19,6 +21,35 @@ from torch.utils.checkpoint import checkpoint
 from opd.losses import topk_divergence
 
 Head = Callable[[torch.Tensor], torch.Tensor]
+
+CHUNK_ELEMENTS = 6 << 20
+"""Positions × vocabulary entries per chunk when no chunk size is given (24 MiB of float32 logits): 128 positions at
+a 49,152-token vocabulary, 41 at 152k, every position at once for a small one. Chosen with
+`benchmarks/perf/chunk_bench.py` (results in `benchmarks/results/perf_chunks.md`): the element-wise passes over a
+[chunk, V] tile are memory-bound, so 1024 positions × 49k (200 MB) stream through memory at every pass (2.1–2.5×
+slower than 128 positions with autograd, 1.1–1.3× with the fused gradient), while tiles of a few dozen positions
+re-read the heads' weights once per chunk. Near 6M entries both paths are within the run-to-run noise (~10%) of their
+best at every vocabulary measured; the autograd path slows down sharply above ~10M (its graph keeps more tiles
+alive)."""
+
+
+def auto_chunk_size(vocab_size: int) -> int:
+    """Positions per chunk for a vocabulary of `vocab_size`: `CHUNK_ELEMENTS // vocab_size`, at least 1."""
+    return max(1, CHUNK_ELEMENTS // max(1, vocab_size))
+
+
+def resolve_chunk_size(chunk_size: int | None, head: Head, hidden_ND: torch.Tensor) -> int:
+    """`chunk_size` itself, or (None) `auto_chunk_size` of the head's vocabulary: its `out_features` or, for any other
+    callable, the width of its output for one position."""
+    if chunk_size is not None:
+        return chunk_size
+    vocab_size = getattr(head, "out_features", None)
+    if vocab_size is None:
+        if hidden_ND.dim() != 2 or hidden_ND.shape[0] == 0:
+            return 1024  # nothing to chunk (or a shape error that the caller reports)
+        with torch.no_grad():
+            vocab_size = head(hidden_ND[:1]).shape[-1]
+    return auto_chunk_size(vocab_size)
 
 
 def _logp(head: Head, hidden_nD: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -54,7 +85,7 @@ def chunked_divergence(
     teacher_logp_NV: torch.Tensor | None = None,
     teacher_ids_NK: torch.Tensor | None = None,
     teacher_logp_NK: torch.Tensor | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     temperature: float = 1.0,
     **kwargs: float,
 ) -> torch.Tensor:
@@ -67,8 +98,9 @@ def chunked_divergence(
       - `teacher_ids_NK` + `teacher_logp_NK`: a top-k signal, scored with `opd.losses.topk_divergence`.
     `temperature` divides the logits computed here (student's, and teacher's from hidden states); log-probs passed
     in must already be at the temperature wanted. Gradients reach `student_hidden_ND` and the student head's
-    parameters, and equal those of the unchunked computation.
+    parameters, and equal those of the unchunked computation. `chunk_size` None: `auto_chunk_size`.
     """
+    chunk_size = resolve_chunk_size(chunk_size, student_head, student_hidden_ND)
     _check_common(student_hidden_ND, chunk_size, temperature)
     n = student_hidden_ND.shape[0]
     modes = [teacher_hidden_ND is not None, teacher_logp_NV is not None, teacher_ids_NK is not None]
@@ -110,11 +142,13 @@ def chunked_taken_logp(
     hidden_ND: torch.Tensor,
     head: Head,
     targets_N: torch.Tensor,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """log p(targets_N[i] | position i) from hidden states and an LM head, [N], without [N, V] logits: the input
-    of `sampled_reverse_kl`, `policy_gradient_loss`, and (negated) SFT cross-entropy."""
+    of `sampled_reverse_kl`, `policy_gradient_loss`, and (negated) SFT cross-entropy. `chunk_size` None:
+    `auto_chunk_size`."""
+    chunk_size = resolve_chunk_size(chunk_size, head, hidden_ND)
     _check_common(hidden_ND, chunk_size, temperature)
     if targets_N.shape != hidden_ND.shape[:1]:
         raise ValueError(f"targets_N has shape {tuple(targets_N.shape)}; expected ({hidden_ND.shape[0]},)")

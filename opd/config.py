@@ -80,14 +80,29 @@ class DistillConfig:
     """Evaluate held-out accuracy every this many steps (0: only at the end)."""
     save_every: int = 100
     """Write a checkpoint every this many steps (and at the end)."""
-    chunk_size: int = 1024
-    """Positions per chunk when evaluating LM heads and full-vocabulary losses."""
+    chunk_size: int | None = None
+    """Positions per chunk when evaluating LM heads and full-vocabulary losses. None: about 6M logits per chunk
+    (`opd.chunked.auto_chunk_size`: 128 positions at a 49k vocabulary, all of them at a small one)."""
     top_k: int = 20
     """Top-k log-probs requested from a remote teacher."""
+    sampler: str | None = None
+    """http(s)://host:port/v1 of a completions server that samples the student's completions (source=student, and the
+    student's batches of source=mixture): `opd serve STUDENT_DIR`, or any server that also answers opd's
+    `POST /opd/update_weights`, since it gets the student's weights every `sync_every` updates (as safetensors under
+    out_dir/sampler_weights, which it must be able to read). None: the student samples in-process."""
+    sync_every: int = 1
+    """With --sampler: push the student's weights to the sampler every this many updates (and when a run starts or
+    resumes). 1 keeps the samples on-policy; larger values sample from weights up to sync_every - 1 updates old."""
+    ratio_clip: float = 2.0
+    """Truncation c of the importance ratio π_student/π_sampler at each sampled token, min(ratio, c), for loss=sampled
+    (truncated importance sampling, TIS, Yao et al. 2025; a small cap such as 2 keeps tokens the sampler under-weights
+    from blowing up the gradient). Matters only with --sampler; in-process samples have ratio 1. The full-vocabulary
+    losses are not reweighted (why: opd.lm.server_rollouts)."""
     remote_timeout: float = 60.0
-    """Seconds to wait for one answer from a teacher server before retrying."""
+    """Seconds to wait for one answer from a teacher or sampler server before retrying."""
     remote_max_retries: int = 5
-    """Retries (with doubling back-off from 0.5 s) before a silent teacher server stops the run with a checkpoint."""
+    """Retries (with doubling back-off from 0.5 s) before a silent teacher or sampler server stops the run with a
+    checkpoint."""
     seed: int = 0
     """Seeds prompt order, sampling and the mixture's coin flips."""
     out_dir: str = "runs/distill"

@@ -110,3 +110,19 @@ def test_bad_arguments_are_one_line_errors():
         chunked_divergence(reverse_kl, student_hidden, student_head, teacher_logp_NV=torch.zeros(N + 1, V))
     with pytest.raises(ValueError, match="chunk_size"):
         chunked_taken_logp(student_hidden, student_head, torch.zeros(N, dtype=torch.long), chunk_size=0)
+
+
+def test_without_a_chunk_size_a_chunk_holds_about_chunk_elements_logits():
+    from opd.chunked import CHUNK_ELEMENTS, auto_chunk_size, resolve_chunk_size
+
+    assert auto_chunk_size(49152) == CHUNK_ELEMENTS // 49152 == 128
+    assert auto_chunk_size(20) >= 100_000 and auto_chunk_size(10**9) == 1  # a small vocabulary: one chunk
+    student_head, teacher_head, student_hidden, teacher_hidden = _setup(seed=5)
+    assert resolve_chunk_size(None, student_head, student_hidden) == auto_chunk_size(V)
+    assert resolve_chunk_size(None, lambda h: student_head(h), student_hidden) == auto_chunk_size(V)  # probed
+    assert resolve_chunk_size(7, student_head, student_hidden) == 7
+    auto = chunked_divergence(reverse_kl, student_hidden, student_head, teacher_hidden_ND=teacher_hidden,
+                              teacher_head=teacher_head)
+    one_by_one = chunked_divergence(reverse_kl, student_hidden, student_head, teacher_hidden_ND=teacher_hidden,
+                                    teacher_head=teacher_head, chunk_size=1)
+    torch.testing.assert_close(auto, one_by_one)

@@ -117,6 +117,7 @@ def markdown(result: dict) -> str:
              f"thread(s), {args['loss']}, divergence forward + backward from hidden states (student 256 wide with a "
              f"tied head, teacher 576), CPU seconds, median of {args['repeats']}. **Bold**: the default chunk size "
              f"(`opd.chunked.auto_chunk_size`).", "",
+             *([result["note"] + ".", ""] if result.get("note") else []),
              "| vocab | positions | path | chunk size | CPU s |", "|---:|---:|---|---:|---:|"]
     for r in result["rows"]:
         c = "—" if r["chunk_size"] is None else (f"**{r['chunk_size']}**" if r["auto"] else str(r["chunk_size"]))

@@ -1,5 +1,8 @@
 """Each speed/memory lever of the performance benchmark measured on its own, before and after, back to back.
 
+The loss levers (chunk size, the fused divergence of `opd.fused`, no taken-token pass of the teacher) are library
+code now; "before" is how opd ran without them (1024 positions per chunk, autograd, `with_taken_logp=True`).
+
     python -m benchmarks.perf.lever_bench            # about 5 minutes on 2 quiet cores
     python -m benchmarks.perf.lever_bench --quick    # plumbing check
 
@@ -21,12 +24,13 @@ import torch
 import tyro
 
 from benchmarks.perf import pairs
-from benchmarks.perf.levers import LEVER_CHUNK_SIZE, fused_chunked_divergence
 from opd import losses
-from opd.chunked import chunked_divergence
-from opd.lm.model import final_hidden, lm_head, load_model, load_tokenizer, taken_logp
+from opd.chunked import auto_chunk_size, chunked_divergence
+from opd.fused import fused_divergence
+from opd.lm.model import final_hidden, lm_head, load_model, load_tokenizer
 from opd.lm.rollout import encode_prompts, layout
 from opd.lm.sampler import sample_completions
+from opd.lm.teacher import LocalTeacher
 from opd.tasks import get_task
 
 
@@ -113,10 +117,11 @@ def loss_levers(models: dict, batch: int, new_tokens: int, repeats: int) -> list
             student.zero_grad(set_to_none=True)
         return run
 
-    def fused_loss(beta, chunk):
+    def fused_loss(divergence, chunk):
         def run():
             s_hidden = final_hidden(student, b.input_ids_BL, b.attention_mask_BL)[:, :-1][m]
-            fused_chunked_divergence(beta, s_hidden, s_head.weight, t_hidden, t_head.weight, chunk).mean().backward()
+            fused_divergence(divergence, s_hidden, s_head, teacher_hidden_ND=t_hidden, teacher_head=t_head,
+                             chunk_size=chunk).mean().backward()
             student.zero_grad(set_to_none=True)
         return run
 
@@ -134,29 +139,27 @@ def loss_levers(models: dict, batch: int, new_tokens: int, repeats: int) -> list
         return run
 
     n = int(m.sum())
+    vocab = s_head.weight.shape[0]
+    chunk = auto_chunk_size(vocab)
     for name, divergence, beta in (("JSD β=0.5", losses.get_divergence("jsd", beta=0.5), 0.5),
                                    ("reverse KL", losses.reverse_kl, 1.0)):
-        vocab = s_head.weight.shape[0]
-        rows.append(_compare(f"chunk size 1024 -> {LEVER_CHUNK_SIZE} ({name}, {n} positions, V={vocab})",
-                             opd_loss(divergence, 1024), opd_loss(divergence, LEVER_CHUNK_SIZE), repeats,
-                             "student forward + chunked divergence + backward"))
-        rows.append(_compare(f"fused divergence ({name}, chunk {LEVER_CHUNK_SIZE})",
-                             opd_loss(divergence, LEVER_CHUNK_SIZE), fused_loss(beta, LEVER_CHUNK_SIZE), repeats,
-                             "autograd through the divergence -> written-out gradient, computed in the forward pass"))
-        rows.append(_compare(f"reference: TRL's chunked loss -> opd + levers ({name})", trl_loss(beta),
-                             fused_loss(beta, LEVER_CHUNK_SIZE), repeats,
+        rows.append(_compare(f"chunk size 1024 -> {chunk} ({name}, {n} positions, V={vocab})",
+                             opd_loss(divergence, 1024), opd_loss(divergence, chunk), repeats,
+                             "student forward + chunked divergence (autograd) + backward"))
+        rows.append(_compare(f"fused divergence ({name}, chunk {chunk})", opd_loss(divergence, chunk),
+                             fused_loss(divergence, chunk), repeats,
+                             "opd.chunked (autograd) -> opd.fused (written-out gradient, computed in forward)"))
+        rows.append(_compare(f"reference: TRL's chunked loss -> opd ({name})", trl_loss(beta),
+                             fused_loss(divergence, None), repeats,
                              "TRL DistillationTrainer's _chunked_divergence_loss on the same hidden states"))
-    @torch.no_grad()
+
     def teacher_score(with_taken: bool):
-        def run():
-            h = final_hidden(teacher, b.input_ids_BL, b.attention_mask_BL)[:, :-1]
-            if with_taken:
-                taken_logp(h, t_head, b.input_ids_BL[:, 1:], b.mask_BT)
-        return run
+        local = LocalTeacher(teacher, with_taken_logp=with_taken)
+        return lambda: local.score(b.input_ids_BL, b.attention_mask_BL, b.mask_BT)
 
     rows.append(_compare("teacher scoring without the taken-token pass", teacher_score(True), teacher_score(False),
-                         repeats, "LocalTeacher.score runs the teacher head over every completion token for "
-                         "taken_logp_BT, which the full-vocabulary losses never read"))
+                         repeats, "LocalTeacher(with_taken_logp=False), as make_teacher builds it for the "
+                         "full-vocabulary losses, which never read taken_logp_BT"))
     # bf16 teacher: speed of the trunk and the head, size of the weights, and how far its log-probs move
     teacher_bf16 = load_model(models["teacher"], dtype="bfloat16").eval()
 
@@ -173,6 +176,45 @@ def loss_levers(models: dict, batch: int, new_tokens: int, repeats: int) -> list
                          f"max |Δ log p| {diff.max().item():.3f}, mean {diff.mean().item():.4f}",
                          weights_mb_before=weights_mb(teacher), weights_mb_after=weights_mb(teacher_bf16)))
     return rows
+
+
+def step_lever(models: dict, batch: int, new_tokens: int, repeats: int, loss: str = "jsd") -> dict:
+    """opd's whole scored step but sampling and the optimizer (teacher scoring, student forward, loss, backward) on
+    one on-policy batch of the 49k pair: as opd ran it before the loss levers entered the library, and as now."""
+    import opd.fused
+    from opd.config import DistillConfig
+    from opd.lm.train import student_loss
+
+    tok = load_tokenizer(models["student"])
+    student, teacher = load_model(models["student"]), load_model(models["teacher"])
+    prompts = encode_prompts(tok, [e.prompt for e in get_task("arithmetic").examples(batch, seed=0, split="train")],
+                             1 << 30)
+    torch.manual_seed(0)
+    b = layout(prompts, sample_completions(student, prompts, tok.pad_token_id, tok.eos_token_id, new_tokens),
+               tok.pad_token_id)
+    student.train()
+
+    def step(before: bool):
+        cfg = DistillConfig(student="-", loss=loss, beta=0.5, chunk_size=1024 if before else None)
+        local = LocalTeacher(teacher, chunk_size=cfg.chunk_size, with_taken_logp=before)
+
+        def run():
+            signal = local.score(b.input_ids_BL, b.attention_mask_BL, b.mask_BT)
+            student_loss(student, b, signal, cfg)[0].backward()
+            student.zero_grad(set_to_none=True)
+
+        def run_before():  # the autograd path: opd.fused declines every head
+            plain_linear, opd.fused.plain_linear = opd.fused.plain_linear, lambda *a: False
+            try:
+                run()
+            finally:
+                opd.fused.plain_linear = plain_linear
+        return run_before if before else run
+
+    return _compare(f"opd's scored step, before -> after ({loss}, {int(b.mask_BT.sum())} positions, "
+                    f"V={len(tok)})", step(True), step(False), repeats,
+                    "teacher scoring + student forward + loss + backward: chunk 1024, autograd, taken-token pass -> "
+                    "library defaults")
 
 
 def compile_lever(model_dir: str, batch: int, repeats: int) -> dict:
@@ -233,6 +275,7 @@ def lever_bench(args: LeverArgs) -> list[dict]:
     rows = [sampler_levers(tiny["student"], args.tiny_batch, 8 if args.quick else 64, repeats, "tiny student"),
             sampler_levers(big["student"], args.smollm2_batch, new_tokens, repeats, "49k-vocabulary student")]
     rows += loss_levers(big, args.smollm2_batch, new_tokens, repeats)
+    rows.append(step_lever(big, args.smollm2_batch, new_tokens, repeats))
     if args.compile:
         rows.append(compile_lever(tiny["student"], args.tiny_batch, repeats))
     out = Path(args.results_dir)

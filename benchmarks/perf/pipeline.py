@@ -6,7 +6,7 @@ their sum. The price is one step of staleness: batch k+1 is sampled with the wei
 trained on at θ_{k+1}. The full-vocabulary divergences are exact at every visited state whatever sampled it, so only
 the state distribution is one update old; no importance weight is applied here (the held-out reverse KL after the
 same number of steps shows whether that costs anything). The step itself is `opd.lm.train.student_loss`, as in
-`distill`. Run, with the other lever prototypes, as the benchmark's `opd_overlap` system.
+`distill` (with its teacher from `make_teacher`). Run as the benchmark's `opd_overlap` system.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def _sampler_loop(model, requests, results, pad_id, eos_id, max_new_tokens, temp
         results.put(sample_completions(model, prompts, pad_id, eos_id, max_new_tokens, temperature))
 
 
-def run_opd_pipelined(spec: dict, scratch, chunk_size: int = 1024) -> dict:
+def run_opd_pipelined(spec: dict, scratch) -> dict:
     """Train as `spec` says with sampling overlapped; per-step wall time is the time between two updates."""
     import copy
 
@@ -36,13 +36,12 @@ def run_opd_pipelined(spec: dict, scratch, chunk_size: int = 1024) -> dict:
     from opd.config import DistillConfig
     from opd.lm.model import load_model, load_tokenizer
     from opd.lm.rollout import encode_prompts, layout
-    from opd.lm.teacher import LocalTeacher
-    from opd.lm.train import student_loss
+    from opd.lm.train import make_teacher, student_loss
 
-    cfg = DistillConfig(student=spec["student"], teacher=spec["teacher"], loss=spec["loss"], beta=spec["beta"],
-                        chunk_size=chunk_size)
+    cfg = DistillConfig(student=spec["student"], teacher=spec["teacher"], loss=spec["loss"], beta=spec["beta"])
     tokenizer = load_tokenizer(spec["student"])
-    student, teacher = load_model(spec["student"]), LocalTeacher(load_model(spec["teacher"]))
+    student = load_model(spec["student"])
+    teacher = make_teacher(cfg, student, tokenizer)
     costs = flops.model_cost(student), flops.model_cost(teacher.model)
     train = train_prompts(spec)
     ids = encode_prompts(tokenizer, [e.prompt for e in train], 1 << 30)

@@ -17,7 +17,7 @@ import statistics
 
 import torch
 
-SYSTEM_NAMES = {"opd": "opd", "opd_levers": "opd + lever prototypes", "opd_overlap": "opd + levers + overlap",
+SYSTEM_NAMES = {"opd": "opd", "opd_overlap": "opd + overlap (prototype)",
                 "trl_distillation": "TRL DistillationTrainer",
                 "trl_gkd": "TRL GKDTrainer (λ=1)"}
 
@@ -58,7 +58,7 @@ def summarise_pair(entries: dict, matmul_gflops: float, settings, loss: str, bet
     out = dict(entries, matmul_gflops=matmul_gflops, flop_limit_tokens_per_s=limit, loss=loss,
                beta=beta if loss == "jsd" else None, settings=dataclasses.asdict(settings))
     goals = {}
-    for mine in ("opd", "opd_levers", "opd_overlap"):
+    for mine in ("opd", "opd_overlap"):
         if mine not in ok:
             continue
         me, prefix = ok[mine], "" if mine == "opd" else mine.removeprefix("opd_") + "_"
@@ -129,7 +129,7 @@ def goals_table(goals: dict) -> list[str]:
     lines = ["| | tokens/s ÷ TRL Distillation | tokens/s ÷ TRL GKD | share of FLOP limit | RSS ÷ TRL Distillation "
              "| RSS ÷ TRL GKD | KL − TRL Distillation | KL − TRL GKD | speed goal met |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for mine, prefix in (("opd", ""), ("opd_levers", "levers_"), ("opd_overlap", "overlap_")):
+    for mine, prefix in (("opd", ""), ("opd_overlap", "overlap_")):
         if f"{prefix}fraction_of_flop_limit" not in goals:
             continue
         g = lambda key, spec: _fmt(goals.get(prefix + key), spec)  # noqa: E731

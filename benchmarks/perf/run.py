@@ -33,9 +33,10 @@ import tyro
 
 from benchmarks.perf import pairs, report
 
-SYSTEMS = ("opd", "opd_levers", "opd_overlap", "trl_distillation", "trl_gkd")
-LEVER_SYSTEMS = ("opd_levers", "opd_overlap")
-"""opd's loop with the lever prototypes of `benchmarks.perf.levers` / `benchmarks.perf.pipeline` (not library code)."""
+SYSTEMS = ("opd", "opd_overlap", "trl_distillation", "trl_gkd")
+LEVER_SYSTEMS = ("opd_overlap",)
+"""opd's step with a lever prototyped in the benchmark, not yet in the library: sampling overlapped with the update
+(`benchmarks.perf.pipeline`)."""
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -66,7 +67,7 @@ class PerfArgs:
     systems: tuple[str, ...] = SYSTEMS
     """Which systems to run on each pair."""
     lever_pairs: tuple[str, ...] = ("tiny", "smollm2")
-    """Pairs on which the lever prototypes (`opd_levers`, `opd_overlap`) run; elsewhere they are left out."""
+    """Pairs on which the lever prototype (`opd_overlap`) runs; elsewhere it is left out."""
     loss: str = "jsd"
     """The divergence every system trains with: `jsd` (generalized JSD with `beta`) or `reverse_kl`."""
     beta: float = 0.5
@@ -79,7 +80,7 @@ class PerfArgs:
     """torch threads of every process (and of the matmul-peak measurement)."""
     tiny: PairSettings = PairSettings(batch_size=32, max_new_tokens=64, steps=15, warmup=3, heldout_prompts=128)
     smollm2: PairSettings = PairSettings(batch_size=4, max_new_tokens=256, steps=4, warmup=1, heldout_prompts=8)
-    sweep_systems: tuple[str, ...] = ("opd", "opd_levers", "trl_distillation", "trl_gkd")
+    sweep_systems: tuple[str, ...] = ("opd", "trl_distillation", "trl_gkd")
     """Which systems the sweep runs."""
     sweep_lengths: tuple[int, ...] = (32, 64, 128, 256)
     """Completion lengths of the sweep (at vocabulary `sweep_vocab_at`)."""

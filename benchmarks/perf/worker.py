@@ -2,7 +2,7 @@
 
     python -m benchmarks.perf.worker SPEC.json OUT.json
 
-SPEC names the system (`opd`, `opd_levers`, `opd_overlap`, `trl_distillation`, `trl_gkd`), the pair's model
+SPEC names the system (`opd`, `opd_overlap`, `trl_distillation`, `trl_gkd`), the pair's model
 directories and the shared settings (divergence, batch, completion length, steps, learning rate, threads). Every
 system trains the same student from the same weights on the same prompts, fully on-policy at temperature 1, AdamW at
 a constant learning rate with gradient clipping 1.0, fp32. OUT gets, per step, the wall time, the completion tokens
@@ -60,8 +60,9 @@ def train_prompts(spec: dict):
     return get_task("arithmetic").examples(spec["train_examples"], seed=0, split="train")
 
 
-def run_opd(spec: dict, scratch: Path, chunk_size: int = 1024) -> dict:
-    """`opd.lm.train.distill`, unchanged, as `opd train` runs it; per-step numbers from its metrics.jsonl."""
+def run_opd(spec: dict, scratch: Path) -> dict:
+    """`opd.lm.train.distill`, unchanged, as `opd train` runs it (its default chunk size, the fused divergence where
+    it applies, no taken-token pass of the teacher); per-step numbers from its metrics.jsonl."""
     from opd.config import DistillConfig, OptimArgs, SamplingArgs
     from opd.lm.model import load_model
     from opd.lm.train import distill
@@ -72,7 +73,7 @@ def run_opd(spec: dict, scratch: Path, chunk_size: int = 1024) -> dict:
         sampling=SamplingArgs(max_new_tokens=spec["max_new_tokens"], temperature=1.0, top_p=1.0),
         optim=OptimArgs(lr=spec["lr"], warmup_steps=0, weight_decay=0.0, grad_clip=1.0),
         train_examples=spec["train_examples"], eval_examples=1, eval_every=0, save_every=10**9,
-        chunk_size=chunk_size, seed=spec["seed"], out_dir=str(scratch / "run"), progress=False,
+        seed=spec["seed"], out_dir=str(scratch / "run"), progress=False,
     )
     if Path(cfg.out_dir).exists():
         raise ValueError(f"{cfg.out_dir} exists; an entry needs a fresh run directory (metrics.jsonl is appended to)")
@@ -85,21 +86,12 @@ def run_opd(spec: dict, scratch: Path, chunk_size: int = 1024) -> dict:
             "student": student}
 
 
-def run_opd_levers(spec: dict, scratch: Path) -> dict:
-    """The same `distill`, with the lever prototypes of `benchmarks.perf.levers` patched in and smaller chunks."""
-    from benchmarks.perf.levers import LEVER_CHUNK_SIZE, patched_opd
-
-    with patched_opd(spec["loss"]):
-        return run_opd(spec, scratch, chunk_size=LEVER_CHUNK_SIZE)
-
-
 def run_opd_overlap(spec: dict, scratch: Path) -> dict:
-    """All the lever prototypes, and the next batch sampled in a second process during each update."""
-    from benchmarks.perf.levers import LEVER_CHUNK_SIZE, patched_opd
+    """opd's step (`student_loss`), with the next batch sampled in a second process during each update: the
+    prototype of `benchmarks.perf.pipeline`, not library code."""
     from benchmarks.perf.pipeline import run_opd_pipelined
 
-    with patched_opd(spec["loss"]):
-        return run_opd_pipelined(spec, scratch, chunk_size=LEVER_CHUNK_SIZE)
+    return run_opd_pipelined(spec, scratch)
 
 
 class _StepTimer:
@@ -215,7 +207,7 @@ def run_trl_gkd(spec: dict, scratch: Path) -> dict:
             "flops": [step_flops(costs, p, c) for p, c in lengths], "student": trainer.model, "teacher": teacher}
 
 
-RUNNERS = {"opd": run_opd, "opd_levers": run_opd_levers, "opd_overlap": run_opd_overlap,
+RUNNERS = {"opd": run_opd, "opd_overlap": run_opd_overlap,
            "trl_distillation": run_trl_distillation, "trl_gkd": run_trl_gkd}
 
 

@@ -84,7 +84,7 @@ def heldout_reverse_kl(
     batch_size: int = 64,
     temperature: float = 1.0,
     seed: int = 0,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
 ) -> float:
     """Mean per-token KL(student ‖ teacher) over completions the student samples for `prompts` (exact, full vocabulary).
 

@@ -81,7 +81,7 @@ def taken_logp(
     head: Callable[[torch.Tensor], torch.Tensor],
     targets_BT: torch.Tensor,
     mask_BT: torch.Tensor,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """log p(target) at every masked position, [B, T] (0 elsewhere), evaluating the head `chunk_size` rows at a time."""
     out_BT = hidden_BTD.new_zeros(targets_BT.shape)

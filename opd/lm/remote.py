@@ -7,7 +7,7 @@ completions and returns the sampler's log-prob of each sampled token, for import
 
 Network faults (connection refused, timeouts, 429/5xx) are retried with exponential back-off; when the server stays
 unreachable the call raises `TeacherUnreachable`, naming the URL and what to do. Other 4xx answers are not retried:
-they raise RuntimeError with the server's message.
+they raise `ServerRefused` (a RuntimeError) with the server's message.
 """
 
 from __future__ import annotations
@@ -21,6 +21,14 @@ import torch
 from opd.lm.teacher import TeacherSignal, TeacherUnreachable
 
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+class ServerRefused(RuntimeError):
+    """The server answered a 4xx that retrying will not fix; `status` is the HTTP status."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
 
 
 class CompletionsClient:
@@ -52,7 +60,8 @@ class CompletionsClient:
                 last = f"HTTP {response.status_code}: {_message(response)}"
                 continue
             if response.status_code >= 400:
-                raise RuntimeError(f"{url} refused the request (HTTP {response.status_code}): {_message(response)}")
+                raise ServerRefused(response.status_code, f"{url} refused the request (HTTP {response.status_code}): "
+                                    f"{_message(response)}")
             return response.json()
         raise TeacherUnreachable(
             f"{url} did not answer after {self.max_retries + 1} attempts (last error: {last}); start the server "
@@ -230,5 +239,19 @@ class RemoteSampler:
         return completion_ids, sampling_logp
 
     def update_weights(self, path: str) -> int:
-        """Make an `opd serve` server load weights from `path` (a safetensors file or dir on ITS disk); new version."""
-        return int(self.client.post("/opd/update_weights", {"path": path})["weights_version"])
+        """Make an `opd serve` server load weights from `path` (a safetensors file or dir on ITS disk); new version.
+
+        Raises ValueError when the server has no such endpoint (vLLM) or cannot load the path.
+        """
+        try:
+            return int(self.client.post("/opd/update_weights", {"path": path})["weights_version"])
+        except ServerRefused as e:
+            if e.status == 404:
+                raise ValueError(
+                    f"{self.client.base_url} has no /opd/update_weights, so it cannot sample from the student being "
+                    "trained; serve the student with `opd serve STUDENT_DIR` for --sampler"
+                ) from None
+            if e.status == 400:
+                raise ValueError(f"{e} (a --sampler server must serve the student's architecture and read {path}: "
+                                 "run it on this machine or on a shared filesystem)") from None
+            raise

@@ -60,8 +60,8 @@ class RLConfig:
     """Evaluate held-out accuracy every this many steps (0: only at the end)."""
     save_every: int = 100
     """Write a checkpoint every this many steps (and at the end)."""
-    chunk_size: int = 1024
-    """Positions per chunk when evaluating the LM head."""
+    chunk_size: int | None = None
+    """Positions per chunk when evaluating the LM head (None: `opd.chunked.auto_chunk_size`)."""
     seed: int = 0
     """Seeds prompt order and sampling."""
     out_dir: str = "runs/rl"
@@ -84,7 +84,9 @@ def group_advantages(rewards_PG: torch.Tensor, scale_by_std: bool = True, eps: f
     return centred_PG / (rewards_PG.std(1, keepdim=True) + eps)
 
 
-def rl_loss(student, batch: Batch, advantages_B: torch.Tensor, chunk_size: int = 1024) -> tuple[torch.Tensor, dict]:
+def rl_loss(
+    student, batch: Batch, advantages_B: torch.Tensor, chunk_size: int | None = None
+) -> tuple[torch.Tensor, dict]:
     """Policy-gradient loss averaged over the batch's completion tokens, each weighted by its sequence's advantage.
 
     The samples come from the current student, so the importance weight is 1 (its value) and the gradient is

@@ -24,10 +24,12 @@ from tqdm.auto import tqdm
 
 from opd import flops, losses
 from opd.chunked import chunked_divergence, chunked_taken_logp
+from opd.fused import fused_divergence
 from opd.checkpoint import find_checkpoint, load_trainer_state, save_checkpoint
 from opd.config import DistillConfig, save_config
 from opd.lm.model import final_hidden, lm_head, load_model, load_tokenizer, unwrap
 from opd.lm.rollout import Batch, build_batch, encode_prompts, layout, sample
+from opd.lm.server_rollouts import ServerRollouts, ratio_metrics, rollout_seed
 from opd.lm.teacher import LocalTeacher, Teacher, TeacherSignal, TeacherUnreachable
 from opd.tasks import get_task
 
@@ -51,7 +53,8 @@ def make_teacher(cfg: DistillConfig, student, tokenizer, device="cpu") -> Teache
                              max_retries=cfg.remote_max_retries)
     model = load_model(cfg.teacher, device=device)
     check_same_vocabulary(student, model, tokenizer, load_tokenizer(cfg.teacher))
-    return LocalTeacher(model, chunk_size=cfg.chunk_size)
+    # only the sampled loss reads the teacher's log-prob of the taken token; the divergences use the hidden states
+    return LocalTeacher(model, chunk_size=cfg.chunk_size, with_taken_logp=cfg.loss not in losses.DIVERGENCES)
 
 
 def check_same_vocabulary(student, teacher, student_tok=None, teacher_tok=None) -> None:
@@ -81,21 +84,34 @@ def student_loss(student, batch: Batch, signal: TeacherSignal | None, cfg: Disti
         if cfg.loss == "sft":
             per_token = -logp_N
         else:
+            if signal.taken_logp_BT is None:
+                raise ValueError("loss=sampled needs the teacher's log-probs of the taken tokens; this teacher's "
+                                 "signal has none (a LocalTeacher built with with_taken_logp=False)")
             student_BT = _scatter(logp_N, mask_BT)
             sampling_BT = batch.sampling_logp_BT if batch.sampling_logp_BT is not None else student_BT.detach()
             per_token = losses.sampled_reverse_kl_pg_loss(
-                student_BT, sampling_BT, signal.taken_logp_BT, mask_BT.float(), discount=cfg.discount
+                student_BT, sampling_BT, signal.taken_logp_BT, mask_BT.float(), discount=cfg.discount,
+                ratio_clip=cfg.ratio_clip,  # truncated IS for samples from a sampler server (else the ratio is 1)
             )[mask_BT]
             metrics["sampled_reverse_kl"] = (sampling_BT - signal.taken_logp_BT)[mask_BT].mean().item()
-        if signal is not None:
+        if signal is not None and signal.taken_logp_BT is not None:
             metrics["teacher_logp"] = signal.taken_logp_BT[mask_BT].mean().item()
     else:
         divergence = divergence_from_config(cfg)
-        if signal.hidden_BTD is not None:
-            teacher = dict(teacher_hidden_ND=signal.hidden_BTD[mask_BT], teacher_head=signal.head)
+        if signal.hidden_BTD is not None:  # a local teacher: the written-out gradient where it applies (opd.fused)
+            per_token = fused_divergence(divergence, hidden_ND, head, teacher_hidden_ND=signal.hidden_BTD[mask_BT],
+                                         teacher_head=signal.head, chunk_size=cfg.chunk_size)
         else:
-            teacher = dict(teacher_ids_NK=signal.topk_ids_BTK[mask_BT], teacher_logp_NK=signal.topk_logp_BTK[mask_BT])
-        per_token = chunked_divergence(divergence, hidden_ND, head, chunk_size=cfg.chunk_size, **teacher)
+            per_token = chunked_divergence(divergence, hidden_ND, head, chunk_size=cfg.chunk_size,
+                                           teacher_ids_NK=signal.topk_ids_BTK[mask_BT],
+                                           teacher_logp_NK=signal.topk_logp_BTK[mask_BT])
+    if batch.sampling_logp_BT is not None:
+        # Samples from a sampler server whose weights may lag: how far (the divergences are not reweighted; why in
+        # opd.lm.server_rollouts).
+        with torch.no_grad():
+            taken_N = logp_N if cfg.loss in ("sft", "sampled") else chunked_taken_logp(
+                hidden_ND, head, targets_N, chunk_size=cfg.chunk_size)
+        metrics.update(ratio_metrics(taken_N, batch.sampling_logp_BT[mask_BT], cfg.ratio_clip))
     loss = per_token.mean() if per_token.numel() else hidden_ND.sum() * 0.0
     metrics["loss"] = loss.item()
     metrics["completion_tokens"] = int(mask_BT.sum())
@@ -125,6 +141,12 @@ def distill(cfg: DistillConfig) -> dict:
         divergence_from_config(cfg)  # bad β/α fail now, not at the first step
     if cfg.source == "mixture" and not 0.0 <= cfg.lmbda <= 1.0:
         raise ValueError(f"lmbda must be in [0, 1], got {cfg.lmbda}")
+    if cfg.sampler is not None and cfg.source not in ("student", "mixture"):
+        raise ValueError(f"--sampler samples the student's completions; source={cfg.source} has none: drop --sampler")
+    if cfg.sampler is not None and not cfg.sampler.startswith(("http://", "https://")):
+        raise ValueError(f"--sampler {cfg.sampler!r} is not a URL; pass http(s)://host:port/v1 of an `opd serve`")
+    if cfg.sync_every < 1 or not cfg.ratio_clip > 0:
+        raise ValueError(f"need sync_every >= 1 and ratio_clip > 0, got {cfg.sync_every} and {cfg.ratio_clip}")
     # Without a GPU, cpu=True lets accelerate pick gloo when launched with several processes.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
@@ -174,6 +196,8 @@ def distill(cfg: DistillConfig) -> dict:
         from opd.lm.remote import RemoteSampler
 
         teacher_sampler = RemoteSampler(cfg.teacher, timeout=cfg.remote_timeout, max_retries=cfg.remote_max_retries)
+    student_sampler = (ServerRollouts(cfg.sampler, out, cfg.remote_timeout, cfg.remote_max_retries)
+                       if cfg.sampler else None)
     student.train()
     costs = flops.model_cost(unwrap(student)), flops.model_cost(getattr(teacher, "model", None))
     total_flops = flops.logged_total(out / "metrics.jsonl", start)
@@ -191,14 +215,20 @@ def distill(cfg: DistillConfig) -> dict:
             if source == "mixture":
                 source = "student" if torch.rand((), generator=rng).item() < cfg.lmbda else "data"
             try:
+                if student_sampler is not None and (step == start or step % cfg.sync_every == 0):
+                    # At `start` too: a fresh or resumed run must not sample from whatever the server held before.
+                    student_sampler.push(student, accelerator, step)
                 s = cfg.sampling
+                # Servers sample seeded per step and process, so a resumed run draws the same samples.
+                seed = rollout_seed(cfg.seed, step, rank, world, cfg.batch_size)
                 if source == "data":
                     batch = build_batch(prompts, [reference_ids[i] for i in idx], pad, eos)
                 elif source == "teacher" and teacher_sampler is not None:
-                    # A teacher behind a server samples there, seeded per step so a resumed run draws the same samples.
                     completions, _ = teacher_sampler.sample(prompts, s.max_new_tokens, s.temperature, s.top_p,
-                                                            seed=step * world + rank)
+                                                            seed=seed)
                     batch = layout(prompts, completions, pad)
+                elif source == "student" and student_sampler is not None:
+                    batch = student_sampler.rollouts(prompts, pad, s, seed)  # carries the sampler's log-probs
                 else:
                     actor = unwrap(student) if source == "student" else teacher.model
                     batch = sample(actor, prompts, pad, eos, s.max_new_tokens, s.temperature, s.top_p)

@@ -188,3 +188,54 @@ def test_out_of_range_divergence_parameters_fail_before_any_work(model_dirs, tmp
     with pytest.raises(ValueError, match="lmbda must be in"):
         distill(tiny_cfg(model_dirs, tmp_path, source="mixture", lmbda=2.0))
     assert not (tmp_path / "run").exists()
+
+
+def _scored_batch(model_dirs, tokenizer, n_prompts=4):
+    student, teacher = load_model(model_dirs["student"]), load_model(model_dirs["teacher"])
+    prompts = encode_prompts(tokenizer, [e.prompt for e in get_task("arithmetic").examples(n_prompts, 0, "test")], 100)
+    torch.manual_seed(0)
+    return student, teacher, sample(student, prompts, tokenizer.pad_token_id, tokenizer.eos_token_id, 10)
+
+
+@pytest.mark.parametrize("loss,beta", [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.3), ("jsd", 1.0)])
+def test_student_loss_takes_the_fused_path_with_the_loss_and_gradients_of_autograd(model_dirs, tokenizer, monkeypatch,
+                                                                                    loss, beta):
+    import opd.fused
+
+    student, teacher, batch = _scored_batch(model_dirs, tokenizer)
+    cfg = DistillConfig(student="-", loss=loss, beta=beta)
+    signal = LocalTeacher(teacher, with_taken_logp=False).score(batch.input_ids_BL, batch.attention_mask_BL,
+                                                                 batch.mask_BT)
+    params = [p for p in student.parameters() if p.requires_grad]
+    fused_calls = []
+    real_apply = opd.fused._FusedDivergence.apply
+    monkeypatch.setattr(opd.fused._FusedDivergence, "apply", lambda *a: fused_calls.append(1) or real_apply(*a))
+    fused_loss, metrics = train_module.student_loss(student, batch, signal, cfg)
+    fused_grads = torch.autograd.grad(fused_loss, params)
+    assert fused_calls == [1] and "teacher_logp" not in metrics
+    monkeypatch.setattr(opd.fused, "plain_linear", lambda *a: False)  # the autograd path, as before opd.fused
+    plain_loss, _ = train_module.student_loss(student, batch, signal, cfg)
+    plain_grads = torch.autograd.grad(plain_loss, params)
+    assert fused_calls == [1]
+    torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-5, atol=1e-6)
+    for f, p in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(f, p, rtol=1e-4, atol=1e-6)
+
+
+def test_the_local_teacher_scores_taken_tokens_only_for_the_losses_that_read_them(model_dirs, tokenizer):
+    from opd.lm.train import make_teacher, student_loss
+
+    student, teacher, batch = _scored_batch(model_dirs, tokenizer)
+    args = (batch.input_ids_BL, batch.attention_mask_BL, batch.mask_BT)
+    full = LocalTeacher(teacher).score(*args)  # the default computes it: any caller may read it
+    assert full.taken_logp_BT is not None and full.hidden_BTD is not None
+    for loss in ("reverse_kl", "jsd", "forward_kl", "tvd", "skew_forward_kl"):
+        cfg = DistillConfig(student=model_dirs["student"], teacher=model_dirs["teacher"], loss=loss)
+        assert make_teacher(cfg, student, tokenizer).score(*args).taken_logp_BT is None
+    cfg = DistillConfig(student=model_dirs["student"], teacher=model_dirs["teacher"], loss="sampled")
+    sampled = make_teacher(cfg, student, tokenizer).score(*args)
+    torch.testing.assert_close(sampled.taken_logp_BT, full.taken_logp_BT)
+    _, metrics = student_loss(student, batch, sampled, cfg)
+    assert metrics["teacher_logp"] < 0
+    with pytest.raises(ValueError, match="taken tokens"):
+        student_loss(student, batch, LocalTeacher(teacher, with_taken_logp=False).score(*args), cfg)

@@ -1,0 +1,131 @@
+"""Student rollouts from an inference server: push the student's weights there, sample there, align the log-probs.
+
+`distill` uses this when `--sampler URL` is set: generation, the slow part of on-policy distillation, runs on a
+server built for it (`opd serve`, or vLLM with a weight-update hook) while training stays here. The server's weights
+lag the trained ones by up to `sync_every - 1` updates (and differ by float rounding even right after a push), so
+each batch carries the sampler's log-prob of every sampled token, and `ratio_metrics` reports how large the gap is.
+
+How the gap is corrected. With r_t = π_student(x_t | x_<t) / π_sampler(x_t | x_<t) at each sampled token:
+- loss=sampled (policy gradient) weights token t's gradient by min(r_t, ratio_clip), detached: truncated importance
+  sampling, as in tinker-cookbook's importance-sampling loss and TIS. It corrects which token was taken at t.
+- The full-vocabulary divergences are not reweighted. The divergence at position t is computed exactly over every
+  next token, so nothing about the token taken at t needs correcting: E[r_t | x_<t] = 1 under the sampler, and a
+  weight r_t would only add noise. What stays off-policy is which prefixes x_<t were visited; their exact weight is
+  the product of r_s over s < t, whose variance grows with the completion's length (and, with a bf16 server, with the
+  float gap alone). Like PPO and truncated IS for the policy gradient, we leave that factor out and keep the sampler
+  close instead (sync_every=1 by default), watching `sampler_kl`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from opd.config import SamplingArgs
+from opd.lm.model import unwrap
+from opd.lm.remote import RemoteSampler
+from opd.lm.rollout import Batch, layout
+from opd.lm.teacher import TeacherUnreachable
+
+
+def rollout_seed(seed: int, step: int, rank: int, world: int, batch_size: int) -> int:
+    """Base seed of one process's server-side rollouts at one step; prompt i is sampled with base + i.
+
+    Unique per (run seed, step, process, prompt), so no two prompts of a run share a random stream, and the same at
+    the same step of a resumed run, so it draws the same samples.
+    """
+    return (((seed * 1_000_003 + step) * world + rank) * batch_size) % 2**62
+
+
+class ServerRollouts:
+    """The student's sampler behind a completions server, and the weight pushes that keep it on the student.
+
+    Weights are written as safetensors under `out_dir/sampler_weights/` and the server is told to load them, so the
+    server must see that path (same machine, or a shared filesystem mounted at the same place).
+    """
+
+    def __init__(self, url: str, out_dir: str | Path, timeout: float = 60.0, max_retries: int = 5):
+        self.url = url
+        self.client = RemoteSampler(url, timeout=timeout, max_retries=max_retries)
+        self.root = Path(out_dir).resolve() / "sampler_weights"
+        self.version: int | None = None
+        """The server's weights version after the last push (counts every load since the server started)."""
+
+    def push(self, student, accelerator, step: int) -> None:
+        """Make the server sample from `student`'s current weights. Every process must call this (collectively).
+
+        `accelerator.get_state_dict` gathers the full weights: a collective under FSDP (full state dict, offloaded to
+        the CPU of the main process) and DeepSpeed ZeRO-3 (needs `stage3_gather_16bit_weights_on_model_save`), a
+        plain unwrapped `state_dict()` under DDP. The main process writes and pushes them; the others wait, so no
+        process samples before the server holds the new weights.
+        """
+        state = accelerator.get_state_dict(student)
+        error = None
+        if accelerator.is_main_process:
+            try:
+                path = self._write(unwrap(student), state, step)
+                self.version = self.client.update_weights(str(path))
+                for old in self.root.iterdir():  # the server has copied the weights: older versions can go
+                    if old != path:
+                        shutil.rmtree(old, ignore_errors=True)
+            except Exception as e:  # re-raised below, after the other processes know (else they wait forever)
+                error = e
+        if accelerator.num_processes > 1:
+            flag = torch.tensor([float(error is not None)], device=accelerator.device)
+            if accelerator.reduce(flag, "max").item() and error is None:
+                raise TeacherUnreachable(f"{self.url} did not take the student's weights (the main process says why)")
+        if error is not None:
+            raise error
+
+    def _write(self, model, state: dict, step: int) -> Path:
+        # Written under a temporary name and renamed into place: the server never reads a half-written file, and a
+        # crash never leaves a partial directory under a final name.
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp, final = self.root / f".tmp-{os.getpid()}", self.root / f"step-{step:08d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        # save_pretrained drops tied duplicates (safetensors refuses shared tensors) and shards large models; the
+        # server loads every *.safetensors in the directory.
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        shutil.rmtree(final, ignore_errors=True)  # a resumed run pushing the step it stopped at
+        os.replace(tmp, final)
+        return final
+
+    def rollouts(self, prompt_ids: list[list[int]], pad_id: int, sampling: SamplingArgs, seed: int) -> Batch:
+        """One completion per prompt from the server; the batch carries the sampler's log-prob of every target."""
+        completions, logps = self.client.sample(prompt_ids, sampling.max_new_tokens, sampling.temperature,
+                                                sampling.top_p, seed=seed)
+        batch = layout(prompt_ids, completions, pad_id)
+        batch.sampling_logp_BT = targets_from_completions(batch.mask_BT, logps)
+        return batch
+
+
+def targets_from_completions(mask_BT: torch.Tensor, values: list[list[float]]) -> torch.Tensor:
+    """Per-completion-token values placed in target coordinates ([B, T], 0 outside `mask_BT`).
+
+    Completion token j of a row is target `prompt_end - 1 + j`; `layout` marks exactly those targets, in order, so
+    the values fill the mask row by row.
+    """
+    flat = torch.tensor([v for row in values for v in row], dtype=torch.float32)
+    mask = mask_BT.bool()
+    if flat.numel() != int(mask.sum()):
+        raise RuntimeError(f"{flat.numel()} sampler log-probs for {int(mask.sum())} completion tokens")
+    return torch.zeros(mask.shape).masked_scatter(mask, flat)
+
+
+@torch.no_grad()
+def ratio_metrics(student_logp_N: torch.Tensor, sampler_logp_N: torch.Tensor, ratio_clip: float) -> dict:
+    """How far the sampler's weights are from the trained ones, over the completion tokens of a batch.
+
+    is_ratio_mean: mean of π_student/π_sampler at the sampled tokens (its expectation is 1 however stale the sampler,
+    so read it with the two others); is_ratio_clipped: fraction above `ratio_clip`; sampler_kl: the k3 estimate
+    E[r - 1 - log r] of KL(sampler ‖ student), >= 0 per token and 0 when the weights agree.
+    """
+    if not student_logp_N.numel():
+        return {}
+    log_r_N = student_logp_N.float() - sampler_logp_N.float()
+    r_N = log_r_N.exp()
+    return {"is_ratio_mean": r_N.mean().item(), "is_ratio_clipped": (r_N > ratio_clip).float().mean().item(),
+            "sampler_kl": (r_N - 1 - log_r_N).mean().item()}
