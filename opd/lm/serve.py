@@ -37,6 +37,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from opd.lm.serve_engine import BatchingEngine, LogprobsMode
@@ -88,6 +89,44 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse(
         status_code=status, content={"error": {"message": message, "type": kind, "param": None, "code": status}}
     )
+
+
+def _too_large(max_bytes: int) -> str:
+    return f"request body over {max_bytes} bytes; send fewer or shorter prompts"
+
+
+class _LimitsAndAuth:
+    """Size and API-key checks before a request reaches a route. The size is checked twice: the declared
+    Content-Length up front, and the bytes as they arrive, since a chunked upload declares none. A plain ASGI
+    middleware (not `@app.middleware`, whose BaseHTTPMiddleware reads the body in a task of its own and would turn the
+    413 raised while reading into an exception group and a 500)."""
+
+    def __init__(self, app, max_bytes: int, api_key: str | None):
+        self.app, self.max_bytes, self.api_key = app, max_bytes, api_key
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            headers = Headers(scope=scope)
+            length = headers.get("content-length")
+            if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+                return await _error(413, _too_large(self.max_bytes))(scope, receive, send)
+            if self.api_key is not None and scope["path"].startswith(("/v1", "/opd")):
+                given = headers.get("authorization", "")
+                if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                    return await _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")(
+                        scope, receive, send)
+        received = 0
+
+        async def receive_within_limit():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:  # FastAPI re-raises it from body parsing: answered by _http_error
+                    raise StarletteHTTPException(413)
+            return message
+
+        await self.app(scope, receive_within_limit, send)
 
 
 class UpdateWeightsRequest(BaseModel):
@@ -152,18 +191,11 @@ def build_app(model: torch.nn.Module, tokenizer: Any, args: ServeArgs) -> fastap
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: fastapi.Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 413:  # the body limit, hit while a chunked upload was arriving (_LimitsAndAuth)
+            return _error(413, _too_large(args.max_request_bytes))
         return _error(exc.status_code, str(exc.detail))
 
-    @app.middleware("http")
-    async def _limits_and_auth(request: fastapi.Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > args.max_request_bytes):
-            return _error(413, f"request body over {args.max_request_bytes} bytes; send fewer or shorter prompts")
-        if args.api_key is not None and request.url.path.startswith(("/v1", "/opd")):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {args.api_key}".encode()):
-                return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
-        return await call_next(request)
+    app.add_middleware(_LimitsAndAuth, max_bytes=args.max_request_bytes, api_key=args.api_key)
 
     @app.get("/health")
     async def health() -> dict:

@@ -1,5 +1,6 @@
 """`opd serve`: answers are the model's own log-probs, batching does not change them, bad input gets a 4xx."""
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -191,6 +192,12 @@ def test_api_key_and_request_size_are_enforced(model, tokenizer):
         assert r.status_code == 200
         assert c.post("/v1/completions", json={"prompt": "1+1=", "max_tokens": 1}).status_code == 401
         r = c.post("/v1/completions", json={"prompt": "1" * 2000}, headers=ok)
+        assert r.status_code == 413 and "bytes" in r.json()["error"]["message"]
+        # a chunked upload has no Content-Length to check up front: the limit must hold on the bytes received
+        body = json.dumps({"prompt": "1" * 2000}).encode()
+        chunks = (body[i : i + 100] for i in range(0, len(body), 100))
+        r = c.post("/v1/completions", content=chunks, headers={**ok, "Content-Type": "application/json"})
+        assert "content-length" not in r.request.headers and r.request.headers["transfer-encoding"] == "chunked"
         assert r.status_code == 413 and "bytes" in r.json()["error"]["message"]
 
 
