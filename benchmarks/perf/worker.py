@@ -23,8 +23,18 @@ import torch
 
 
 def max_rss_mb() -> float:
-    """Peak resident set size of this process so far (Linux reports kilobytes)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident set size of this process so far, in MB.
+
+    Read from VmHWM, the high-water mark of this process's own memory map. Not `ru_maxrss`: Linux carries that over
+    from the parent through fork + exec, so every worker would report at least the benchmark driver's RSS at the
+    moment it was started (seen: all systems of the tiny pair at the driver's 854 MB)."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # elsewhere: kilobytes, bytes on macOS
+    return peak / (2**20 if sys.platform == "darwin" else 1024)
 
 
 def _costs(student, teacher):
