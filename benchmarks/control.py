@@ -44,6 +44,15 @@ class ControlBenchArgs:
     """DQN steps on the held-out game, per initialisation."""
     sections: tuple[str, ...] = ("kd", "dagger", "rusu", "multitask", "actor_mimic")
     """Which parts to run."""
+    merge: bool = False
+    """Keep the other sections of an existing control.json in `out_dir` and replace only the ones run now (e.g.
+    `--sections dagger --merge` redoes the CartPole comparison in minutes, not the hour)."""
+
+
+DAGGER_METHODS = ("bc", "linear", "exponential", "onpolicy", "onpolicy_aggregated")
+"""CartPole columns: BC, DAgger with two β schedules, and the on-policy analogue (the student acts, the loss is the
+reverse KL to the teacher's action distribution) without ("onpolicy": each round trains on that round's states only)
+and with DAgger's aggregation of every visited state ("onpolicy_aggregated")."""
 
 
 def _init_worker():
@@ -83,7 +92,13 @@ def job_dagger(method: str, seed: int, quick: bool) -> dict:
 
     teacher = as_teacher(soft_cartpole_teacher, kind="logits")
     iterations, steps = (2, 5) if quick else (10, 10)
-    if method == "onpolicy":
+    if method == "onpolicy_aggregated":
+        # the student always acts (β = 0) and the teacher's distribution over every visited state is kept and
+        # trained on with the reverse KL: on-policy distillation with DAgger's data aggregation
+        config = DAggerConfig(schedule="zero", loss="reverse_kl", iterations=iterations, steps_per_iteration=steps,
+                              num_envs=4, seed=seed, progress=False)  # fmt: skip
+        result = run_dagger(teacher, config)
+    elif method == "onpolicy":
         config = OnPolicyDistillConfig(iterations=iterations, steps_per_iteration=steps, num_envs=4, seed=seed,
                                        progress=False, updates_per_iteration=100)  # fmt: skip
         result = run_onpolicy_distill(teacher, config)
@@ -165,7 +180,10 @@ def control_bench_main(args: ControlBenchArgs) -> dict:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seeds = range(args.seeds)
-    results: dict = {"args": asdict(args)}
+    previous = out / "control.json"
+    results: dict = json.loads(previous.read_text()) if args.merge and previous.exists() else {}
+    wall_before = results.get("wall_seconds", 0.0)
+    results["args"] = asdict(args)
     start = time.time()
     with ProcessPoolExecutor(args.workers, initializer=_init_worker) as pool:
         futures = {}
@@ -173,7 +191,7 @@ def control_bench_main(args: ControlBenchArgs) -> dict:
             futures["kd"] = [pool.submit(job_kd, s, args.quick) for s in seeds]
         if "dagger" in args.sections:
             futures["dagger"] = {m: [pool.submit(job_dagger, m, s, args.quick) for s in seeds]
-                                 for m in ("bc", "linear", "exponential", "onpolicy")}  # fmt: skip
+                                 for m in DAGGER_METHODS}  # fmt: skip
         needs_teachers = {"rusu", "multitask", "actor_mimic"} & set(args.sections)
         if needs_teachers:  # train/cache every teacher before the jobs that load them
             teachers = [f.result() for f in [pool.submit(job_teacher, g, args.teacher_steps) for g in args.games]]
@@ -190,7 +208,7 @@ def control_bench_main(args: ControlBenchArgs) -> dict:
             futures["actor_mimic"] = [pool.submit(job_actor_mimic, s, args) for s in seeds]
         done = {k: ({m: [f.result() for f in fs] for m, fs in v.items()} if isinstance(v, dict)
                     else [f.result() for f in v]) for k, v in futures.items()}  # fmt: skip
-    results["wall_seconds"] = round(time.time() - start, 1)
+    results["wall_seconds"] = round(wall_before + time.time() - start, 1)  # with --merge: all sections' time
     teacher_score = {t["game"]: t["score"] for t in results.get("teachers", [])}
     if "kd" in done:
         results["classic_kd"] = done["kd"]
