@@ -244,8 +244,11 @@ def control_bench_main(args: ControlBenchArgs) -> dict:
 
 def markdown(results: dict, args: ControlBenchArgs) -> str:
     """The tables for RESULTS.md."""
-    lines = [f"## Control lineage ({args.seeds} seeds{', QUICK: numbers meaningless' if args.quick else ''}; "
-             f"{results['wall_seconds'] / 60:.1f} min on {args.workers} workers)", ""]  # fmt: skip
+    how = (f"{results['wall_seconds'] / 60:.1f} min in all; the last run, `--sections {' '.join(args.sections)} "
+           f"--merge`, on {args.workers} workers" if args.merge else
+           f"{results['wall_seconds'] / 60:.1f} min on {args.workers} workers")
+    lines = [f"## Control lineage ({args.seeds} seeds{', QUICK: numbers meaningless' if args.quick else ''}; {how})",
+             ""]  # fmt: skip
     if "classic_kd" in results:
         runs = results["classic_kd"]
         ms = lambda xs: f"{100 * np.mean(xs):.1f} ± {100 * np.std(xs):.1f}"  # noqa: E731

@@ -14,12 +14,15 @@ How the gap is corrected. With r_t = π_student(x_t | x_<t) / π_sampler(x_t | x
   the product of r_s over s < t, whose variance grows with the completion's length (and, with a bf16 server, with the
   float gap alone). Like PPO and truncated IS for the policy gradient, we leave that factor out and keep the sampler
   close instead (sync_every=1 by default), watching `sampler_kl`.
+
+With `overlap`, `RolloutsAhead` requests step k+1's rollouts while step k trains: one update staler, never more.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -100,6 +103,44 @@ class ServerRollouts:
         batch = layout(prompt_ids, completions, pad_id)
         batch.sampling_logp_BT = targets_from_completions(batch.mask_BT, logps)
         return batch
+
+
+class RolloutsAhead:
+    """Server rollouts requested one step ahead, so the server samples step k+1 while step k is scored and trained.
+
+    A background thread only waits on HTTP, so the GIL costs nothing. At most one request is in flight, and the loop
+    takes its answer before the next weight push: the server never swaps weights under a request, and the samples of
+    step k+1 come from the weights the server held when they were requested (those pushed at step k, or earlier with
+    sync_every > 1).
+    """
+
+    def __init__(self, rollouts: ServerRollouts):
+        self.rollouts = rollouts
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-rollouts")
+        self._pending: tuple[int, int | None, Future] | None = None  # (step, weights version, answer)
+
+    def request(self, step: int, prompt_ids: list[list[int]], pad_id: int, sampling: SamplingArgs, seed: int) -> None:
+        """Start sampling `step`'s rollouts from the weights the server holds now."""
+        if self._pending is not None:
+            raise RuntimeError(f"rollouts for step {self._pending[0]} are still pending")
+        answer = self._pool.submit(self.rollouts.rollouts, prompt_ids, pad_id, sampling, seed)
+        self._pending = (step, self.rollouts.version, answer)
+
+    def take(self, step: int) -> tuple[Batch, int | None] | None:
+        """The rollouts requested for `step` (waiting for them) and the weights version they came from; None if
+        none were requested. A failed request raises its error here, in the step it belongs to."""
+        if self._pending is None:
+            return None
+        pending_step, version, answer = self._pending
+        if pending_step != step:
+            raise RuntimeError(f"rollouts pending for step {pending_step}, asked for step {step}")
+        self._pending = None
+        return answer.result(), version
+
+    def close(self) -> None:
+        """Wait for a request still in flight and drop its answer (a stopped run leaves no request behind)."""
+        self._pending = None
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def targets_from_completions(mask_BT: torch.Tensor, values: list[list[float]]) -> torch.Tensor:

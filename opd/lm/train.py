@@ -29,7 +29,7 @@ from opd.checkpoint import find_checkpoint, load_trainer_state, save_checkpoint
 from opd.config import DistillConfig, save_config
 from opd.lm.model import final_hidden, lm_head, load_model, load_tokenizer, unwrap
 from opd.lm.rollout import Batch, build_batch, encode_prompts, layout, sample
-from opd.lm.server_rollouts import ServerRollouts, ratio_metrics, rollout_seed
+from opd.lm.server_rollouts import RolloutsAhead, ServerRollouts, ratio_metrics, rollout_seed
 from opd.lm.teacher import LocalTeacher, Teacher, TeacherSignal, TeacherUnreachable
 from opd.tasks import get_task
 
@@ -147,6 +147,8 @@ def distill(cfg: DistillConfig) -> dict:
         raise ValueError(f"--sampler {cfg.sampler!r} is not a URL; pass http(s)://host:port/v1 of an `opd serve`")
     if cfg.sync_every < 1 or not cfg.ratio_clip > 0:
         raise ValueError(f"need sync_every >= 1 and ratio_clip > 0, got {cfg.sync_every} and {cfg.ratio_clip}")
+    if cfg.overlap and cfg.sampler is None:
+        raise ValueError("--overlap overlaps a sampler server's rollouts with the update; it needs --sampler URL")
     # Without a GPU, cpu=True lets accelerate pick gloo when launched with several processes.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
@@ -198,25 +200,34 @@ def distill(cfg: DistillConfig) -> dict:
         teacher_sampler = RemoteSampler(cfg.teacher, timeout=cfg.remote_timeout, max_retries=cfg.remote_max_retries)
     student_sampler = (ServerRollouts(cfg.sampler, out, cfg.remote_timeout, cfg.remote_max_retries)
                        if cfg.sampler else None)
+    ahead = RolloutsAhead(student_sampler) if cfg.overlap else None
+
+    def draw():
+        """The next step's prompts and actor, and the loop RNGs' state before drawing them (that step's start)."""
+        state = rng.get_state(), torch.get_rng_state()
+        idx = torch.randint(len(train), (cfg.batch_size,), generator=rng).tolist()
+        source = cfg.source
+        if source == "mixture":
+            source = "student" if torch.rand((), generator=rng).item() < cfg.lmbda else "data"
+        return state, idx, source
+
     student.train()
     costs = flops.model_cost(unwrap(student)), flops.model_cost(getattr(teacher, "model", None))
     total_flops = flops.logged_total(out / "metrics.jsonl", start)
-    last = {}
+    last, upcoming = {}, None
     try:
         bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not (cfg.progress and main),
                    desc="distill")
         for step in bar:
             t0 = time.perf_counter()
-            rng_at_step_start = rng.get_state(), torch.get_rng_state()
-            idx = torch.randint(len(train), (cfg.batch_size,), generator=rng).tolist()
-            prompts = [prompt_ids[i] for i in idx]
-            # Who acts.
-            source = cfg.source
-            if source == "mixture":
-                source = "student" if torch.rand((), generator=rng).item() < cfg.lmbda else "data"
+            # Which prompts, and who acts (with overlap, drawn during the last step: the same draws in the same order).
+            rng_at_step_start, idx, source = upcoming or draw()
+            prompts, upcoming, sampled_by = [prompt_ids[i] for i in idx], None, None
             try:
+                prefetched = ahead.take(step) if ahead is not None else None  # requested during the last step
                 if student_sampler is not None and (step == start or step % cfg.sync_every == 0):
                     # At `start` too: a fresh or resumed run must not sample from whatever the server held before.
+                    # After `take`: the server never swaps weights under a request in flight.
                     student_sampler.push(student, accelerator, step)
                 s = cfg.sampling
                 # Servers sample seeded per step and process, so a resumed run draws the same samples.
@@ -227,11 +238,18 @@ def distill(cfg: DistillConfig) -> dict:
                     completions, _ = teacher_sampler.sample(prompts, s.max_new_tokens, s.temperature, s.top_p,
                                                             seed=seed)
                     batch = layout(prompts, completions, pad)
-                elif source == "student" and student_sampler is not None:
-                    batch = student_sampler.rollouts(prompts, pad, s, seed)  # carries the sampler's log-probs
+                elif source == "student" and student_sampler is not None:  # the batch carries the sampler's log-probs
+                    batch, sampled_by = prefetched or (student_sampler.rollouts(prompts, pad, s, seed),
+                                                       student_sampler.version)
                 else:
                     actor = unwrap(student) if source == "student" else teacher.model
                     batch = sample(actor, prompts, pad, eos, s.max_new_tokens, s.temperature, s.top_p)
+                if ahead is not None and step + 1 < cfg.steps:
+                    # Overlap: the server samples step+1 from the weights it holds now while this step trains on.
+                    upcoming = draw()
+                    if upcoming[2] == "student":
+                        ahead.request(step + 1, [prompt_ids[i] for i in upcoming[1]], pad, s,
+                                      rollout_seed(cfg.seed, step + 1, rank, world, cfg.batch_size))
                 batch = batch.to(accelerator.device)
                 t_act = time.perf_counter()
                 # What the teacher gives: one forward pass over prompt + completion.
@@ -265,6 +283,8 @@ def distill(cfg: DistillConfig) -> dict:
                     f"again with --resume"
                 )
             m.update(step=step + 1, source=source, act_s=t_act - t0, step_s=time.perf_counter() - t0)
+            if sampled_by is not None:
+                m["sampler_weights_version"] = sampled_by
             m.update(flops.step_flops(*costs, batch.attention_mask_BL, batch.mask_BT, source, scored=signal is not None))
             total_flops = m["total_flops"] = total_flops + m["flops"] * world
             if main and (cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
@@ -276,10 +296,12 @@ def distill(cfg: DistillConfig) -> dict:
             last = m
             stop = _any_process(accelerator, interrupted.flag)
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stop:
-                checkpoint(step + 1)
+                checkpoint(step + 1, upcoming and upcoming[0])  # the RNGs as step+1 starts, also with overlap
             if stop:
                 raise KeyboardInterrupt(f"interrupted; saved a checkpoint at step {step + 1} in {out / 'checkpoint'}")
     finally:
+        if ahead is not None:
+            ahead.close()
         if metrics_file is not None:
             metrics_file.close()
         interrupted.restore()

@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import signal
 from pathlib import Path
 
 import httpx
@@ -13,7 +15,9 @@ from opd.config import DistillConfig, OptimArgs, SamplingArgs
 from opd.lm.model import load_model
 from opd.lm.remote import RemoteSampler
 from opd.lm.rollout import encode_prompts, sample
+from opd.lm import serve
 from opd.lm.serve import ServeArgs, build_app, load_served
+from opd.lm.server_rollouts import ServerRollouts
 from opd.lm.teacher import LocalTeacher
 from opd.lm.train import TrainingError, distill, student_loss
 from opd.tasks import get_task
@@ -112,11 +116,133 @@ def test_sampler_settings_are_checked_before_any_work(model_dirs, tmp_path):
         (dict(sampler="localhost:8000"), "is not a URL"),
         (dict(sync_every=0), "sync_every >= 1"),
         (dict(ratio_clip=0.0), "ratio_clip > 0"),
+        (dict(sampler=None, overlap=True), "needs --sampler"),
     ]
     for kw, match in bad:
         with pytest.raises(ValueError, match=match):
             distill(cfg_for(model_dirs, tmp_path / "run", **{"sampler": "http://127.0.0.1:9", **kw}))
     assert not (tmp_path / "run").exists()
+
+
+def test_overlap_samples_each_step_from_the_weights_pushed_one_step_before(model_dirs, tmp_path, monkeypatch):
+    # What the server saw, in order: which weights it loaded, and which weights each completion was sampled with.
+    events, loaded = [], ["initial"]
+
+    def load_weights(model, path):
+        n = real_load(model, path)
+        loaded[0] = Path(path).name
+        events.append(("load", loaded[0]))
+        return n
+
+    real_load = serve.load_weights
+    monkeypatch.setattr(serve, "load_weights", load_weights)
+    app = student_server(model_dirs)
+    real_run = app.state.engine.run
+
+    async def run(rows):
+        at_start = loaded[0]
+        await real_run(rows)
+        assert loaded[0] == at_start, "weights swapped under a request"
+        events.append(("sample", at_start))
+
+    app.state.engine.run = run
+    s0, s1, s2, s3 = (f"step-{k:08d}" for k in range(4))
+    # Per run: the server's events with each batch's 4 completions (one request per prompt) collapsed into one, the
+    # number of completions sampled from the step-0 weights, and the versions logged per step (minus the one before).
+    expected = {
+        (False, 1): ([("load", s0), ("sample", s0), ("load", s1), ("sample", s1), ("load", s2), ("sample", s2),
+                      ("load", s3), ("sample", s3)], 4, [1, 2, 3, 4]),
+        # Step 0 sampled in line, then step k+1 from the weights pushed at step k, while step k trains.
+        (True, 1): ([("load", s0), ("sample", s0), ("load", s1), ("sample", s1), ("load", s2), ("sample", s2),
+                     ("load", s3)], 8, [1, 1, 2, 3]),
+        # Pushes at steps 0 and 2; step 2's rollouts were requested before step 2's push: at most sync_every old.
+        (True, 2): ([("load", s0), ("sample", s0), ("load", s2), ("sample", s2)], 12, [1, 1, 1, 2]),
+    }
+    with live_server(app) as url:
+        for (overlap, sync_every), (batches, from_s0, versions) in expected.items():
+            events.clear()
+            out = tmp_path / f"{overlap}-{sync_every}"
+            distill(cfg_for(model_dirs, out, url, steps=4, overlap=overlap, sync_every=sync_every))
+            seen = [e for i, e in enumerate(events) if e[0] == "load" or i == 0 or events[i - 1] != e]
+            assert seen == batches, (overlap, sync_every, seen)
+            assert sum(e == ("sample", s0) for e in events) == from_s0
+            assert sum(e[0] == "sample" for e in events) == 16  # 4 steps of 4 prompts, no request left behind
+            logged = [m["sampler_weights_version"] for m in metrics(out)]
+            assert [v - logged[0] + 1 for v in logged] == versions
+    plain, ahead = metrics(tmp_path / "False-1"), metrics(tmp_path / "True-1")
+    # Same seed: same prompts and weights at step 0; after that the overlapped samples are one update stale.
+    assert ahead[0]["loss"] == plain[0]["loss"] and ahead[0]["sampler_kl"] < 1e-8
+    assert all(x["sampler_kl"] < 1e-8 for x in plain)
+    assert min(x["sampler_kl"] for x in ahead[1:]) > 1e-5, [x["sampler_kl"] for x in ahead]
+
+
+def prompts_of(run: list[dict]) -> list[int]:
+    """A fingerprint of the prompts drawn: the reference completions' lengths on the data steps."""
+    return [m["completion_tokens"] for m in run if m["source"] == "data"]
+
+
+def test_overlap_keeps_the_mixture_coins_and_resumes_after_ctrl_c(model_dirs, tmp_path, sampler_url, monkeypatch):
+    kw = dict(source="mixture", loss="jsd", lmbda=0.5, steps=6, seed=3)  # coins: student, data, s, d, s, s
+    distill(cfg_for(model_dirs, tmp_path / "plain", sampler_url, **kw))
+    distill(cfg_for(model_dirs, tmp_path / "ahead", sampler_url, overlap=True, **kw))
+    sources = [m["source"] for m in metrics(tmp_path / "plain")]
+    assert {"student", "data"} <= set(sources)
+    # Only student batches are requested ahead; the coins are drawn in the same order from the same generator.
+    ahead = metrics(tmp_path / "ahead")
+    assert [m["source"] for m in ahead] == sources
+    assert prompts_of(ahead) == prompts_of(metrics(tmp_path / "plain"))
+    assert all(m["sampler_kl"] > 1e-5 for m in ahead if m["source"] == "student" and m["step"] > 1)
+    # Ctrl-C during step 1 (with step 2's rollouts in flight): a checkpoint at step 2 holding the RNGs as step 2
+    # starts, not as they were after drawing it ahead, so the resumed run draws the same prompts and coins.
+    real_push = ServerRollouts.push
+
+    def push_then_interrupt(self, student, accelerator, step):
+        real_push(self, student, accelerator, step)
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(ServerRollouts, "push", push_then_interrupt)
+    with pytest.raises(KeyboardInterrupt, match="checkpoint at step 2"):
+        distill(cfg_for(model_dirs, tmp_path / "stopped", sampler_url, overlap=True, **kw))
+    monkeypatch.setattr(ServerRollouts, "push", real_push)
+    distill(cfg_for(model_dirs, tmp_path / "stopped", sampler_url, overlap=True, resume=True, **kw))
+    resumed = metrics(tmp_path / "stopped")
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
+    assert [m["source"] for m in resumed] == sources
+    assert prompts_of(resumed) == prompts_of(metrics(tmp_path / "plain"))
+    # Correct but not bit-for-bit: the resumed step samples from the current weights, the uninterrupted one did not.
+    first = resumed[2]
+    assert first["source"] != "student" or first["sampler_kl"] < 1e-8
+
+
+class DiesAfter:
+    """An ASGI app that answers like `app` for `completions` completion requests, then 503 to everything."""
+
+    def __init__(self, app, completions: int):
+        self.app, self.left = app, completions
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] == "/v1/completions":
+            self.left -= 1
+        if scope["type"] == "http" and self.left < 0:
+            await send({"type": "http.response.start", "status": 503, "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": b"gone"})
+            return
+        await self.app(scope, receive, send)
+
+
+def test_a_sampler_dying_during_a_prefetch_stops_with_a_resumable_checkpoint(model_dirs, tmp_path):
+    app = student_server(model_dirs)
+    with live_server(DiesAfter(app, completions=8)) as url:  # step 0 and step 1's prefetch; step 2's fails
+        with pytest.raises(TrainingError) as err:
+            distill(cfg_for(model_dirs, tmp_path, url, steps=4, overlap=True, remote_max_retries=1))
+    message = str(err.value)
+    assert "\n" not in message and url in message
+    assert "did not answer after 2 attempts" in message and "checkpoint at step 2" in message and "--resume" in message
+    assert [m["step"] for m in metrics(tmp_path)] == [1, 2]
+    with live_server(app) as url:
+        distill(cfg_for(model_dirs, tmp_path, url, steps=4, overlap=True, resume=True))
+    assert [m["step"] for m in metrics(tmp_path)] == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("shift", [3.0, -3.0])
