@@ -162,6 +162,20 @@ def test_jsd_endpoints_are_the_kls_and_the_limits_of_the_rescaled_jsd():
     torch.testing.assert_close(generalized_jsd(s, t, 1 - b) / (b * (1 - b)), reverse_kl(s, t), rtol=1e-4, atol=0)
 
 
+def test_reverse_kl_cannot_move_a_student_confident_where_the_teacher_has_no_mass():
+    """Mode seeking, measured in the teacher-bias benchmark (RESULTS.md): a student sure of token 1 (p = 1 - 1e-5)
+    against a teacher sure of token 0 has a large reverse KL but almost no gradient on its logits,
+    p_s * (log p_s - log p_t - KL); the forward KL's gradient p_s - p_t is about 1. This is why on-policy reverse-KL
+    distillation neither copies nor fixes a step the student already takes with confidence."""
+    student_logits = torch.tensor([[0.0, 11.5, -5.0]], requires_grad=True)  # p(1) ~ 1 - 1e-5
+    teacher = F.log_softmax(torch.tensor([[9.0, 0.0, 0.0]]), -1)  # p(0) ~ 0.9998
+    student = F.log_softmax(student_logits, -1)
+    (grad_reverse,) = torch.autograd.grad(reverse_kl(student, teacher).sum(), student_logits, retain_graph=True)
+    (grad_forward,) = torch.autograd.grad(forward_kl(student, teacher).sum(), student_logits)
+    assert reverse_kl(student, teacher).item() > 8.0
+    assert grad_reverse.abs().max() < 1e-3 < 0.9 < grad_forward.abs().max()
+
+
 def test_skew_with_alpha_zero_is_the_plain_kl():
     s = F.log_softmax(random_logits(3, 8, seed=9), -1)
     t = F.log_softmax(random_logits(3, 8, seed=10), -1)
