@@ -5,7 +5,9 @@ Definitions, used for every system alike:
 - FLOPs of a step: `opd.flops.step_flops` over the step's real tokens (sampling + teacher scoring + student forward
   and backward; padding and recomputation not counted), so MFU = FLOPs/s achieved / the fp32 matmul peak measured in
   the same run, and the FLOP limit (tokens/s if every FLOP ran at that peak) = tokens / (FLOPs / peak);
-- peak RSS: `ru_maxrss` of the system's own process at the end of training (imports and model loading included).
+- peak RSS: the high-water mark (VmHWM) of the system's own process at the end of training (imports and model
+  loading included), plus that of its second process where it has one: the prototype's sampler process, or the
+  `opd serve` that samples for `--sampler` (read just before it stops; both parts are in perf.json).
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ import statistics
 
 import torch
 
+OPD_VARIANTS = {"opd": "", "opd_overlap": "overlap_", "opd_sampler_overlap": "sampler_overlap_"}
+"""The opd systems held against the goals, with the prefix of their keys in a pair's `goals`."""
 SYSTEM_NAMES = {"opd": "opd", "opd_overlap": "opd + overlap (prototype)",
+                "opd_sampler_overlap": "opd --sampler --overlap (library)",
                 "trl_distillation": "TRL DistillationTrainer",
                 "trl_gkd": "TRL GKDTrainer (λ=1)"}
 
@@ -42,8 +47,9 @@ def summarise_entry(raw: dict, warmup: int, matmul_gflops: float) -> dict:
         "flop_limit_tokens_per_s": sum(tokens) / (total_flops / peak),
         "peak_rss_mb": raw["peak_rss_mb"],
     }
-    for key in ("heldout_reverse_kl", "heldout_reverse_kl_start", "import_rss_mb", "train_wall_s", "threads",
-                "loadavg_start", "loadavg_end"):
+    for key in ("trainer_peak_rss_mb", "server_peak_rss_mb", "sampler_peak_rss_mb", "heldout_reverse_kl",
+                "heldout_reverse_kl_start", "import_rss_mb", "train_wall_s", "threads", "loadavg_start",
+                "loadavg_end"):
         if key in raw:
             out[key] = raw[key]
     out["step_s_all"] = raw["step_s"]
@@ -58,10 +64,10 @@ def summarise_pair(entries: dict, matmul_gflops: float, settings, loss: str, bet
     out = dict(entries, matmul_gflops=matmul_gflops, flop_limit_tokens_per_s=limit, loss=loss,
                beta=beta if loss == "jsd" else None, settings=dataclasses.asdict(settings))
     goals = {}
-    for mine in ("opd", "opd_overlap"):
+    for mine, prefix in OPD_VARIANTS.items():
         if mine not in ok:
             continue
-        me, prefix = ok[mine], "" if mine == "opd" else mine.removeprefix("opd_") + "_"
+        me = ok[mine]
         goals[f"{prefix}fraction_of_flop_limit"] = me["completion_tokens_per_s"] / limit
         speedups = []
         for trl in ("trl_distillation", "trl_gkd"):
@@ -119,6 +125,11 @@ def pair_table(pair: dict) -> list[str]:
             continue
         lines.append(f"| {name} | {e['completion_tokens_per_s']:.0f} | {e['step_time_s']:.3f} | "
                      f"{e['peak_rss_mb']:.0f} | {_fmt(e.get('heldout_reverse_kl'), '.4f')} | {e['mfu']:.3f} |")
+    parts = [f"{SYSTEM_NAMES[key]}: {pair[key]['trainer_peak_rss_mb']:.0f} MB trainer + "
+             f"{pair[key]['server_peak_rss_mb']:.0f} MB `opd serve`" for key in SYSTEM_NAMES
+             if "server_peak_rss_mb" in pair.get(key, {})]
+    if parts:
+        lines += ["", "Peak RSS of two processes, summed: " + "; ".join(parts) + "."]
     return lines
 
 
@@ -129,7 +140,7 @@ def goals_table(goals: dict) -> list[str]:
     lines = ["| | tokens/s ÷ TRL Distillation | tokens/s ÷ TRL GKD | share of FLOP limit | RSS ÷ TRL Distillation "
              "| RSS ÷ TRL GKD | KL − TRL Distillation | KL − TRL GKD | speed goal met |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for mine, prefix in (("opd", ""), ("opd_overlap", "overlap_")):
+    for mine, prefix in OPD_VARIANTS.items():
         if f"{prefix}fraction_of_flop_limit" not in goals:
             continue
         g = lambda key, spec: _fmt(goals.get(prefix + key), spec)  # noqa: E731

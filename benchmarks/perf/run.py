@@ -1,12 +1,13 @@
 """opd's on-policy loop against TRL's `DistillationTrainer` and `GKDTrainer`, side by side, one command.
 
 For each teacher/student pair (`tiny`: the arithmetic task's models; `smollm2`: SmolLM2-135M-Instruct and a small
-student over its 49,152-token vocabulary) the three systems train the same student on the same prompts with the same
-divergence, batch, completion length, learning rate and number of steps, each in its own process
+student over its 49,152-token vocabulary) the systems (opd; opd with sampling overlapped with the update, as a
+prototype and as the library's `--sampler --overlap`; TRL's two trainers) train the same student on the same prompts
+with the same divergence, batch, completion length, learning rate and number of steps, each in its own process
 (`benchmarks/perf/worker.py`). Reported per system: completion tokens/s and step time over the steps after warm-up,
-peak RSS, the held-out per-token reverse KL to the teacher after training (so speed is never bought with quality),
-and model FLOP utilisation against the fp32 matmul peak measured in the same run. A sweep over completion length
-and vocabulary size (random Llama pairs) gives the plots of step time and memory.
+peak RSS (of all its processes), the held-out per-token reverse KL to the teacher after training (so speed is never
+bought with quality), and model FLOP utilisation against the fp32 matmul peak measured in the same run. A sweep over
+completion length and vocabulary size (random Llama pairs) gives the plots of step time and memory.
 
     python -m benchmarks.perf.run            # the full benchmark, about 15 minutes on 2 quiet cores
     python -m benchmarks.perf.run --quick    # plumbing check with random stand-in models, about 2 minutes
@@ -16,6 +17,7 @@ Writes `results_dir`/perf.json, perf.md (a section for RESULTS.md) and perf.png;
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -33,10 +35,11 @@ import tyro
 
 from benchmarks.perf import pairs, report
 
-SYSTEMS = ("opd", "opd_overlap", "trl_distillation", "trl_gkd")
-LEVER_SYSTEMS = ("opd_overlap",)
-"""opd's step with a lever prototyped in the benchmark, not yet in the library: sampling overlapped with the update
-(`benchmarks.perf.pipeline`)."""
+SYSTEMS = ("opd", "opd_overlap", "opd_sampler_overlap", "trl_distillation", "trl_gkd")
+LEVER_SYSTEMS = ("opd_overlap", "opd_sampler_overlap")
+"""Sampling overlapped with the update, two ways: the prototype of `benchmarks.perf.pipeline` (a sampler process
+sharing the student's memory) and the library's `distill --sampler URL --overlap` (an `opd serve` of the student,
+weights pushed over HTTP each step). Both run only on `lever_pairs`."""
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -67,7 +70,7 @@ class PerfArgs:
     systems: tuple[str, ...] = SYSTEMS
     """Which systems to run on each pair."""
     lever_pairs: tuple[str, ...] = ("tiny", "smollm2")
-    """Pairs on which the lever prototype (`opd_overlap`) runs; elsewhere it is left out."""
+    """Pairs on which the overlap systems (`opd_overlap`, `opd_sampler_overlap`) run; elsewhere they are left out."""
     loss: str = "jsd"
     """The divergence every system trains with: `jsd` (generalized JSD with `beta`) or `reverse_kl`."""
     beta: float = 0.5
@@ -141,12 +144,15 @@ def run_entry(spec: dict, work: Path, args: PerfArgs) -> dict:
                                 cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         watched = psutil.Process(proc.pid)
         while proc.poll() is None:
-            try:
-                peak_seen = max(peak_seen, watched.memory_info().rss / 2**20)
+            try:  # the worker and what it started (a sampler process, an `opd serve`) count together
+                family = [watched, *watched.children(recursive=True)]
             except psutil.NoSuchProcess:
                 break
+            peak_seen = max(peak_seen, sum(_rss_mb(p) for p in family))
             if peak_seen > args.memory_cap_mb or time.perf_counter() - t0 > args.timeout_s:
-                proc.kill()
+                for p in reversed(family):  # children first: a killed worker cannot stop its server any more
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        p.kill()
                 proc.wait()
                 why = "memory_cap" if peak_seen > args.memory_cap_mb else "timeout"
                 return {"error": f"stopped: {why} ({peak_seen:.0f} MB RSS after {time.perf_counter() - t0:.0f} s)",
@@ -156,6 +162,13 @@ def run_entry(spec: dict, work: Path, args: PerfArgs) -> dict:
         tail = log_path.read_text()[-3000:]
         raise RuntimeError(f"{name} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
     return json.loads(out_path.read_text())
+
+
+def _rss_mb(process: psutil.Process) -> float:
+    try:
+        return process.memory_info().rss / 2**20
+    except psutil.NoSuchProcess:
+        return 0.0
 
 
 def _spec(args: PerfArgs, pair_name: str, models: dict, settings: PairSettings, system: str, loss: str,
@@ -168,7 +181,7 @@ def _spec(args: PerfArgs, pair_name: str, models: dict, settings: PairSettings, 
 
 
 def run_pair(args: PerfArgs, name: str, models: dict, settings: PairSettings, loss: str, work: Path) -> dict:
-    """The three systems on one pair, back to back, with the matmul peak measured just before them."""
+    """The systems on one pair, back to back, with the matmul peak measured just before them."""
     peak = matmul_gflops(args.threads)
     entries = {}
     systems = [s for s in args.systems if name in args.lever_pairs or s not in LEVER_SYSTEMS]

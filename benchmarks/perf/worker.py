@@ -2,7 +2,7 @@
 
     python -m benchmarks.perf.worker SPEC.json OUT.json
 
-SPEC names the system (`opd`, `opd_overlap`, `trl_distillation`, `trl_gkd`), the pair's model
+SPEC names the system (`opd`, `opd_overlap`, `opd_sampler_overlap`, `trl_distillation`, `trl_gkd`), the pair's model
 directories and the shared settings (divergence, batch, completion length, steps, learning rate, threads). Every
 system trains the same student from the same weights on the same prompts, fully on-policy at temperature 1, AdamW at
 a constant learning rate with gradient clipping 1.0, fp32. OUT gets, per step, the wall time, the completion tokens
@@ -12,27 +12,34 @@ reverse KL to the teacher after training, measured by one function for all syste
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
+import signal
+import socket
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 
-def max_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MB.
+def max_rss_mb(pid: int | None = None) -> float:
+    """Peak resident set size so far of this process (or of process `pid`, Linux only), in MB.
 
-    Read from VmHWM, the high-water mark of this process's own memory map. Not `ru_maxrss`: Linux carries that over
+    Read from VmHWM, the high-water mark of the process's own memory map. Not `ru_maxrss`: Linux carries that over
     from the parent through fork + exec, so every worker would report at least the benchmark driver's RSS at the
     moment it was started (seen: all systems of the tiny pair at the driver's 854 MB)."""
-    status = Path("/proc/self/status")
+    status = Path(f"/proc/{pid or 'self'}/status")
     if status.exists():
         for line in status.read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024  # kB
+    if pid is not None:
+        raise RuntimeError(f"cannot read the peak RSS of process {pid}: no VmHWM in {status}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # elsewhere: kilobytes, bytes on macOS
     return peak / (2**20 if sys.platform == "darwin" else 1024)
 
@@ -70,9 +77,10 @@ def train_prompts(spec: dict):
     return get_task("arithmetic").examples(spec["train_examples"], seed=0, split="train")
 
 
-def run_opd(spec: dict, scratch: Path) -> dict:
+def run_opd(spec: dict, scratch: Path, **server_rollouts) -> dict:
     """`opd.lm.train.distill`, unchanged, as `opd train` runs it (its default chunk size, the fused divergence where
-    it applies, no taken-token pass of the teacher); per-step numbers from its metrics.jsonl."""
+    it applies, no taken-token pass of the teacher); per-step numbers from its metrics.jsonl. `server_rollouts`:
+    DistillConfig's `sampler`, `overlap`, `sync_every`, as `opd train --sampler URL --overlap` sets them."""
     from opd.config import DistillConfig, OptimArgs, SamplingArgs
     from opd.lm.model import load_model
     from opd.lm.train import distill
@@ -83,7 +91,7 @@ def run_opd(spec: dict, scratch: Path) -> dict:
         sampling=SamplingArgs(max_new_tokens=spec["max_new_tokens"], temperature=1.0, top_p=1.0),
         optim=OptimArgs(lr=spec["lr"], warmup_steps=0, weight_decay=0.0, grad_clip=1.0),
         train_examples=spec["train_examples"], eval_examples=1, eval_every=0, save_every=10**9,
-        seed=spec["seed"], out_dir=str(scratch / "run"), progress=False,
+        seed=spec["seed"], out_dir=str(scratch / "run"), progress=False, **server_rollouts,
     )
     if Path(cfg.out_dir).exists():
         raise ValueError(f"{cfg.out_dir} exists; an entry needs a fresh run directory (metrics.jsonl is appended to)")
@@ -102,6 +110,58 @@ def run_opd_overlap(spec: dict, scratch: Path) -> dict:
     from benchmarks.perf.pipeline import run_opd_pipelined
 
     return run_opd_pipelined(spec, scratch)
+
+
+@contextlib.contextmanager
+def served(model_dir: str, threads: int, log: Path, timeout: float = 180.0) -> Iterator[tuple[str, int]]:
+    """`opd serve model_dir` (CPU, `threads` torch threads) on a free 127.0.0.1 port, in a process of its own;
+    yields its URL and process id once /health answers, and stops it on the way out whatever happened (Ctrl-C as a
+    user would, SIGKILL if it is not gone after 15 s)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "opd.cli", "serve", model_dir, "--port", str(port), "--device",
+                                 "cpu"], stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = log.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"`opd serve {model_dir}` did not come up on port {port} (exit {proc.poll()}); "
+                                   f"log {log}:\n{tail}")
+            try:
+                if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        yield url, proc.pid
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def run_opd_sampler_overlap(spec: dict, scratch: Path) -> dict:
+    """`distill --sampler URL --overlap`: the library's overlapped server rollouts, against an `opd serve` of the
+    student started here with the trainer's thread count. Each step pushes the student's weights to the server
+    (sync_every=1; the push is part of the step time) and requests the next step's rollouts before training on this
+    one's. Memory is both processes': the trainer's peak plus the server's, read just before the server stops."""
+    with served(spec["student"], spec["threads"], scratch / "serve.log") as (url, server_pid):
+        raw = run_opd(spec, scratch, sampler=url, overlap=True, sync_every=1)
+        server_peak = max_rss_mb(server_pid)
+    return dict(raw, peak_rss_mb=raw["peak_rss_mb"] + server_peak, trainer_peak_rss_mb=raw["peak_rss_mb"],
+                server_peak_rss_mb=server_peak)
 
 
 class _StepTimer:
@@ -217,7 +277,7 @@ def run_trl_gkd(spec: dict, scratch: Path) -> dict:
             "flops": [step_flops(costs, p, c) for p, c in lengths], "student": trainer.model, "teacher": teacher}
 
 
-RUNNERS = {"opd": run_opd, "opd_overlap": run_opd_overlap,
+RUNNERS = {"opd": run_opd, "opd_overlap": run_opd_overlap, "opd_sampler_overlap": run_opd_sampler_overlap,
            "trl_distillation": run_trl_distillation, "trl_gkd": run_trl_gkd}
 
 

@@ -46,7 +46,8 @@ def test_quick_benchmark_writes_well_formed_results(tmp_path):
     assert results["quick"] is True
     for pair in ("tiny", "smollm2"):
         block = results[pair]
-        systems = SYSTEMS if pair == "tiny" else ("opd", "trl_distillation", "trl_gkd")  # --quick: overlap on tiny
+        # --quick: the overlap systems (prototype and library) on tiny only
+        systems = SYSTEMS if pair == "tiny" else ("opd", "trl_distillation", "trl_gkd")
         assert set(systems) <= set(block)
         assert block["matmul_gflops"] > 0 and block["flop_limit_tokens_per_s"] > 0
         for system in systems:
@@ -60,8 +61,18 @@ def test_quick_benchmark_writes_well_formed_results(tmp_path):
         assert block["goals"]["speedup_vs_trl_gkd"] == pytest.approx(
             block["opd"]["completion_tokens_per_s"] / block["trl_gkd"]["completion_tokens_per_s"])
         assert math.isfinite(block["opd"]["heldout_reverse_kl_start"])
+    # the library's overlap: trainer and `opd serve` are two processes, and both count
+    e = results["tiny"]["opd_sampler_overlap"]
+    assert e["trainer_peak_rss_mb"] >= e["import_rss_mb"] and e["server_peak_rss_mb"] > 0
+    assert e["peak_rss_mb"] == pytest.approx(e["trainer_peak_rss_mb"] + e["server_peak_rss_mb"])
+    assert results["tiny"]["goals"]["sampler_overlap_speedup_vs_trl_gkd"] == pytest.approx(
+        e["completion_tokens_per_s"] / results["tiny"]["trl_gkd"]["completion_tokens_per_s"])
     text = (results_dir / "perf.md").read_text()
     # per pair: one measurement row and one goals row for opd, one measurement row per TRL trainer
     assert text.count("\n| opd |") == 4 and text.count("| TRL GKDTrainer") == 2 and "--quick" in text
     assert text.count("| tokens/s ÷ TRL Distillation |") == 2
+    # tiny only (--quick): one measurement row and one goals row for each overlap system
+    assert text.count("\n| opd --sampler --overlap (library) |") == 2
+    assert text.count("\n| opd + overlap (prototype) |") == 2
+    assert text.count("MB trainer + ") == 1
     assert (results_dir / "perf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
