@@ -244,6 +244,8 @@ class Server:
     port: int
     log: Path
     proc: subprocess.Popen | None = None
+    threads: int = 1
+    """torch threads of the server process."""
 
     @property
     def url(self) -> str:
@@ -256,7 +258,8 @@ class Server:
                    "cpu"]
         with open(self.log, "ab") as log:
             # Run from the log's folder: a fuzzed weight update of "." must not find the model's weights there.
-            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=ENV, cwd=self.log.parent)
+            env = ENV | {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
+            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.log.parent)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None or time.monotonic() > deadline:

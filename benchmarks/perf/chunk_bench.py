@@ -14,14 +14,13 @@ full-vocabulary losses. Process CPU seconds, median of `repeats`, `threads` torc
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import tyro
 
+from benchmarks.perf.lever_bench import median_seconds
 from opd import losses
 from opd.chunked import auto_chunk_size, chunked_divergence, chunked_taken_logp
 from opd.fused import fused_divergence
@@ -43,16 +42,6 @@ class ChunkArgs:
     loss: str = "jsd"
     """`jsd` (β = 0.5) or `reverse_kl`."""
     results_dir: str = "benchmarks/results"
-
-
-def _cpu_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.process_time()
-        fn()
-        times.append(time.process_time() - t0)
-    return statistics.median(times)
 
 
 def _problem(vocab: int, positions: int):
@@ -92,13 +81,13 @@ def chunk_bench(args: ChunkArgs) -> dict:
         sizes = sorted({c for c in args.chunk_sizes if c < n} | {n, auto})
         for path in ("autograd", "fused"):
             for c in sizes if path == "fused" or vocab <= 49152 else [auto]:
-                s = _cpu_seconds(loss_step(path, divergence, problem, c), repeats)
+                s = median_seconds(loss_step(path, divergence, problem, c), repeats)[0]
                 rows.append(dict(vocab=vocab, positions=n, path=path, chunk_size=c, auto=c == auto, cpu_s=s))
                 print(f"V={vocab} N={n} {path} chunk {c}: {s:.3f} s", flush=True)
         with torch.no_grad():
             _, teacher_head, _, teacher_hidden = problem
             targets = torch.randint(0, vocab, (n,))
-            s = _cpu_seconds(lambda: chunked_taken_logp(teacher_hidden, teacher_head, targets), repeats)
+            s = median_seconds(lambda: chunked_taken_logp(teacher_hidden, teacher_head, targets), repeats)[0]
         rows.append(dict(vocab=vocab, positions=n, path="teacher taken-token pass", chunk_size=None, auto=True,
                          cpu_s=s))
         print(f"V={vocab} teacher taken-token pass: {s:.3f} s", flush=True)

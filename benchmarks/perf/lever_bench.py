@@ -53,7 +53,7 @@ class LeverArgs:
     results_dir: str = "benchmarks/results"
 
 
-def _time(fn, repeats: int) -> tuple[float, float]:
+def median_seconds(fn, repeats: int) -> tuple[float, float]:
     """(median CPU seconds, median wall seconds) of `fn()`, after one untimed call."""
     fn()
     cpu, wall = [], []
@@ -66,8 +66,8 @@ def _time(fn, repeats: int) -> tuple[float, float]:
 
 
 def _compare(name: str, before, after, repeats: int, note: str = "", **extra) -> dict:
-    b_cpu, b_wall = _time(before, repeats)
-    a_cpu, a_wall = _time(after, repeats)
+    b_cpu, b_wall = median_seconds(before, repeats)
+    a_cpu, a_wall = median_seconds(after, repeats)
     row = dict(lever=name, before_cpu_s=b_cpu, after_cpu_s=a_cpu, before_wall_s=b_wall, after_wall_s=a_wall,
                speedup_cpu=b_cpu / a_cpu, note=note, **extra)
     print(f"{name}: {b_cpu:.3f} -> {a_cpu:.3f} CPU s ({row['speedup_cpu']:.2f}x) {note}", flush=True)

@@ -16,9 +16,6 @@ import contextlib
 import json
 import os
 import resource
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -113,43 +110,18 @@ def run_opd_overlap(spec: dict, scratch: Path) -> dict:
 
 
 @contextlib.contextmanager
-def served(model_dir: str, threads: int, log: Path, timeout: float = 180.0) -> Iterator[tuple[str, int]]:
-    """`opd serve model_dir` (CPU, `threads` torch threads) on a free 127.0.0.1 port, in a process of its own;
-    yields its URL and process id once /health answers, and stops it on the way out whatever happened (Ctrl-C as a
-    user would, SIGKILL if it is not gone after 15 s)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "opd.cli", "serve", model_dir, "--port", str(port), "--device",
-                                 "cpu"], stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        import httpx
+def served(model_dir: str, threads: int, log: Path) -> Iterator[tuple[str, int]]:
+    """`opd serve model_dir` (CPU, `threads` torch threads) on a free 127.0.0.1 port, in a process of its own
+    (`benchmarks.reliability_runs.Server`); yields its URL and process id once /health answers, and stops it on the
+    way out whatever happened (Ctrl-C as a user would, SIGKILL if it is not gone after 15 s)."""
+    from benchmarks.reliability_runs import Server, free_port
 
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                tail = log.read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"`opd serve {model_dir}` did not come up on port {port} (exit {proc.poll()}); "
-                                   f"log {log}:\n{tail}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        yield url, proc.pid
+    # absolute: the server runs in the log's folder
+    server = Server(str(Path(model_dir).resolve()), free_port(), log, threads=threads)
+    try:
+        yield server.start().url, server.proc.pid
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        server.stop()
 
 
 def run_opd_sampler_overlap(spec: dict, scratch: Path) -> dict:
