@@ -91,19 +91,21 @@ class DistillConfig:
     `POST /opd/update_weights`, since it gets the student's weights every `sync_every` updates (as safetensors under
     out_dir/sampler_weights, which it must be able to read). None: the student samples in-process."""
     sync_every: int = 1
-    """With --sampler: push the student's weights to the sampler every this many updates (and when a run starts or
-    resumes). 1 keeps the samples on-policy; larger values sample from weights up to sync_every - 1 updates old."""
+    """With --sampler or --overlap: push the student's weights to the sampler every this many updates (and when a run
+    starts or resumes). 1 keeps the samples on-policy; larger values sample from weights up to sync_every - 1 updates old."""
     overlap: bool = False
-    """With --sampler: request step k+1's rollouts as soon as step k's batch is in hand (and the weights due at step
-    k are pushed), so the server samples while this process scores and updates; sampling leaves the critical path.
-    The cost: every student batch after a run's first step comes from weights one update staler (1 to sync_every
-    updates old, not 0 to sync_every - 1; `sampler_kl` shows it), and a resumed run continues correctly (same prompts
-    and seeds) but not bit-for-bit: its first step samples from the current weights, not the previous ones."""
+    """Sample step k+1's student batch while step k is scored and updated, so sampling leaves the critical path. With
+    --sampler, the server samples it (requested once step k's weights are pushed); without, a second process on this
+    machine does, from a shared-memory copy of the student that gets the weights every `sync_every` updates, with
+    half of the torch threads (opd.lm.process_rollouts; CPU only). The cost: every student batch after a run's first
+    step comes from weights one update staler (1 to sync_every updates old, not 0 to sync_every - 1; `sampler_kl`
+    shows it), and a resumed run continues correctly (same prompts and seeds) but not bit-for-bit: its first step
+    samples from the current weights, not the previous ones."""
     ratio_clip: float = 2.0
     """Truncation c of the importance ratio π_student/π_sampler at each sampled token, min(ratio, c), for loss=sampled
     (truncated importance sampling, TIS, Yao et al. 2025; a small cap such as 2 keeps tokens the sampler under-weights
-    from blowing up the gradient). Matters only with --sampler; in-process samples have ratio 1. The full-vocabulary
-    losses are not reweighted (why: opd.lm.server_rollouts)."""
+    from blowing up the gradient). Matters only with --sampler or --overlap; in-process samples have ratio 1. The
+    full-vocabulary losses are not reweighted (why: opd.lm.server_rollouts)."""
     remote_timeout: float = 60.0
     """Seconds to wait for one answer from a teacher or sampler server before retrying."""
     remote_max_retries: int = 5

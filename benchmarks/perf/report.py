@@ -6,7 +6,7 @@ Definitions, used for every system alike:
   and backward; padding and recomputation not counted), so MFU = FLOPs/s achieved / the fp32 matmul peak measured in
   the same run, and the FLOP limit (tokens/s if every FLOP ran at that peak) = tokens / (FLOPs / peak);
 - peak RSS: the high-water mark (VmHWM) of the system's own process at the end of training (imports and model
-  loading included), plus that of its second process where it has one: the prototype's sampler process, or the
+  loading included), plus that of its second process where it has one: the sampler process of `--overlap`, or the
   `opd serve` that samples for `--sampler` (read just before it stops; both parts are in perf.json).
 """
 
@@ -21,7 +21,7 @@ import torch
 
 OPD_VARIANTS = {"opd": "", "opd_overlap": "overlap_", "opd_sampler_overlap": "sampler_overlap_"}
 """The opd systems held against the goals, with the prefix of their keys in a pair's `goals`."""
-SYSTEM_NAMES = {"opd": "opd", "opd_overlap": "opd + overlap (prototype)",
+SYSTEM_NAMES = {"opd": "opd", "opd_overlap": "opd --overlap (library, sampler process)",
                 "opd_sampler_overlap": "opd --sampler --overlap (library)",
                 "trl_distillation": "TRL DistillationTrainer",
                 "trl_gkd": "TRL GKDTrainer (λ=1)"}
@@ -125,9 +125,10 @@ def pair_table(pair: dict) -> list[str]:
             continue
         lines.append(f"| {name} | {e['completion_tokens_per_s']:.0f} | {e['step_time_s']:.3f} | "
                      f"{e['peak_rss_mb']:.0f} | {_fmt(e.get('heldout_reverse_kl'), '.4f')} | {e['mfu']:.3f} |")
+    second = {"server_peak_rss_mb": "`opd serve`", "sampler_peak_rss_mb": "sampler process"}
     parts = [f"{SYSTEM_NAMES[key]}: {pair[key]['trainer_peak_rss_mb']:.0f} MB trainer + "
-             f"{pair[key]['server_peak_rss_mb']:.0f} MB `opd serve`" for key in SYSTEM_NAMES
-             if "server_peak_rss_mb" in pair.get(key, {})]
+             f"{pair[key][field]:.0f} MB {what}" for key in SYSTEM_NAMES for field, what in second.items()
+             if field in pair.get(key, {})]
     if parts:
         lines += ["", "Peak RSS of two processes, summed: " + "; ".join(parts) + "."]
     return lines

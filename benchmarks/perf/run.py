@@ -1,8 +1,8 @@
 """opd's on-policy loop against TRL's `DistillationTrainer` and `GKDTrainer`, side by side, one command.
 
 For each teacher/student pair (`tiny`: the arithmetic task's models; `smollm2`: SmolLM2-135M-Instruct and a small
-student over its 49,152-token vocabulary) the systems (opd; opd with sampling overlapped with the update, as a
-prototype and as the library's `--sampler --overlap`; TRL's two trainers) train the same student on the same prompts
+student over its 49,152-token vocabulary) the systems (opd; opd with sampling overlapped with the update, by a
+local sampler process, `--overlap`, and by an `opd serve`, `--sampler --overlap`; TRL's two trainers) train the same student on the same prompts
 with the same divergence, batch, completion length, learning rate and number of steps, each in its own process
 (`benchmarks/perf/worker.py`). Reported per system: completion tokens/s and step time over the steps after warm-up,
 peak RSS (of all its processes), the held-out per-token reverse KL to the teacher after training (so speed is never
@@ -37,9 +37,9 @@ from benchmarks.perf import pairs, report
 
 SYSTEMS = ("opd", "opd_overlap", "opd_sampler_overlap", "trl_distillation", "trl_gkd")
 LEVER_SYSTEMS = ("opd_overlap", "opd_sampler_overlap")
-"""Sampling overlapped with the update, two ways: the prototype of `benchmarks.perf.pipeline` (a sampler process
-sharing the student's memory) and the library's `distill --sampler URL --overlap` (an `opd serve` of the student,
-weights pushed over HTTP each step). Both run only on `lever_pairs`."""
+"""Sampling overlapped with the update, two ways: `distill --overlap` (a local sampler process sharing the student's
+memory, `opd.lm.process_rollouts`) and `distill --sampler URL --overlap` (an `opd serve` of the student, weights pushed
+as safetensors each step). Both run only on `lever_pairs`."""
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -102,11 +102,28 @@ def run_opd(spec: dict, scratch: Path, **server_rollouts) -> dict:
 
 
 def run_opd_overlap(spec: dict, scratch: Path) -> dict:
-    """opd's step (`student_loss`), with the next batch sampled in a second process during each update: the
-    prototype of `benchmarks.perf.pipeline`, not library code."""
-    from benchmarks.perf.pipeline import run_opd_pipelined
+    """`distill --overlap` without a server: a second process samples step k+1 from a shared-memory copy of the
+    student while step k trains (`opd.lm.process_rollouts`), with half of the entry's threads. Memory is both
+    processes': the trainer's peak plus the sampler's, read just before the sampler stops."""
+    from opd.lm import process_rollouts
 
-    return run_opd_pipelined(spec, scratch)
+    peaks = []
+    close = process_rollouts.ProcessRollouts.close
+
+    def close_measured(self):  # instrumentation only: the sampler's peak RSS before it exits
+        if self._proc.is_alive():
+            peaks.append(max_rss_mb(self._proc.pid))
+        close(self)
+
+    process_rollouts.ProcessRollouts.close = close_measured
+    try:
+        raw = run_opd(spec, scratch, overlap=True, sync_every=1)
+    finally:
+        process_rollouts.ProcessRollouts.close = close
+    if not peaks:
+        raise RuntimeError("the sampler process was gone before its memory could be read")
+    return dict(raw, peak_rss_mb=raw["peak_rss_mb"] + peaks[0], trainer_peak_rss_mb=raw["peak_rss_mb"],
+                sampler_peak_rss_mb=peaks[0])
 
 
 @contextlib.contextmanager

@@ -68,11 +68,15 @@ def sample_completions(
     max_new_tokens: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
-) -> list[list[int]]:
+    with_logprobs: bool = False,
+) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
     """One completion per prompt from `model` (a Hugging Face causal LM), each ending at its first eos (kept).
 
     temperature 0 means greedy. A completion cut by `max_new_tokens` has no eos. Draws come from torch's global RNG
     (seed it for reproducible samples). The model is run in eval mode and put back in the mode it was in.
+    With `with_logprobs`, also each sampled token's log-prob under the model's own distribution, log_softmax(logits)
+    before temperature and top-p (vLLM's default `raw_logprobs`): what importance ratios against the trained student
+    compare with.
     """
     _check(prompt_ids, max_new_tokens, temperature, top_p)
     device = next(model.parameters()).device
@@ -96,14 +100,21 @@ def sample_completions(
     try:
         out = model(input_ids=ids_BP, attention_mask=attn_BL, position_ids=pos_BL, **extra)
         completions: list[list[int]] = [[] for _ in range(B)]
+        logprobs: list[list[float]] = [[] for _ in range(B)]
         rows = list(range(B))  # which prompt each row of the (shrinking) batch belongs to
         done_B = torch.zeros(B, dtype=torch.bool)  # rows that have finished but are still in the batch
         next_pos_B1 = pos_BL[:, -1:] + 1
         for step in range(max_new_tokens):
-            token_B = _pick(out.logits[:, -1], temperature, top_p)
-            for row, tok, done in zip(rows, token_B.tolist(), done_B.tolist()):
+            logits_BV = out.logits[:, -1]
+            token_B = _pick(logits_BV, temperature, top_p)
+            if with_logprobs:
+                logits_BV = logits_BV.float()
+                taken = (logits_BV.gather(1, token_B[:, None]).squeeze(1) - logits_BV.logsumexp(-1)).tolist()
+            for i, (row, tok, done) in enumerate(zip(rows, token_B.tolist(), done_B.tolist())):
                 if not done:
                     completions[row].append(tok)
+                    if with_logprobs:
+                        logprobs[row].append(taken[i])
             if eos_id is not None:
                 done_B |= (token_B == eos_id).cpu()
             if bool(done_B.all()) or step + 1 == max_new_tokens:
@@ -121,4 +132,4 @@ def sample_completions(
             next_pos_B1 = next_pos_B1 + 1
     finally:
         model.train(was_training)
-    return completions
+    return (completions, logprobs) if with_logprobs else completions

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
@@ -28,6 +28,7 @@ from opd.fused import fused_divergence
 from opd.checkpoint import find_checkpoint, load_trainer_state, save_checkpoint
 from opd.config import DistillConfig, save_config
 from opd.lm.model import final_hidden, lm_head, load_model, load_tokenizer, unwrap
+from opd.lm.process_rollouts import ProcessRollouts
 from opd.lm.rollout import Batch, build_batch, encode_prompts, layout, sample
 from opd.lm.server_rollouts import RolloutsAhead, ServerRollouts, ratio_metrics, rollout_seed
 from opd.lm.teacher import LocalTeacher, Teacher, TeacherSignal, TeacherUnreachable
@@ -147,11 +148,16 @@ def distill(cfg: DistillConfig) -> dict:
         raise ValueError(f"--sampler {cfg.sampler!r} is not a URL; pass http(s)://host:port/v1 of an `opd serve`")
     if cfg.sync_every < 1 or not cfg.ratio_clip > 0:
         raise ValueError(f"need sync_every >= 1 and ratio_clip > 0, got {cfg.sync_every} and {cfg.ratio_clip}")
-    if cfg.overlap and cfg.sampler is None:
-        raise ValueError("--overlap overlaps a sampler server's rollouts with the update; it needs --sampler URL")
+    if cfg.overlap and cfg.source not in ("student", "mixture"):
+        raise ValueError(f"--overlap samples the student's next batch during the update; source={cfg.source} has "
+                         f"no student batches: drop --overlap")
     # Without a GPU, cpu=True lets accelerate pick gloo when launched with several processes.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    if cfg.overlap and cfg.sampler is None and accelerator.distributed_type in (DistributedType.FSDP,
+                                                                                DistributedType.DEEPSPEED):
+        raise ValueError("--overlap without --sampler copies the whole student into a local sampler process, which a "
+                         "sharded (FSDP/DeepSpeed) student does not have; pass --sampler URL of a server")
     out = Path(cfg.out_dir)
     torch.manual_seed(cfg.seed + rank)
     tokenizer = load_tokenizer(cfg.student)
@@ -198,8 +204,11 @@ def distill(cfg: DistillConfig) -> dict:
         from opd.lm.remote import RemoteSampler
 
         teacher_sampler = RemoteSampler(cfg.teacher, timeout=cfg.remote_timeout, max_retries=cfg.remote_max_retries)
-    student_sampler = (ServerRollouts(cfg.sampler, out, cfg.remote_timeout, cfg.remote_max_retries)
-                       if cfg.sampler else None)
+    student_sampler = None
+    if cfg.sampler:
+        student_sampler = ServerRollouts(cfg.sampler, out, cfg.remote_timeout, cfg.remote_max_retries)
+    elif cfg.overlap:  # no server: a second process on this machine samples (opd.lm.process_rollouts)
+        student_sampler = ProcessRollouts(student, eos)
     ahead = RolloutsAhead(student_sampler) if cfg.overlap else None
 
     def draw():
@@ -302,6 +311,8 @@ def distill(cfg: DistillConfig) -> dict:
     finally:
         if ahead is not None:
             ahead.close()
+        if isinstance(student_sampler, ProcessRollouts):
+            student_sampler.close()
         if metrics_file is not None:
             metrics_file.close()
         interrupted.restore()

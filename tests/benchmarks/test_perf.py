@@ -46,7 +46,7 @@ def test_quick_benchmark_writes_well_formed_results(tmp_path):
     assert results["quick"] is True
     for pair in ("tiny", "smollm2"):
         block = results[pair]
-        # --quick: the overlap systems (prototype and library) on tiny only
+        # --quick: the overlap systems (sampler process and server) on tiny only
         systems = SYSTEMS if pair == "tiny" else ("opd", "trl_distillation", "trl_gkd")
         assert set(systems) <= set(block)
         assert block["matmul_gflops"] > 0 and block["flop_limit_tokens_per_s"] > 0
@@ -67,12 +67,15 @@ def test_quick_benchmark_writes_well_formed_results(tmp_path):
     assert e["peak_rss_mb"] == pytest.approx(e["trainer_peak_rss_mb"] + e["server_peak_rss_mb"])
     assert results["tiny"]["goals"]["sampler_overlap_speedup_vs_trl_gkd"] == pytest.approx(
         e["completion_tokens_per_s"] / results["tiny"]["trl_gkd"]["completion_tokens_per_s"])
+    e = results["tiny"]["opd_overlap"]  # and so do the trainer and its sampler process
+    assert e["trainer_peak_rss_mb"] >= e["import_rss_mb"] and e["sampler_peak_rss_mb"] > 0
+    assert e["peak_rss_mb"] == pytest.approx(e["trainer_peak_rss_mb"] + e["sampler_peak_rss_mb"])
     text = (results_dir / "perf.md").read_text()
     # per pair: one measurement row and one goals row for opd, one measurement row per TRL trainer
     assert text.count("\n| opd |") == 4 and text.count("| TRL GKDTrainer") == 2 and "--quick" in text
     assert text.count("| tokens/s ÷ TRL Distillation |") == 2
     # tiny only (--quick): one measurement row and one goals row for each overlap system
     assert text.count("\n| opd --sampler --overlap (library) |") == 2
-    assert text.count("\n| opd + overlap (prototype) |") == 2
-    assert text.count("MB trainer + ") == 1
+    assert text.count("\n| opd --overlap (library, sampler process) |") == 2
+    assert text.count("MB trainer + ") == 2
     assert (results_dir / "perf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -134,3 +134,18 @@ def test_bad_arguments_are_rejected(model_and_prompts, tokenizer):
     with pytest.raises(ValueError, match="at least one token"):
         sample_completions(model, [[]], pad, None, 4)
     assert [len(c) for c in sample_completions(model, prompts[:1], pad, None, 1)] == [1]
+
+
+def test_logprobs_are_the_models_own_at_each_sampled_token_and_leave_the_draws_unchanged(model_and_prompts, tokenizer):
+    model, prompts = model_and_prompts
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    torch.manual_seed(5)
+    plain = sample_completions(model, prompts, pad, eos, 12, temperature=0.7)
+    torch.manual_seed(5)
+    completions, logprobs = sample_completions(model, prompts, pad, eos, 12, temperature=0.7, with_logprobs=True)
+    assert completions == plain and [len(lp) for lp in logprobs] == [len(c) for c in completions]
+    for p, c, lp in zip(prompts, completions, logprobs):  # one full forward per row, no cache: log_softmax at T=1
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1 : -1]
+        expected = logits.log_softmax(-1).gather(1, torch.tensor(c)[:, None]).squeeze(1)
+        torch.testing.assert_close(torch.tensor(lp), expected, atol=1e-5, rtol=1e-5)

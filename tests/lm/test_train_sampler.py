@@ -116,7 +116,7 @@ def test_sampler_settings_are_checked_before_any_work(model_dirs, tmp_path):
         (dict(sampler="localhost:8000"), "is not a URL"),
         (dict(sync_every=0), "sync_every >= 1"),
         (dict(ratio_clip=0.0), "ratio_clip > 0"),
-        (dict(sampler=None, overlap=True), "needs --sampler"),
+        (dict(sampler=None, source="teacher", overlap=True), "source=teacher has no student batches"),
     ]
     for kw, match in bad:
         with pytest.raises(ValueError, match=match):

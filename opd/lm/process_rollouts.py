@@ -1,0 +1,124 @@
+"""Student rollouts from a second process on this machine, which samples step k+1 while step k trains.
+
+`distill --overlap` without `--sampler` uses this. On a CPU box, sampling a small student is mostly per-token Python
+and kernel-launch overhead that one core spends waiting on itself, so a second process that samples the next batch
+while this one scores and updates takes sampling off the critical path: a step costs about max(sampling, scoring +
+update) instead of their sum. The sampler process holds its own copy of the student in shared memory; a push copies
+the trained weights into it (a memcpy, no serialisation) while it is idle, so nothing is written to disk and nothing
+goes over a socket. Same contract as `ServerRollouts` (`push`, `rollouts`, `version`), so the loop and
+`RolloutsAhead` treat both alike: the samples of step k+1 come from the weights pushed at step k, one update staler
+than in-process sampling, and every batch carries the sampler's log-probs for the importance-ratio metrics and the
+truncated-IS correction of loss=sampled (why the divergences are not reweighted: `opd.lm.server_rollouts`).
+
+The torch threads are split: the sampler gets half (at least one), this process keeps the rest, and gets them back
+on `close`. CPU only: on GPUs, sample with a server on its own device (`--sampler`, vLLM or `opd serve`).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import queue
+import traceback
+
+import torch
+import torch.multiprocessing as mp
+
+from opd.config import SamplingArgs
+from opd.lm.model import unwrap
+from opd.lm.rollout import Batch, layout
+from opd.lm.server_rollouts import targets_from_completions
+from opd.lm.teacher import TeacherUnreachable
+
+_POLL_S = 1.0
+"""How often a waiting side checks that the other one is still alive."""
+
+
+def _sampler_main(model, requests, results, eos_id: int | None, threads: int, parent_pid: int) -> None:
+    """The sampler process: answer each request with (completions, log-probs) from the shared-memory model."""
+    from opd.lm.sampler import sample_completions
+
+    torch.set_num_threads(threads)
+    while True:
+        try:
+            request = requests.get(timeout=_POLL_S)
+        except queue.Empty:
+            if os.getppid() != parent_pid:  # the trainer died without saying goodbye (kill -9): do not linger
+                return
+            continue
+        if request is None:
+            return
+        prompt_ids, pad_id, s, seed = request
+        try:
+            torch.manual_seed(seed)  # seeded per request: the same step of a resumed run draws the same samples
+            results.put(("ok", sample_completions(model, prompt_ids, pad_id, eos_id, s.max_new_tokens,
+                                                  s.temperature, s.top_p, with_logprobs=True)))
+        except Exception as e:  # noqa: BLE001  (sent back and raised in the trainer, which knows the step)
+            results.put(("error", f"{type(e).__name__}: {e}", traceback.format_exc()))
+
+
+class ProcessRollouts:
+    """The student's sampler in a child process that shares its weights' memory with a copy of the student."""
+
+    def __init__(self, student, eos_id: int | None, threads: int | None = None):
+        """Start the sampler process with a copy of `student` (unwrapped from DDP), not yet synced: `push` first.
+
+        threads: torch threads of the sampler (default: half of this process's, at least 1); this process keeps
+        the rest (at least 1).
+        """
+        model = unwrap(student)
+        device = next(model.parameters()).device
+        if device.type != "cpu":
+            raise ValueError(f"--overlap without --sampler samples in a second process on the CPU, and the student is "
+                             f"on {device}; on GPUs pass --sampler URL of a server (vLLM, opd serve) on its own device")
+        self._copy = copy.deepcopy(model).eval()
+        for t in (*self._copy.parameters(), *self._copy.buffers()):
+            t.requires_grad_(False)
+            t.share_memory_()
+        self._threads_before = torch.get_num_threads()
+        threads = threads or max(1, self._threads_before // 2)
+        torch.set_num_threads(max(1, self._threads_before - threads))
+        ctx = mp.get_context("spawn")  # fork after OpenMP has started can hang the child
+        self._requests, self._results = ctx.Queue(), ctx.Queue()
+        self._proc = ctx.Process(target=_sampler_main, name="opd-sampler", daemon=True,
+                                 args=(self._copy, self._requests, self._results, eos_id, threads, os.getpid()))
+        self._proc.start()
+        self.version = 0
+        """How many times the trained weights were copied into the sampler."""
+
+    def push(self, student, accelerator, step: int) -> None:
+        """Copy `student`'s current weights into the sampler's copy. Call it only between requests (the loop does:
+        `RolloutsAhead` hands over step k+1's answer before step k+1 pushes)."""
+        with torch.no_grad():
+            for dst, src in zip(self._copy.parameters(), unwrap(student).parameters(), strict=True):
+                dst.copy_(src)
+        self.version += 1
+
+    def rollouts(self, prompt_ids: list[list[int]], pad_id: int, sampling: SamplingArgs, seed: int) -> Batch:
+        """One completion per prompt from the sampler process; the batch carries its log-prob of every target."""
+        self._requests.put((prompt_ids, pad_id, sampling, seed))
+        while True:
+            try:
+                answer = self._results.get(timeout=_POLL_S)
+                break
+            except queue.Empty:
+                if not self._proc.is_alive():
+                    raise TeacherUnreachable(
+                        f"the sampler process (pid {self._proc.pid}) died with exit code {self._proc.exitcode} "
+                        f"(-9 is SIGKILL, often the kernel's out-of-memory killer)") from None
+        if answer[0] == "error":
+            raise RuntimeError(f"the sampler process failed: {answer[1]}\n{answer[2]}")
+        completions, logprobs = answer[1]
+        batch = layout(prompt_ids, completions, pad_id)
+        batch.sampling_logp_BT = targets_from_completions(batch.mask_BT, logprobs)
+        return batch
+
+    def close(self) -> None:
+        """Stop the sampler process and give this process its threads back."""
+        if self._proc.is_alive():
+            self._requests.put(None)
+            self._proc.join(timeout=10)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join()
+        torch.set_num_threads(self._threads_before)

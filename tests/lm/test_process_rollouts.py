@@ -1,0 +1,115 @@
+"""`distill --overlap` without a server: a sampler process with a shared-memory copy of the student."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from opd.config import DistillConfig, OptimArgs, SamplingArgs
+from opd.lm.model import load_model, load_tokenizer
+from opd.lm.process_rollouts import ProcessRollouts
+from opd.lm.rollout import encode_prompts
+from opd.lm.sampler import sample_completions
+from opd.lm.teacher import TeacherUnreachable
+from opd.lm.train import TrainingError, distill
+
+
+def _in_process(model, prompts, pad, eos, s: SamplingArgs, seed: int):
+    torch.manual_seed(seed)
+    return sample_completions(model, prompts, pad, eos, s.max_new_tokens, s.temperature, s.top_p, with_logprobs=True)
+
+
+def test_samples_come_from_the_weights_last_pushed_and_match_in_process_sampling(model_dirs):
+    tok = load_tokenizer(model_dirs["student"])
+    student = load_model(model_dirs["student"])
+    prompts = encode_prompts(tok, ["12+34=", "5+6=", "999+1="], 100)
+    s, pad, eos = SamplingArgs(max_new_tokens=10), tok.pad_token_id, tok.eos_token_id
+    threads = torch.get_num_threads()
+    sampler = ProcessRollouts(student, eos, threads=1)
+    try:
+        sampler.push(student, None, 0)
+        before = [p.detach().clone() for p in student.parameters()]
+        first = sampler.rollouts(prompts, pad, s, seed=7)
+        completions, logprobs = _in_process(student, prompts, pad, eos, s, 7)
+        assert first.completion_ids() == completions
+        torch.testing.assert_close(first.sampling_logp_BT[first.mask_BT.bool()],
+                                   torch.tensor([x for row in logprobs for x in row]), atol=1e-5, rtol=1e-5)
+        with torch.no_grad():  # "train": the sampler keeps the old weights until the next push
+            for p in student.parameters():
+                p.add_(torch.randn_like(p))
+        assert sampler.rollouts(prompts, pad, s, seed=7).completion_ids() == completions
+        sampler.push(student, None, 1)
+        assert sampler.version == 2
+        after = sampler.rollouts(prompts, pad, s, seed=7).completion_ids()
+        assert after == _in_process(student, prompts, pad, eos, s, 7)[0] and after != completions
+        assert all(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+        assert torch.get_num_threads() == max(1, threads - 1)  # the sampler's thread is taken from this process
+    finally:
+        sampler.close()
+    assert torch.get_num_threads() == threads
+
+
+def test_a_dead_sampler_process_is_reported_with_its_exit_code(model_dirs):
+    tok = load_tokenizer(model_dirs["student"])
+    student = load_model(model_dirs["student"])
+    sampler = ProcessRollouts(student, tok.eos_token_id, threads=1)
+    try:
+        sampler._proc.kill()
+        sampler._proc.join()
+        with pytest.raises(TeacherUnreachable, match="sampler process .* died with exit code -9"):
+            sampler.rollouts([[1, 2]], tok.pad_token_id, SamplingArgs(max_new_tokens=2), seed=0)
+    finally:
+        sampler.close()
+
+
+def _cfg(dirs, out, **kw) -> DistillConfig:
+    return DistillConfig(**{**dict(
+        student=dirs["student"], teacher=dirs["teacher"], overlap=True, steps=4, batch_size=4, train_examples=64,
+        eval_examples=4, eval_every=0, save_every=100, sampling=SamplingArgs(max_new_tokens=8), out_dir=str(out),
+        progress=False, optim=OptimArgs(lr=1e-2, warmup_steps=1)), **kw})
+
+
+def _metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("loss,sync_every", [("reverse_kl", 1), ("sampled", 2)])
+def test_overlapped_steps_train_on_samples_one_push_old(model_dirs, tmp_path, loss, sync_every):
+    distill(_cfg(model_dirs, tmp_path, loss=loss, sync_every=sync_every))
+    rows = _metrics(tmp_path)
+    assert [m["step"] for m in rows] == [1, 2, 3, 4]
+    # step 0 samples right after the first push; step k+1 is requested during step k, after that step's push (if due)
+    expected = {1: [1, 1, 2, 3], 2: [1, 1, 1, 2]}[sync_every]
+    assert [m["sampler_weights_version"] for m in rows] == expected
+    # the first batch comes from the very weights being trained (float noise only); later ones from staler weights
+    assert rows[0]["sampler_kl"] < 1e-6 and rows[0]["is_ratio_clipped"] == 0.0
+    assert all(m["sampler_kl"] > 1e-5 for m in rows[1:])
+    assert (tmp_path / "checkpoint").exists()
+
+
+def test_overlap_settings_are_checked_before_any_work(model_dirs, tmp_path):
+    for kw, match in [(dict(source="teacher"), "source=teacher has no student batches"),
+                      (dict(source="data", loss="sft"), "source=data has no student batches")]:
+        with pytest.raises(ValueError, match=match):
+            distill(_cfg(model_dirs, tmp_path / "run", **kw))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_sampler_process_killed_mid_run_stops_with_a_checkpoint_to_resume(model_dirs, tmp_path, monkeypatch):
+    real = ProcessRollouts.rollouts
+
+    def dies_at_step_2(self, prompt_ids, pad_id, sampling, seed):
+        if self.version == 2:  # the request made during step 1, after its push: step 2's batch
+            self._proc.kill()
+        return real(self, prompt_ids, pad_id, sampling, seed)
+
+    monkeypatch.setattr(ProcessRollouts, "rollouts", dies_at_step_2)
+    with pytest.raises(TrainingError) as err:
+        distill(_cfg(model_dirs, tmp_path))
+    message = str(err.value)
+    assert "\n" not in message and "died with exit code -9" in message
+    assert "checkpoint at step 2" in message and "--resume" in message
+    monkeypatch.undo()
+    distill(_cfg(model_dirs, tmp_path, resume=True))
+    assert [m["step"] for m in _metrics(tmp_path)] == [1, 2, 3, 4]
