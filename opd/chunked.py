@@ -22,15 +22,16 @@ from opd.losses import topk_divergence
 
 Head = Callable[[torch.Tensor], torch.Tensor]
 
-CHUNK_ELEMENTS = 6 << 20
-"""Positions × vocabulary entries per chunk when no chunk size is given (24 MiB of float32 logits): 128 positions at
-a 49,152-token vocabulary, 41 at 152k, every position at once for a small one. Chosen with
-`benchmarks/perf/chunk_bench.py` (results in `benchmarks/results/perf_chunks.md`): the element-wise passes over a
-[chunk, V] tile are memory-bound, so 1024 positions × 49k (200 MB) stream through memory at every pass (2.1–2.5×
-slower than 128 positions with autograd, 1.1–1.3× with the fused gradient), while tiles of a few dozen positions
-re-read the heads' weights once per chunk. Near 6M entries both paths are within the run-to-run noise (~10%) of their
-best at every vocabulary measured; the autograd path slows down sharply above ~10M (its graph keeps more tiles
-alive)."""
+CHUNK_ELEMENTS = 3 << 20
+"""Positions × vocabulary entries per chunk when no chunk size is given (12 MiB of float32 logits): 64 positions at
+a 49,152-token vocabulary, 20 at 152k, every position at once for a small one. Chosen with
+`benchmarks/perf/chunk_bench.py` (results in `benchmarks/results/perf_chunks.md`) and whole steps on the SmolLM2
+pair: the element-wise passes over a [chunk, V] tile are memory-bound, so 1024 positions × 49k (200 MB) stream through
+memory at every pass (2.1–2.5× slower than 128 positions with autograd, 1.1–1.3× with the fused gradient), while tiles
+of a few dozen positions re-read the heads' weights once per chunk. 64 positions at 49k cost the loss alone ~10 % over
+128 (2.57 s against 2.31 s for 1,024 positions, fused JSD, one thread) and a whole step nothing measurable, and take
+~100 MB off the step's peak memory (1,537 against 1,632 MB in one measurement; 32 positions: 1,477 MB, but 8 %
+slower steps). The autograd path slows down sharply above ~10M entries (its graph keeps more tiles alive)."""
 
 
 def auto_chunk_size(vocab_size: int) -> int:

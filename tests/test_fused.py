@@ -155,3 +155,12 @@ def test_a_teacher_that_masks_tokens_with_minus_inf_gives_what_the_autograd_path
             torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
     with torch.no_grad():  # the student has mass where the teacher has none: genuinely infinite
         assert fused_divergence(reverse_kl, student_hidden, student_head, **teacher).isposinf().all()
+
+
+def test_rowdot_in_blocks_equals_the_row_sums_of_the_product():
+    from opd.fused import _rowdot
+
+    g = torch.Generator().manual_seed(0)
+    for n, V in [(1, 7), (13, 49152), (200, 20), (0, 5)]:  # several blocks, one block, no rows
+        a, b = torch.randn(n, V, generator=g), torch.randn(n, V, generator=g)
+        torch.testing.assert_close(_rowdot(a, b), (a.double() * b.double()).sum(-1).float(), rtol=1e-4, atol=1e-3)

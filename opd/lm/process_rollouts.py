@@ -16,9 +16,11 @@ on `close`. CPU only: on GPUs, sample with a server on its own device (`--sample
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import queue
+import sys
 import traceback
 
 import torch
@@ -57,6 +59,26 @@ def _sampler_main(model, requests, results, eos_id: int | None, threads: int, pa
             results.put(("error", f"{type(e).__name__}: {e}", traceback.format_exc()))
 
 
+@contextlib.contextmanager
+def _main_module_hidden():
+    """Start a spawned child without it importing the parent's main script.
+
+    `spawn` re-runs the main script in the child unless it is guarded by `if __name__ == "__main__":`, so a user's
+    unguarded training script would start a second training run there (and multiprocessing refuses). The child needs
+    nothing from it: its target and the model's class are importable by name, so we leave the script out.
+    """
+    main = sys.modules["__main__"]
+    saved = {k: getattr(main, k) for k in ("__file__", "__spec__") if hasattr(main, k)}
+    try:
+        main.__spec__ = None
+        if hasattr(main, "__file__"):
+            del main.__file__
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(main, k, v)
+
+
 class ProcessRollouts:
     """The student's sampler in a child process that shares its weights' memory with a copy of the student."""
 
@@ -82,7 +104,8 @@ class ProcessRollouts:
         self._requests, self._results = ctx.Queue(), ctx.Queue()
         self._proc = ctx.Process(target=_sampler_main, name="opd-sampler", daemon=True,
                                  args=(self._copy, self._requests, self._results, eos_id, threads, os.getpid()))
-        self._proc.start()
+        with _main_module_hidden():
+            self._proc.start()
         self.version = 0
         """How many times the trained weights were copied into the sampler."""
 
@@ -103,9 +126,10 @@ class ProcessRollouts:
                 break
             except queue.Empty:
                 if not self._proc.is_alive():
+                    code = self._proc.exitcode
+                    why = "SIGKILL, often the kernel's out-of-memory killer" if code == -9 else "its error is on stderr"
                     raise TeacherUnreachable(
-                        f"the sampler process (pid {self._proc.pid}) died with exit code {self._proc.exitcode} "
-                        f"(-9 is SIGKILL, often the kernel's out-of-memory killer)") from None
+                        f"the sampler process (pid {self._proc.pid}) died with exit code {code} ({why})") from None
         if answer[0] == "error":
             raise RuntimeError(f"the sampler process failed: {answer[1]}\n{answer[2]}")
         completions, logprobs = answer[1]

@@ -28,7 +28,7 @@ from opd.chunked import chunked_taken_logp
 from opd.config import OptimArgs, SamplingArgs, save_config
 from opd.lm.model import final_hidden, lm_head, load_model, load_tokenizer
 from opd.lm.rollout import Batch, encode_prompts, sample
-from opd.lm.train import TrainingError, _context_length, _eval_accuracy, _InterruptFlag
+from opd.lm.train import TrainingError, _context_length, _eval_accuracy, _InterruptFlag, adamw
 from opd.losses import policy_gradient_loss
 from opd.tasks import get_task
 
@@ -119,7 +119,7 @@ def rl(cfg: RLConfig) -> dict:
     prompt_ids = encode_prompts(tokenizer, [e.prompt for e in train], max_prompt)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
 
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    opt = adamw(student, cfg.optim)
     warmup = max(1, cfg.optim.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     rng = torch.Generator().manual_seed(cfg.seed)
