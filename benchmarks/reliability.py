@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 import opd
 from benchmarks import reliability_server as server_phases
+from benchmarks.command import command_line
 from benchmarks.reliability_fuzz import Target
 from benchmarks.reliability_runs import Server, TrainSpec, free_port, kill_and_resume, teacher_dies
 from opd.lm.model import load_tokenizer
@@ -261,16 +262,7 @@ def markdown(r: dict) -> str:
 
 def _command(args: ReliabilityArgs) -> str:
     """The command line that reproduces `args` (the flags that differ from the defaults)."""
-    flags = []
-    for f in dataclasses.fields(args):
-        value = getattr(args, f.name)
-        if value != f.default:
-            name = f.name.replace("_", "-")
-            if isinstance(value, bool):
-                flags.append(f"--{name}" if value else f"--no-{name}")
-            else:
-                flags += [f"--{name}", str(value)]
-    return " ".join(["python -m benchmarks.reliability", *flags])
+    return command_line("benchmarks.reliability", args)
 
 
 def reliability_main(args: ReliabilityArgs) -> None:

@@ -24,17 +24,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import multiprocessing
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from benchmarks import table31_report as report
+from benchmarks.command import command_line
+from benchmarks.jobs import run_parallel
 from benchmarks import teacher_bias as bias
 from opd.chunked import chunked_divergence
 from opd.config import DistillConfig, OptimArgs, SamplingArgs, to_dict
@@ -363,21 +362,7 @@ def _run(cfg) -> None:
 
 
 def _parallel(jobs: list, args) -> None:
-    """Run (function, arguments) jobs, `args.workers` at a time in separate processes (one thread each)."""
-    if args.workers <= 1 or len(jobs) <= 1:
-        for fn, fn_args in jobs:
-            fn(*fn_args)
-        return
-    context = multiprocessing.get_context("spawn")  # fork after torch has started threads is unsafe
-    with ProcessPoolExecutor(args.workers, mp_context=context) as pool:
-        futures = [pool.submit(_in_worker, args.threads, fn, fn_args) for fn, fn_args in jobs]
-        for future in tqdm(as_completed(futures), total=len(futures), desc="table31 jobs", disable=not args.progress):
-            future.result()  # re-raises a failed job's exception here
-
-
-def _in_worker(threads: int, fn, fn_args) -> None:
-    torch.set_num_threads(threads)
-    fn(*fn_args)
+    run_parallel(jobs, args.workers, args.threads, args.progress, desc="table31 jobs")
 
 
 def _teacher_dir(args, out: Path) -> tuple[str, object]:
@@ -392,16 +377,7 @@ def _teacher_dir(args, out: Path) -> tuple[str, object]:
 
 def _command(args: Table31Args) -> str:
     """The command line that reproduces `args` (the flags that differ from the defaults)."""
-    flags = []
-    for f in dataclasses.fields(args):
-        value = getattr(args, f.name)
-        if value != f.default:
-            flag = "--" + f.name.replace("_", "-")
-            if isinstance(value, bool):
-                flags.append(flag if value else f"--no-{f.name.replace('_', '-')}")
-            else:
-                flags += [flag, *(map(str, value) if isinstance(value, tuple) else [str(value)])]
-    return " ".join(["python -m benchmarks.table31", *flags])
+    return command_line("benchmarks.table31", args)
 
 
 def _accuracy(model, tokenizer, examples, args) -> float:

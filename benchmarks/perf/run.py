@@ -21,18 +21,18 @@ import contextlib
 import dataclasses
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import torch
 import tyro
 
+from benchmarks.command import command_line
 from benchmarks.perf import pairs, report
 
 SYSTEMS = ("opd", "opd_overlap", "opd_sampler_overlap", "trl_distillation", "trl_gkd")
@@ -211,23 +211,8 @@ def run_sweep(args: PerfArgs, root: Path, work: Path) -> list[dict]:
 
 
 def command(args: PerfArgs) -> str:
-    """The command line that reproduces `args` (flags that differ from the defaults only)."""
-    flags = []
-    for f in dataclasses.fields(args):
-        value, default = getattr(args, f.name), f.default
-        if value == default or (args.quick and f.name in QUICK):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(value, bool):
-            flags.append(flag if value else "--no-" + f.name.replace("_", "-"))
-        elif isinstance(value, tuple):
-            flags += [flag, *map(str, value)]
-        elif dataclasses.is_dataclass(value):
-            flags += [f"{flag}.{k.replace('_', '-')} {v}" for k, v in dataclasses.asdict(value).items()
-                      if v != getattr(default, k)]
-        else:
-            flags += [flag, str(value)]
-    return shlex.join(["python", "-m", "benchmarks.perf.run", *flags]).replace("'", "")
+    """The command line that reproduces `args` (flags that differ from the defaults only; not those --quick sets)."""
+    return command_line("benchmarks.perf.run", args, skip=QUICK if args.quick else ())
 
 
 def perf(args: PerfArgs) -> dict:

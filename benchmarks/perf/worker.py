@@ -143,10 +143,13 @@ def served(model_dir: str, threads: int, log: Path) -> Iterator[tuple[str, int]]
 
 def run_opd_sampler_overlap(spec: dict, scratch: Path) -> dict:
     """`distill --sampler URL --overlap`: the library's overlapped server rollouts, against an `opd serve` of the
-    student started here with the trainer's thread count. Each step pushes the student's weights to the server
-    (sync_every=1; the push is part of the step time) and requests the next step's rollouts before training on this
-    one's. Memory is both processes': the trainer's peak plus the server's, read just before the server stops."""
-    with served(spec["student"], spec["threads"], scratch / "serve.log") as (url, server_pid):
+    student started here. The entry's threads are split as `--overlap` without a server splits them (half to the
+    sampler, at least one each). Each step pushes the student's weights to the server (sync_every=1; the push is
+    part of the step time) and requests the next step's rollouts before training on this one's. Memory is both
+    processes': the trainer's peak plus the server's, read just before the server stops."""
+    server_threads = max(1, spec["threads"] // 2)
+    torch.set_num_threads(max(1, spec["threads"] - server_threads))
+    with served(spec["student"], server_threads, scratch / "serve.log") as (url, server_pid):
         raw = run_opd(spec, scratch, sampler=url, overlap=True, sync_every=1)
         server_peak = max_rss_mb(server_pid)
     return dict(raw, peak_rss_mb=raw["peak_rss_mb"] + server_peak, trainer_peak_rss_mb=raw["peak_rss_mb"],

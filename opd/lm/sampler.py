@@ -20,7 +20,7 @@ import inspect
 import torch
 from transformers import DynamicCache, TemperatureLogitsWarper, TopPLogitsWarper
 
-from opd.lm.model import position_ids
+from opd.lm.model import lm_head, position_ids
 
 _COMPACT_FRACTION = 0.25
 """Drop finished rows from the batch once they are this share of the rows still in it: each drop copies the KV
@@ -59,6 +59,43 @@ def _pick(logits_BV: torch.Tensor, temperature: float, top_p: float) -> torch.Te
     return torch.searchsorted(cdf_BV, u_B1, right=True).squeeze(1).clamp_(max=cdf_BV.shape[1] - 1)
 
 
+def _next_logits_fn(model, cache: DynamicCache):
+    """(input ids, attention mask, positions) -> logits [B, V] of each row's last position, through `cache`.
+
+    Where the model's logits are its plain linear head applied to its decoder's last hidden state (what
+    `opd.lm.model.lm_head` reports), the decoder runs alone and the head is applied as `_head_logits` does, several
+    times faster on CPU at a large vocabulary; any other model runs whole with `logits_to_keep=1`.
+    """
+    head, decoder = lm_head(model), getattr(model, "get_decoder", lambda: None)()
+    fast = (type(head) is torch.nn.Linear and not (head._forward_hooks or head._forward_pre_hooks)
+            and decoder is not None and decoder is not model)
+    target = decoder if fast else model
+    params = inspect.signature(target.forward).parameters
+    # transformers 5 names the argument `cache`; older models and releases `past_key_values`
+    extra = {"cache" if "cache" in params else "past_key_values": cache, "use_cache": True}
+    if not fast and "logits_to_keep" in params:
+        extra["logits_to_keep"] = 1
+
+    def next_logits(ids_BL, attn_BL, pos_BL):
+        out = target(input_ids=ids_BL, attention_mask=attn_BL, position_ids=pos_BL, **extra)
+        if not fast:
+            return out.logits[:, -1]
+        return _head_logits(out.last_hidden_state[:, -1], head.weight, head.bias)
+
+    return next_logits
+
+
+def _head_logits(hidden_BD: torch.Tensor, weight_VD: torch.Tensor, bias_V: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear(hidden, weight, bias)`, computed as `weight @ hidden.T` and transposed back (contiguous [B, V]).
+
+    The same product, but CPU BLAS (MKL) is far faster this way round for a few rows against a vocabulary of
+    outputs: 2.1 against 9.9 ms for 4 rows at V = 49,152, D = 256, two threads (1.6-4x at the shapes we measured;
+    no gain for a single row). Float rounding may differ from `F.linear` in the last bits.
+    """
+    logits_BV = (weight_VD @ hidden_BD.T).T.contiguous()
+    return logits_BV if bias_V is None else logits_BV.add_(bias_V)
+
+
 @torch.no_grad()
 def sample_completions(
     model,
@@ -89,23 +126,18 @@ def sample_completions(
     ids_BP, attn_BL = ids_BP.to(device), attn_BL.to(device)
     pos_BL = position_ids(attn_BL)
 
-    params = inspect.signature(model.forward).parameters
     cache = DynamicCache(config=model.config)
-    # transformers 5 names the argument `cache`; older models and releases `past_key_values`
-    extra = {"cache" if "cache" in params else "past_key_values": cache, "use_cache": True}
-    if "logits_to_keep" in params:
-        extra["logits_to_keep"] = 1
+    next_logits = _next_logits_fn(model, cache)
     was_training = model.training
     model.eval()
     try:
-        out = model(input_ids=ids_BP, attention_mask=attn_BL, position_ids=pos_BL, **extra)
+        logits_BV = next_logits(ids_BP, attn_BL, pos_BL)
         completions: list[list[int]] = [[] for _ in range(B)]
         logprobs: list[list[float]] = [[] for _ in range(B)]
         rows = list(range(B))  # which prompt each row of the (shrinking) batch belongs to
         done_B = torch.zeros(B, dtype=torch.bool)  # rows that have finished but are still in the batch
         next_pos_B1 = pos_BL[:, -1:] + 1
         for step in range(max_new_tokens):
-            logits_BV = out.logits[:, -1]
             token_B = _pick(logits_BV, temperature, top_p)
             if with_logprobs:
                 logits_BV = logits_BV.float()
@@ -128,7 +160,7 @@ def sample_completions(
                 token_B, attn_BL, next_pos_B1 = token_B[keep], attn_BL[keep], next_pos_B1[keep]
                 done_B = torch.zeros(len(rows), dtype=torch.bool)
             attn_BL = torch.cat([attn_BL, attn_BL.new_ones((attn_BL.shape[0], 1))], dim=1)
-            out = model(input_ids=token_B[:, None], attention_mask=attn_BL, position_ids=next_pos_B1, **extra)
+            logits_BV = next_logits(token_B[:, None], attn_BL, next_pos_B1)
             next_pos_B1 = next_pos_B1 + 1
     finally:
         model.train(was_training)

@@ -213,13 +213,6 @@ def distill(cfg: DistillConfig) -> dict:
         from opd.lm.remote import RemoteSampler
 
         teacher_sampler = RemoteSampler(cfg.teacher, timeout=cfg.remote_timeout, max_retries=cfg.remote_max_retries)
-    student_sampler = None
-    if cfg.sampler:
-        student_sampler = ServerRollouts(cfg.sampler, out, cfg.remote_timeout, cfg.remote_max_retries)
-    elif cfg.overlap:  # no server: a second process on this machine samples (opd.lm.process_rollouts)
-        student_sampler = ProcessRollouts(student, eos)
-    ahead = RolloutsAhead(student_sampler) if cfg.overlap else None
-
     def draw():
         """The next step's prompts and actor, and the loop RNGs' state before drawing them (that step's start)."""
         state = rng.get_state(), torch.get_rng_state()
@@ -233,6 +226,12 @@ def distill(cfg: DistillConfig) -> dict:
     costs = flops.model_cost(unwrap(student)), flops.model_cost(getattr(teacher, "model", None))
     total_flops = flops.logged_total(out / "metrics.jsonl", start)
     last, upcoming = {}, None
+    student_sampler = None
+    if cfg.sampler:
+        student_sampler = ServerRollouts(cfg.sampler, out, cfg.remote_timeout, cfg.remote_max_retries)
+    elif cfg.overlap:  # no server: a second process on this machine samples (opd.lm.process_rollouts)
+        student_sampler = ProcessRollouts(student, eos)
+    ahead = RolloutsAhead(student_sampler) if cfg.overlap else None
     try:
         bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not (cfg.progress and main),
                    desc="distill")
