@@ -48,6 +48,11 @@ class DistillConfig:
     teacher: str | None = None
     """The teacher: hub id, local directory, or http(s)://host:port/v1 for an OpenAI-compatible server
     (vLLM or `opd serve`). Not needed for source=data with loss=sft."""
+    teacher_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Precision of a local teacher's weights and forward pass. bfloat16 halves its memory and, on CPUs with bf16
+    instructions and on GPUs, speeds up scoring, at the price of a slightly different teacher (SmolLM2-135M: its
+    log-probs moved by 0.05 nats on average, 0.64 at most; `benchmarks/results/perf_levers.md`). The losses run in
+    float32 either way."""
     task: str = "arithmetic"
     """Where prompts (and reference completions) come from: a registered task name (see `opd.tasks`)."""
     source: Literal["student", "teacher", "data", "mixture"] = "student"

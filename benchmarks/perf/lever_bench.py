@@ -1,7 +1,8 @@
 """Each speed/memory lever of the performance benchmark measured on its own, before and after, back to back.
 
-The loss levers (chunk size, the fused divergence of `opd.fused`, no taken-token pass of the teacher) are library
-code now; "before" is how opd ran without them (1024 positions per chunk, autograd, `with_taken_logp=True`).
+The loss levers (chunk size, the fused divergence of `opd.fused`, no taken-token pass of the teacher) and the decoding
+head of `opd.lm.sampler` are library code now; "before" is how opd ran without them (1024 positions per chunk,
+autograd, `with_taken_logp=True`, the model's own `lm_head` call).
 
     python -m benchmarks.perf.lever_bench            # about 5 minutes on 2 quiet cores
     python -m benchmarks.perf.lever_bench --quick    # plumbing check
@@ -92,6 +93,29 @@ def sampler_levers(model_dir: str, batch: int, new_tokens: int, repeats: int, la
                     lambda: _hf_generate(model, prompts, pad, eos, new_tokens),
                     lambda: sample_completions(model, prompts, pad, eos, new_tokens), repeats,
                     "HF generate -> opd.lm.sampler (KV cache, rows leave at eos, inverse-CDF draw)")
+
+
+def decode_head_lever(model_dir: str, batch: int, new_tokens: int, repeats: int) -> dict:
+    """opd's sampler with the model's own head call (`logits_to_keep=1`) against its decoder + `weight @ hidden.T`."""
+    from functools import partial
+
+    from opd.lm import sampler
+
+    tok, model = load_tokenizer(model_dir), load_model(model_dir)
+    prompts = encode_prompts(tok, [e.prompt for e in get_task("arithmetic").examples(batch, seed=0, split="train")],
+                             1 << 30)
+    fast = sampler._next_logits_fn
+
+    def with_model_head():
+        sampler._next_logits_fn = partial(fast, fast_head=False)
+        try:
+            return sample_completions(model, prompts, tok.pad_token_id, None, new_tokens)
+        finally:
+            sampler._next_logits_fn = fast
+
+    return _compare(f"decoding head (49k-vocabulary student, batch {batch}, {new_tokens} new tokens)",
+                    with_model_head, lambda: sample_completions(model, prompts, tok.pad_token_id, None, new_tokens),
+                    repeats, "the model's lm_head (F.linear) -> decoder + weight @ hidden.T (opd.lm.sampler)")
 
 
 def loss_levers(models: dict, batch: int, new_tokens: int, repeats: int) -> list[dict]:
@@ -273,7 +297,8 @@ def lever_bench(args: LeverArgs) -> list[dict]:
     tiny, big = pairs.tiny_pair(root, args.quick), pairs.smollm2_pair(root, args.quick)
     new_tokens = 8 if args.quick else args.smollm2_new_tokens
     rows = [sampler_levers(tiny["student"], args.tiny_batch, 8 if args.quick else 64, repeats, "tiny student"),
-            sampler_levers(big["student"], args.smollm2_batch, new_tokens, repeats, "49k-vocabulary student")]
+            sampler_levers(big["student"], args.smollm2_batch, new_tokens, repeats, "49k-vocabulary student"),
+            decode_head_lever(big["student"], args.smollm2_batch, new_tokens, repeats)]
     rows += loss_levers(big, args.smollm2_batch, new_tokens, repeats)
     rows.append(step_lever(big, args.smollm2_batch, new_tokens, repeats))
     if args.compile:

@@ -59,15 +59,16 @@ def _pick(logits_BV: torch.Tensor, temperature: float, top_p: float) -> torch.Te
     return torch.searchsorted(cdf_BV, u_B1, right=True).squeeze(1).clamp_(max=cdf_BV.shape[1] - 1)
 
 
-def _next_logits_fn(model, cache: DynamicCache):
+def _next_logits_fn(model, cache: DynamicCache, fast_head: bool = True):
     """(input ids, attention mask, positions) -> logits [B, V] of each row's last position, through `cache`.
 
     Where the model's logits are its plain linear head applied to its decoder's last hidden state (what
     `opd.lm.model.lm_head` reports), the decoder runs alone and the head is applied as `_head_logits` does, several
-    times faster on CPU at a large vocabulary; any other model runs whole with `logits_to_keep=1`.
+    times faster on CPU at a large vocabulary; any other model (or `fast_head=False`, for the benchmark's "before")
+    runs whole with `logits_to_keep=1`.
     """
     head, decoder = lm_head(model), getattr(model, "get_decoder", lambda: None)()
-    fast = (type(head) is torch.nn.Linear and not (head._forward_hooks or head._forward_pre_hooks)
+    fast = fast_head and (type(head) is torch.nn.Linear and not (head._forward_hooks or head._forward_pre_hooks)
             and decoder is not None and decoder is not model)
     target = decoder if fast else model
     params = inspect.signature(target.forward).parameters

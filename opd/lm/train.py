@@ -52,7 +52,7 @@ def make_teacher(cfg: DistillConfig, student, tokenizer, device="cpu") -> Teache
 
         return RemoteTeacher(cfg.teacher, model=None, top_k=cfg.top_k, timeout=cfg.remote_timeout,
                              max_retries=cfg.remote_max_retries)
-    model = load_model(cfg.teacher, device=device)
+    model = load_model(cfg.teacher, dtype=cfg.teacher_dtype, device=device)
     check_same_vocabulary(student, model, tokenizer, load_tokenizer(cfg.teacher))
     # only the sampled loss reads the teacher's log-prob of the taken token; the divergences use the hidden states
     return LocalTeacher(model, chunk_size=cfg.chunk_size, with_taken_logp=cfg.loss not in losses.DIVERGENCES)

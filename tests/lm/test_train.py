@@ -239,3 +239,21 @@ def test_the_local_teacher_scores_taken_tokens_only_for_the_losses_that_read_the
     assert metrics["teacher_logp"] < 0
     with pytest.raises(ValueError, match="taken tokens"):
         student_loss(student, batch, LocalTeacher(teacher, with_taken_logp=False).score(*args), cfg)
+
+
+@pytest.mark.parametrize("loss", ["reverse_kl", "jsd"])
+def test_a_bf16_teacher_scores_in_bf16_and_the_loss_stays_float32_and_close(model_dirs, tokenizer, loss):
+    from opd.lm.train import make_teacher, student_loss
+
+    student, _, batch = _scored_batch(model_dirs, tokenizer)
+    args = (batch.input_ids_BL, batch.attention_mask_BL, batch.mask_BT)
+    values = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = DistillConfig(student=model_dirs["student"], teacher=model_dirs["teacher"], loss=loss, teacher_dtype=dtype)
+        teacher = make_teacher(cfg, student, tokenizer)
+        assert next(teacher.model.parameters()).dtype == getattr(torch, dtype)
+        loss_value, _ = student_loss(student, batch, teacher.score(*args), cfg)
+        assert loss_value.dtype == torch.float32 and torch.isfinite(loss_value)
+        values[dtype] = loss_value.item()
+    # bf16 keeps ~3 significant digits of the teacher's logits: the loss moves, but only a little
+    assert values["bfloat16"] == pytest.approx(values["float32"], rel=0.05)
