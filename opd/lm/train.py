@@ -163,10 +163,10 @@ def distill(cfg: DistillConfig) -> dict:
     # Without a GPU, cpu=True lets accelerate pick gloo when launched with several processes.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    if cfg.overlap and cfg.sampler is None and accelerator.distributed_type in (DistributedType.FSDP,
-                                                                                DistributedType.DEEPSPEED):
-        raise ValueError("--overlap without --sampler copies the whole student into a local sampler process, which a "
-                         "sharded (FSDP/DeepSpeed) student does not have; pass --sampler URL of a server")
+    if cfg.overlap and cfg.sampler is None and (accelerator.device.type != "cpu" or accelerator.distributed_type in (
+            DistributedType.FSDP, DistributedType.DEEPSPEED)):
+        raise ValueError("--overlap without --sampler samples in a local CPU process from a whole copy of the student; "
+                         "on GPUs or with a sharded (FSDP/DeepSpeed) student pass --sampler URL of a server")
     out = Path(cfg.out_dir)
     torch.manual_seed(cfg.seed + rank)
     tokenizer = load_tokenizer(cfg.student)

@@ -113,3 +113,9 @@ def test_a_sampler_process_killed_mid_run_stops_with_a_checkpoint_to_resume(mode
     monkeypatch.undo()
     distill(_cfg(model_dirs, tmp_path, resume=True))
     assert [m["step"] for m in _metrics(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_a_student_off_the_cpu_is_refused_before_any_process_starts(model_dirs):
+    student = load_model(model_dirs["student"]).to("meta")  # stands in for a GPU: anything but the CPU
+    with pytest.raises(ValueError, match="on GPUs pass --sampler URL"):
+        ProcessRollouts(student, eos_id=None)
