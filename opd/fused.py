@@ -114,9 +114,9 @@ def _loss_and_logit_grad(s_logp_nV: torch.Tensor, t_logp_nV: torch.Tensor, beta:
     """(divergence per row [n], its gradient with respect to the student's logits [n, V]) for upstream gradient 1.
 
     Overwrites both inputs (the teacher's buffer ends up holding log m for the JSD) and allocates at most two more
-    [n, V] buffers (one for the KLs), instead of the ~15 of the autograd graph. The student's
-    log-probs come from a linear head, so they are finite (probabilities that underflow to 0 multiply finite numbers,
-    no 0·log 0 guard needed); the teacher's head may mask tokens with -inf logits.
+    [n, V] buffers (one for the KLs), instead of the ~15 of the autograd graph. The student's log-probs come from a
+    linear head, so they are finite (probabilities that underflow to 0 multiply finite numbers, no 0·log 0 guard
+    needed); the teacher's head may mask tokens with -inf logits.
     """
     if beta != 1.0:
         # where p_t = 0 a token adds nothing to the forward KL or the JSD; a finite floor keeps 0·(−inf) from making
