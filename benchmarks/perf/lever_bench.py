@@ -104,14 +104,14 @@ def decode_head_lever(model_dir: str, batch: int, new_tokens: int, repeats: int)
     tok, model = load_tokenizer(model_dir), load_model(model_dir)
     prompts = encode_prompts(tok, [e.prompt for e in get_task("arithmetic").examples(batch, seed=0, split="train")],
                              1 << 30)
-    fast = sampler._next_logits_fn
+    fast = sampler.next_token_logits
 
     def with_model_head():
-        sampler._next_logits_fn = partial(fast, fast_head=False)
+        sampler.next_token_logits = partial(fast, fast_head=False)
         try:
             return sample_completions(model, prompts, tok.pad_token_id, None, new_tokens)
         finally:
-            sampler._next_logits_fn = fast
+            sampler.next_token_logits = fast
 
     return _compare(f"decoding head (49k-vocabulary student, batch {batch}, {new_tokens} new tokens)",
                     with_model_head, lambda: sample_completions(model, prompts, tok.pad_token_id, None, new_tokens),

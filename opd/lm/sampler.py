@@ -59,7 +59,7 @@ def _pick(logits_BV: torch.Tensor, temperature: float, top_p: float) -> torch.Te
     return torch.searchsorted(cdf_BV, u_B1, right=True).squeeze(1).clamp_(max=cdf_BV.shape[1] - 1)
 
 
-def _next_logits_fn(model, cache: DynamicCache, fast_head: bool = True):
+def next_token_logits(model, cache: DynamicCache, fast_head: bool = True):
     """(input ids, attention mask, positions) -> logits [B, V] of each row's last position, through `cache`.
 
     Where the model's logits are its plain linear head applied to its decoder's last hidden state (what
@@ -128,7 +128,7 @@ def sample_completions(
     pos_BL = position_ids(attn_BL)
 
     cache = DynamicCache(config=model.config)
-    next_logits = _next_logits_fn(model, cache)
+    next_logits = next_token_logits(model, cache)
     was_training = model.training
     model.eval()
     try:

@@ -18,6 +18,8 @@ from typing import Literal
 
 import torch
 
+from opd.lm.sampler import next_token_logits
+
 LogprobsMode = Literal["raw_logprobs", "processed_logprobs"]
 
 
@@ -116,7 +118,9 @@ def _run_chunk(model: torch.nn.Module, rows: list[Row], score_prompts: bool, mod
             r.prompt_scores = _prompt_scores(out.logits[b, L - lens[b] :], ids_BL[b, L - lens[b] :], r.prompt_topk)
     gens = [torch.Generator().manual_seed(r.seed) for r in rows]
     done = [r.max_tokens == 0 for r in rows]
-    logits_BV, cache, pos_B1 = out.logits[:, -1].float(), out.cache, pos_BL[:, -1:]
+    logits_BV, pos_B1 = out.logits[:, -1].float(), pos_BL[:, -1:]
+    # decoding steps through the trunk and a plain head as weight @ hidden.T where the model allows (opd.lm.sampler)
+    decode = next_token_logits(model, out.cache) if steps > 0 else None
     for _ in range(steps):
         if all(done):
             break
@@ -141,10 +145,7 @@ def _run_chunk(model: torch.nn.Module, rows: list[Row], score_prompts: bool, mod
             break
         mask_BL = torch.cat([mask_BL, torch.ones_like(mask_BL[:, :1])], dim=1)
         pos_B1 = pos_B1 + 1
-        out = model(
-            input_ids=next_B[:, None], attention_mask=mask_BL, position_ids=pos_B1, cache=cache, use_cache=True
-        )
-        logits_BV, cache = out.logits[:, -1].float(), out.cache
+        logits_BV = decode(next_B[:, None], mask_BL, pos_B1).float()
 
 
 def run_rows(model: torch.nn.Module, rows: list[Row], max_batch_size: int, mode: LogprobsMode) -> None:
