@@ -145,7 +145,9 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> int:
     path = Path(path)
     files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
     if not files or not files[0].is_file():
-        raise ValueError(f"no safetensors weights at {path} (on the server's disk); pass a .safetensors file or dir")
+        # repr: a path may hold newlines or unpaired surrogates, and the answer must stay one printable line
+        raise ValueError(f"no safetensors weights at {str(path)!r} (on the server's disk); pass a .safetensors file "
+                         f"or dir")
     new: dict[str, torch.Tensor] = {}
     for f in files:
         new.update(load_file(str(f)))
@@ -157,7 +159,7 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> int:
     if unexpected or missing or wrong:
         parts = [f"{name}: {keys[:3]}{' ...' if len(keys) > 3 else ''}" for name, keys in
                  (("unexpected", unexpected), ("missing", missing), ("shape mismatch", wrong)) if keys]
-        raise ValueError(f"weights at {path} do not fit the served model ({'; '.join(parts)})")
+        raise ValueError(f"weights at {str(path)!r} do not fit the served model ({'; '.join(parts)})")
     with torch.no_grad():
         for k, tensor in new.items():
             own[k].copy_(tensor)

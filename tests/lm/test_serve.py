@@ -265,6 +265,11 @@ def test_update_weights_loads_strictly(tokenizer, tmp_path):
             assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
         assert scores() == pytest.approx(taken(new), abs=1e-5)  # a refused file changes nothing
         assert c.get("/health").json()["weights_version"] == 1
+        # found by the reliability fuzzer: a path with a newline (and an unpaired surrogate) still gets one line
+        r = c.post("/opd/update_weights", content=b'{"path": "/nonexistent/a\\nb\\udc80"}',
+                   headers={"content-type": "application/json"})
+        message = r.json()["error"]["message"]
+        assert r.status_code == 400 and "\n" not in message and "no safetensors" in message, r.text
 
 
 def test_serves_a_saved_model_directory_parsed_like_the_cli(tokenizer, tmp_path):
