@@ -31,9 +31,16 @@ def _commands() -> dict:
 
     def train(cfg: Annotated[DistillConfig, _NO_PREFIX]) -> None:
         """Train a student: on-policy distillation, GKD mixture, sequence-level KD or SFT (see --source, --loss)."""
+        from accelerate import PartialState
+
         from opd.lm.train import distill
 
-        final = distill(cfg)
+        try:
+            final = distill(cfg)
+        finally:
+            # Under `accelerate launch`: tear the process group down before exit. Left to the interpreter's shutdown,
+            # gloo's threads can abort a finished run ("terminate called without an active exception", SIGABRT).
+            PartialState().destroy_process_group()
         print(f"done: step {final.get('step')}, accuracy {final.get('accuracy')}, checkpoint in {cfg.out_dir}/checkpoint")
 
     def teacher(args: Annotated[TeacherArgs, _NO_PREFIX]) -> None:

@@ -22,3 +22,4 @@ weights = load_file(f"{out}/checkpoint/model.safetensors")
 checksum = float(sum(w.double().sum() for w in weights.values()))
 with open(f"{out}/rank{state.process_index}.json", "w") as f:
     json.dump({"final_step": final["step"], "checksum": checksum, "loss": final["loss"]}, f)
+state.destroy_process_group()  # as `opd train` does: gloo torn down at interpreter exit can abort (SIGABRT)
