@@ -29,7 +29,6 @@ import torch.multiprocessing as mp
 from opd.config import SamplingArgs
 from opd.lm.model import unwrap
 from opd.lm.rollout import Batch, layout
-from opd.lm.server_rollouts import targets_from_completions
 from opd.lm.teacher import TeacherUnreachable
 
 _POLL_S = 1.0
@@ -133,9 +132,7 @@ class ProcessRollouts:
         if answer[0] == "error":
             raise RuntimeError(f"the sampler process failed: {answer[1]}\n{answer[2]}")
         completions, logprobs = answer[1]
-        batch = layout(prompt_ids, completions, pad_id)
-        batch.sampling_logp_BT = targets_from_completions(batch.mask_BT, logprobs)
-        return batch
+        return layout(prompt_ids, completions, pad_id, logprobs)
 
     def close(self) -> None:
         """Stop the sampler process and give this process its threads back."""

@@ -238,6 +238,10 @@ class RemoteSampler:
             sampling_logp.append([float(lp) for lp in logps])
         return completion_ids, sampling_logp
 
+    def close(self) -> None:
+        """Close the connection pool to the server."""
+        self.client.close()
+
     def update_weights(self, path: str) -> int:
         """Make an `opd serve` server load weights from `path` (a safetensors file or dir on ITS disk); new version.
 

@@ -104,8 +104,15 @@ def sample(
     return layout(prompt_ids, completions, pad_id)
 
 
-def layout(prompt_ids: list[list[int]], completions: list[list[int]], pad_id: int) -> Batch:
-    """Left-padded prompts, then each completion exactly as given, then right padding."""
+def layout(
+    prompt_ids: list[list[int]], completions: list[list[int]], pad_id: int,
+    sampling_logps: list[list[float]] | None = None,
+) -> Batch:
+    """Left-padded prompts, then each completion exactly as given, then right padding.
+
+    `sampling_logps`: the sampler's log-prob of each completion token (a sampler server or process), kept as the
+    batch's `sampling_logp_BT`.
+    """
     P = max(len(p) for p in prompt_ids)
     C = max(1, max(len(c) for c in completions))
     B = len(prompt_ids)
@@ -118,4 +125,20 @@ def layout(prompt_ids: list[list[int]], completions: list[list[int]], pad_id: in
             ids[i, P : P + len(c)] = torch.tensor(c, dtype=torch.long)
         attn[i, P - len(p) : P + len(c)] = 1
         comp[i, P : P + len(c)] = 1
-    return Batch(ids, attn, comp[:, 1:], [len(p) for p in prompt_ids])
+    batch = Batch(ids, attn, comp[:, 1:], [len(p) for p in prompt_ids])
+    if sampling_logps is not None:
+        flat = torch.tensor([v for row in sampling_logps for v in row], dtype=torch.float32)
+        batch.sampling_logp_BT = scatter_targets(flat, batch.mask_BT)
+    return batch
+
+
+def scatter_targets(values_N: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+    """Values of the masked targets, in order (row by row), placed in target coordinates: [B, T], 0 elsewhere.
+
+    Completion token j of a row is target `prompt_end - 1 + j`; `layout` marks exactly those targets, in order, so
+    per-completion-token values fill the mask row by row. Differentiable in `values_N`.
+    """
+    mask = mask_BT.bool()
+    if values_N.numel() != int(mask.sum()):
+        raise RuntimeError(f"{values_N.numel()} values for {int(mask.sum())} completion targets")
+    return values_N.new_zeros(mask.shape).masked_scatter(mask, values_N)

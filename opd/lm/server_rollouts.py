@@ -100,9 +100,11 @@ class ServerRollouts:
         """One completion per prompt from the server; the batch carries the sampler's log-prob of every target."""
         completions, logps = self.client.sample(prompt_ids, sampling.max_new_tokens, sampling.temperature,
                                                 sampling.top_p, seed=seed)
-        batch = layout(prompt_ids, completions, pad_id)
-        batch.sampling_logp_BT = targets_from_completions(batch.mask_BT, logps)
-        return batch
+        return layout(prompt_ids, completions, pad_id, logps)
+
+    def close(self) -> None:
+        """Close the connection pool to the server."""
+        self.client.close()
 
 
 class RolloutsAhead:
@@ -141,19 +143,6 @@ class RolloutsAhead:
         """Wait for a request still in flight and drop its answer (a stopped run leaves no request behind)."""
         self._pending = None
         self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def targets_from_completions(mask_BT: torch.Tensor, values: list[list[float]]) -> torch.Tensor:
-    """Per-completion-token values placed in target coordinates ([B, T], 0 outside `mask_BT`).
-
-    Completion token j of a row is target `prompt_end - 1 + j`; `layout` marks exactly those targets, in order, so
-    the values fill the mask row by row.
-    """
-    flat = torch.tensor([v for row in values for v in row], dtype=torch.float32)
-    mask = mask_BT.bool()
-    if flat.numel() != int(mask.sum()):
-        raise RuntimeError(f"{flat.numel()} sampler log-probs for {int(mask.sum())} completion tokens")
-    return torch.zeros(mask.shape).masked_scatter(mask, flat)
 
 
 @torch.no_grad()

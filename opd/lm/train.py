@@ -29,7 +29,7 @@ from opd.checkpoint import find_checkpoint, load_trainer_state, save_checkpoint
 from opd.config import DistillConfig, OptimArgs, save_config
 from opd.lm.model import final_hidden, lm_head, load_model, load_tokenizer, unwrap
 from opd.lm.process_rollouts import ProcessRollouts
-from opd.lm.rollout import Batch, build_batch, encode_prompts, layout, sample
+from opd.lm.rollout import Batch, build_batch, encode_prompts, layout, sample, scatter_targets
 from opd.lm.server_rollouts import RolloutsAhead, ServerRollouts, ratio_metrics, rollout_seed
 from opd.lm.teacher import LocalTeacher, Teacher, TeacherSignal, TeacherUnreachable
 from opd.tasks import get_task
@@ -88,7 +88,7 @@ def student_loss(student, batch: Batch, signal: TeacherSignal | None, cfg: Disti
             if signal.taken_logp_BT is None:
                 raise ValueError("loss=sampled needs the teacher's log-probs of the taken tokens; this teacher's "
                                  "signal has none (a LocalTeacher built with with_taken_logp=False)")
-            student_BT = _scatter(logp_N, mask_BT)
+            student_BT = scatter_targets(logp_N, mask_BT)
             sampling_BT = batch.sampling_logp_BT if batch.sampling_logp_BT is not None else student_BT.detach()
             per_token = losses.sampled_reverse_kl_pg_loss(
                 student_BT, sampling_BT, signal.taken_logp_BT, mask_BT.float(), discount=cfg.discount,
@@ -132,11 +132,6 @@ def divergence_from_config(cfg: DistillConfig):
     """The per-token divergence `cfg.loss` names, with the parameter it takes (β for JSD, α for skew KL)."""
     params = {"jsd": {"beta": cfg.beta}, "skew_forward_kl": {"alpha": cfg.alpha}, "skew_reverse_kl": {"alpha": cfg.alpha}}
     return losses.get_divergence(cfg.loss, **params.get(cfg.loss, {}))
-
-
-def _scatter(values_N: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
-    out = values_N.new_zeros(mask_BT.shape)
-    return out.masked_scatter(mask_BT, values_N)
 
 
 def distill(cfg: DistillConfig) -> dict:
@@ -319,7 +314,7 @@ def distill(cfg: DistillConfig) -> dict:
     finally:
         if ahead is not None:
             ahead.close()
-        if isinstance(student_sampler, ProcessRollouts):
+        if student_sampler is not None:
             student_sampler.close()
         if metrics_file is not None:
             metrics_file.close()

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from opd.lm.rollout import build_batch, encode_prompts, sample
+from opd.lm.rollout import build_batch, encode_prompts, layout, sample
 from tests.conftest import tiny_llama
 
 
@@ -48,3 +48,14 @@ def test_encode_prompts_uses_the_chat_template_when_there_is_one(tokenizer):
     assert ids == tokenizer("12+3= ", add_special_tokens=False)["input_ids"]
     (plain,) = encode_prompts(tokenizer, ["12+3="], 100)
     assert plain == tokenizer("12+3=")["input_ids"] and plain != ids
+
+
+def test_layout_places_sampler_logprobs_at_the_completion_targets():
+    batch = layout([[5, 6], [7]], [[1, 2, 3], [4]], pad_id=0, sampling_logps=[[-0.1, -0.2, -0.3], [-0.4]])
+    mask = batch.mask_BT.bool()
+    assert batch.sampling_logp_BT[mask].tolist() == pytest.approx([-0.1, -0.2, -0.3, -0.4])
+    assert (batch.sampling_logp_BT[~mask] == 0).all()
+    assert batch.targets_BT[mask].tolist() == [1, 2, 3, 4]  # each log-prob sits on the token it scores
+    assert layout([[5]], [[1]], pad_id=0).sampling_logp_BT is None
+    with pytest.raises(RuntimeError, match="3 values for 4 completion targets"):
+        layout([[5, 6], [7]], [[1, 2, 3], [4]], pad_id=0, sampling_logps=[[-0.1, -0.2], [-0.4]])
