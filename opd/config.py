@@ -23,6 +23,10 @@ class SamplingArgs:
     """Sampling temperature. 1.0 samples the policy being trained, which is what the on-policy gradients assume."""
     top_p: float = 1.0
     """Nucleus sampling; 1.0 keeps the whole distribution."""
+    compile: bool = False
+    """Decode through a `torch.compile`d step over a static KV cache (local sampling only: in-process and the
+    `--overlap` sampler process). Each new (batch size, cache length) compiles once, 10-20 s on a CPU; faster after
+    that where per-token overhead dominates (small models). Same distribution, different draws for a seed."""
 
 
 @dataclass(frozen=True)

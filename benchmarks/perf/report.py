@@ -19,9 +19,12 @@ import statistics
 
 import torch
 
-OPD_VARIANTS = {"opd": "", "opd_overlap": "overlap_", "opd_sampler_overlap": "sampler_overlap_"}
+OPD_VARIANTS = {"opd": "", "opd_compile": "compile_", "opd_overlap": "overlap_",
+                "opd_overlap_compile": "overlap_compile_", "opd_sampler_overlap": "sampler_overlap_"}
 """The opd systems held against the goals, with the prefix of their keys in a pair's `goals`."""
-SYSTEM_NAMES = {"opd": "opd", "opd_overlap": "opd --overlap (library, sampler process)",
+SYSTEM_NAMES = {"opd": "opd", "opd_compile": "opd --sampling.compile",
+                "opd_overlap": "opd --overlap (library, sampler process)",
+                "opd_overlap_compile": "opd --overlap --sampling.compile",
                 "opd_sampler_overlap": "opd --sampler --overlap (library)",
                 "trl_distillation": "TRL DistillationTrainer",
                 "trl_gkd": "TRL GKDTrainer (λ=1)"}

@@ -35,11 +35,15 @@ import tyro
 from benchmarks.command import command_line
 from benchmarks.perf import pairs, report
 
-SYSTEMS = ("opd", "opd_overlap", "opd_sampler_overlap", "trl_distillation", "trl_gkd")
+SYSTEMS = ("opd", "opd_compile", "opd_overlap", "opd_overlap_compile", "opd_sampler_overlap", "trl_distillation",
+           "trl_gkd")
 LEVER_SYSTEMS = ("opd_overlap", "opd_sampler_overlap")
 """Sampling overlapped with the update, two ways: `distill --overlap` (a local sampler process sharing the student's
 memory, `opd.lm.process_rollouts`) and `distill --sampler URL --overlap` (an `opd serve` of the student, weights pushed
 as safetensors each step). Both run only on `lever_pairs`."""
+COMPILE_SYSTEMS = ("opd_compile", "opd_overlap_compile")
+"""`opd` and `opd --overlap` with `--sampling.compile` (a torch.compile'd decoding step over a static KV cache); run
+only on `compile_pairs`."""
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -71,6 +75,8 @@ class PerfArgs:
     """Which systems to run on each pair."""
     lever_pairs: tuple[str, ...] = ("tiny", "smollm2")
     """Pairs on which the overlap systems (`opd_overlap`, `opd_sampler_overlap`) run; elsewhere they are left out."""
+    compile_pairs: tuple[str, ...] = ("tiny",)
+    """Pairs on which the compiled-sampling systems (`opd_compile`, `opd_overlap_compile`) run."""
     loss: str = "jsd"
     """The divergence every system trains with: `jsd` (generalized JSD with `beta`) or `reverse_kl`."""
     beta: float = 0.5
@@ -184,7 +190,8 @@ def run_pair(args: PerfArgs, name: str, models: dict, settings: PairSettings, lo
     """The systems on one pair, back to back, with the matmul peak measured just before them."""
     peak = matmul_gflops(args.threads)
     entries = {}
-    systems = [s for s in args.systems if name in args.lever_pairs or s not in LEVER_SYSTEMS]
+    systems = [s for s in args.systems if (name in args.lever_pairs or s not in LEVER_SYSTEMS)
+               and (name in args.compile_pairs or s not in COMPILE_SYSTEMS)]
     for i, system in enumerate(systems):
         spec = _spec(args, name, models, settings, system, loss, initial_kl=(i == 0))
         raw = run_entry(spec, work, args)

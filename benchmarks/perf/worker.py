@@ -2,7 +2,8 @@
 
     python -m benchmarks.perf.worker SPEC.json OUT.json
 
-SPEC names the system (`opd`, `opd_overlap`, `opd_sampler_overlap`, `trl_distillation`, `trl_gkd`), the pair's model
+SPEC names the system (`opd`, `opd_overlap`, `opd_sampler_overlap`, `trl_distillation`, `trl_gkd`; a `_compile`
+suffix on the first two samples with `--sampling.compile`), the pair's model
 directories and the shared settings (divergence, batch, completion length, steps, learning rate, threads). Every
 system trains the same student from the same weights on the same prompts, fully on-policy at temperature 1, AdamW at
 a constant learning rate with gradient clipping 1.0, fp32. OUT gets, per step, the wall time, the completion tokens
@@ -85,7 +86,8 @@ def run_opd(spec: dict, scratch: Path, **server_rollouts) -> dict:
     cfg = DistillConfig(
         student=spec["student"], teacher=spec["teacher"], task="arithmetic", source="student", loss=spec["loss"],
         beta=spec["beta"], steps=spec["steps"], batch_size=spec["batch_size"],
-        sampling=SamplingArgs(max_new_tokens=spec["max_new_tokens"], temperature=1.0, top_p=1.0),
+        sampling=SamplingArgs(max_new_tokens=spec["max_new_tokens"], temperature=1.0, top_p=1.0,
+                              compile=spec["system"].endswith("_compile")),
         optim=OptimArgs(lr=spec["lr"], warmup_steps=0, weight_decay=0.0, grad_clip=1.0),
         train_examples=spec["train_examples"], eval_examples=1, eval_every=0, save_every=10**9,
         seed=spec["seed"], out_dir=str(scratch / "run"), progress=False, **server_rollouts,
@@ -269,7 +271,8 @@ def run_trl_gkd(spec: dict, scratch: Path) -> dict:
             "flops": [step_flops(costs, p, c) for p, c in lengths], "student": trainer.model, "teacher": teacher}
 
 
-RUNNERS = {"opd": run_opd, "opd_overlap": run_opd_overlap, "opd_sampler_overlap": run_opd_sampler_overlap,
+RUNNERS = {"opd": run_opd, "opd_compile": run_opd, "opd_overlap": run_opd_overlap,
+           "opd_overlap_compile": run_opd_overlap, "opd_sampler_overlap": run_opd_sampler_overlap,
            "trl_distillation": run_trl_distillation, "trl_gkd": run_trl_gkd}
 
 

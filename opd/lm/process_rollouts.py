@@ -10,6 +10,12 @@ goes over a socket. Same contract as `ServerRollouts` (`push`, `rollouts`, `vers
 than in-process sampling, and every batch carries the sampler's log-probs for the importance-ratio metrics and the
 truncated-IS correction of loss=sampled (why the divergences are not reweighted: `opd.lm.server_rollouts`).
 
+With a local teacher, the sampler process also grades the first rows of each batch it samples (the teacher is
+frozen, so it shares the teacher's memory once and never syncs), and this process grades only the rest
+(`opd.lm.teacher.score_batch`). How many rows is adjusted after every batch so that neither process waits for the
+other (`balanced_teacher_rows`): sampling a small model is mostly overhead while the teacher's forward is compute,
+and without this the trainer, holding all of the teacher's work and the update, is the slower side.
+
 The torch threads are split: the sampler gets half (at least one), this process keeps the rest, and gets them back
 on `close`. CPU only: on GPUs, sample with a server on its own device (`--sampler`, vLLM or `opd serve`).
 """
@@ -21,6 +27,7 @@ import copy
 import os
 import queue
 import sys
+import time
 import traceback
 
 import torch
@@ -29,14 +36,33 @@ import torch.multiprocessing as mp
 from opd.config import SamplingArgs
 from opd.lm.model import unwrap
 from opd.lm.rollout import Batch, layout
-from opd.lm.teacher import TeacherUnreachable
+from opd.lm.teacher import LocalTeacher, TeacherUnreachable
 
 _POLL_S = 1.0
 """How often a waiting side checks that the other one is still alive."""
+_WAIT_SLACK_S = 0.002
+"""A trainer wait below this counts as none (queue latency), for `balanced_teacher_rows`."""
 
 
-def _sampler_main(model, requests, results, eos_id: int | None, threads: int, parent_pid: int) -> None:
-    """The sampler process: answer each request with (completions, log-probs) from the shared-memory model."""
+def balanced_teacher_rows(rows: int, batch_size: int, wait_s: float, teacher_s: float, probe: int) -> tuple[int, int]:
+    """(rows, probe) for the next batch: the sampler process graded `rows` of the last one in `teacher_s` seconds,
+    and the trainer then waited `wait_s` seconds for it; `probe` is the last step up (1 to start).
+
+    A trainer that waited means the sampler is the slower side by `wait_s`; moving one row back shifts one row's
+    teacher time from the sampler to the trainer, so the gap closes after wait_s / (2 · seconds per row) rows. A
+    trainer that did not wait may be the slower side by an amount it cannot see: more rows go to the sampler, twice
+    as many as last time while it keeps not waiting (so a far balance is reached in a few steps), and the first
+    wait moves rows back and restarts the probe at one row.
+    """
+    if wait_s > _WAIT_SLACK_S:
+        step = max(1, round(wait_s / (2 * teacher_s / rows))) if rows and teacher_s > 0 else rows
+        return max(0, rows - step), 1
+    return min(batch_size, rows + probe), 2 * probe
+
+
+def _sampler_main(model, teacher, requests, results, eos_id: int | None, threads: int, parent_pid: int) -> None:
+    """The sampler process: answer each request with a laid-out batch (completions, log-probs and, with a teacher,
+    the teacher's signal for the first rows asked for) from the shared-memory models, and the seconds that took."""
     from opd.lm.sampler import sample_completions
 
     torch.set_num_threads(threads)
@@ -49,11 +75,19 @@ def _sampler_main(model, requests, results, eos_id: int | None, threads: int, pa
             continue
         if request is None:
             return
-        prompt_ids, pad_id, s, seed = request
+        prompt_ids, pad_id, s, seed, teacher_rows = request
         try:
             torch.manual_seed(seed)  # seeded per request: the same step of a resumed run draws the same samples
-            results.put(("ok", sample_completions(model, prompt_ids, pad_id, eos_id, s.max_new_tokens,
-                                                  s.temperature, s.top_p, with_logprobs=True)))
+            completions, logprobs = sample_completions(model, prompt_ids, pad_id, eos_id, s.max_new_tokens,
+                                                       s.temperature, s.top_p, with_logprobs=True, compile=s.compile)
+            batch = layout(prompt_ids, completions, pad_id, logprobs)
+            t0 = time.perf_counter()
+            if teacher is not None and teacher_rows:
+                k = teacher_rows
+                prefix = teacher.score(batch.input_ids_BL[:k], batch.attention_mask_BL[:k], batch.mask_BT[:k])
+                prefix.head = None  # a closure over the teacher: the trainer has its own
+                batch.teacher_prefix = prefix
+            results.put(("ok", batch, time.perf_counter() - t0))
         except Exception as e:  # noqa: BLE001  (sent back and raised in the trainer, which knows the step)
             results.put(("error", f"{type(e).__name__}: {e}", traceback.format_exc()))
 
@@ -81,11 +115,12 @@ def _main_module_hidden():
 class ProcessRollouts:
     """The student's sampler in a child process that shares its weights' memory with a copy of the student."""
 
-    def __init__(self, student, eos_id: int | None, threads: int | None = None):
+    def __init__(self, student, eos_id: int | None, threads: int | None = None, teacher: LocalTeacher | None = None):
         """Start the sampler process with a copy of `student` (unwrapped from DDP), not yet synced: `push` first.
 
         threads: torch threads of the sampler (default: half of this process's, at least 1); this process keeps
-        the rest (at least 1).
+        the rest (at least 1). teacher: a local teacher on the CPU whose weights the sampler process may share, to
+        grade part of each batch (see the module's doc); None grades nothing there.
         """
         model = unwrap(student)
         device = next(model.parameters()).device
@@ -96,13 +131,24 @@ class ProcessRollouts:
         for t in (*self._copy.parameters(), *self._copy.buffers()):
             t.requires_grad_(False)
             t.share_memory_()
+        if teacher is not None:
+            if next(teacher.model.parameters()).device.type != "cpu":
+                raise ValueError("the sampler process can grade rows only with a teacher on the CPU; pass teacher=None")
+            for t in (*teacher.model.parameters(), *teacher.model.buffers()):
+                t.share_memory_()  # frozen: shared once, never synced
+        self.teacher_rows = 0 if teacher is None else 1
+        """Rows of the next batch the sampler process grades (adjusted after every batch the trainer takes)."""
+        self._grades = teacher is not None
+        self._last_grading: tuple[int, int, float] | None = None  # (rows, batch size, seconds) of the last answer
+        self._probe = 1
         self._threads_before = torch.get_num_threads()
         threads = threads or max(1, self._threads_before // 2)
         torch.set_num_threads(max(1, self._threads_before - threads))
         ctx = mp.get_context("spawn")  # fork after OpenMP has started can hang the child
         self._requests, self._results = ctx.Queue(), ctx.Queue()
         self._proc = ctx.Process(target=_sampler_main, name="opd-sampler", daemon=True,
-                                 args=(self._copy, self._requests, self._results, eos_id, threads, os.getpid()))
+                                 args=(self._copy, teacher, self._requests, self._results, eos_id, threads,
+                                       os.getpid()))
         with _main_module_hidden():
             self._proc.start()
         self.version = 0
@@ -117,8 +163,10 @@ class ProcessRollouts:
         self.version += 1
 
     def rollouts(self, prompt_ids: list[list[int]], pad_id: int, sampling: SamplingArgs, seed: int) -> Batch:
-        """One completion per prompt from the sampler process; the batch carries its log-prob of every target."""
-        self._requests.put((prompt_ids, pad_id, sampling, seed))
+        """One completion per prompt from the sampler process; the batch carries its log-prob of every target and,
+        with a teacher, the teacher's signal for its first `teacher_rows` rows (`Batch.teacher_prefix`)."""
+        rows = min(self.teacher_rows, len(prompt_ids))
+        self._requests.put((prompt_ids, pad_id, sampling, seed, rows))
         while True:
             try:
                 answer = self._results.get(timeout=_POLL_S)
@@ -131,8 +179,15 @@ class ProcessRollouts:
                         f"the sampler process (pid {self._proc.pid}) died with exit code {code} ({why})") from None
         if answer[0] == "error":
             raise RuntimeError(f"the sampler process failed: {answer[1]}\n{answer[2]}")
-        completions, logprobs = answer[1]
-        return layout(prompt_ids, completions, pad_id, logprobs)
+        batch, teacher_s = answer[1:]
+        self._last_grading = (rows, len(prompt_ids), teacher_s)
+        return batch
+
+    def waited(self, seconds: float) -> None:
+        """The trainer waited `seconds` for the last batch (`RolloutsAhead.take` says so): rebalance the rows."""
+        if self._grades and self._last_grading is not None:
+            rows, batch_size, teacher_s = self._last_grading
+            self.teacher_rows, self._probe = balanced_teacher_rows(rows, batch_size, seconds, teacher_s, self._probe)
 
     def close(self) -> None:
         """Stop the sampler process and give this process its threads back."""

@@ -143,7 +143,8 @@ def rl(cfg: RLConfig) -> dict:
             idx_G = [i for i in idx for _ in range(cfg.group_size)]  # each prompt group_size times, side by side
             # Act: the student samples; grade: the task's checker, one bit per completion.
             s = cfg.sampling
-            batch = sample(student, [prompt_ids[i] for i in idx_G], pad, eos, s.max_new_tokens, s.temperature, s.top_p)
+            batch = sample(student, [prompt_ids[i] for i in idx_G], pad, eos, s.max_new_tokens, s.temperature, s.top_p,
+                           s.compile)
             texts = tokenizer.batch_decode(batch.completion_ids(), skip_special_tokens=True)
             rewards_PG = torch.tensor([float(task.is_correct(train[i], t)) for i, t in zip(idx_G, texts)])
             rewards_PG = rewards_PG.view(cfg.batch_size, cfg.group_size)

@@ -8,11 +8,12 @@ tokens up to t, so `targets_BT = input_ids_BL[:, 1:]` and `mask_BT` marks the ta
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from opd.lm.sampler import sample_completions
+from opd.lm.teacher import TeacherSignal
 
 
 @dataclass
@@ -28,12 +29,18 @@ class Batch:
     sampling_logp_BT: torch.Tensor | None = None
     """Log-prob of each target under the policy that sampled it, when that is not the current student
     (server-side rollouts); None means 'the student, at the weights being trained' (importance ratio 1)."""
+    teacher_prefix: TeacherSignal | None = None
+    """The teacher's signal for the first rows, graded where the batch was sampled (the `--overlap` sampler process);
+    `opd.lm.teacher.score_batch` scores only the rest."""
 
     def to(self, device) -> "Batch":
         """The same batch with its tensors on `device`."""
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        prefix = self.teacher_prefix
+        if prefix is not None:
+            prefix = replace(prefix, **{name: move(t) for name, t in prefix._tensors().items()})
         return Batch(move(self.input_ids_BL), move(self.attention_mask_BL), move(self.mask_BT), self.prompt_lens,
-                     move(self.sampling_logp_BT))
+                     move(self.sampling_logp_BT), prefix)
 
     @property
     def targets_BT(self) -> torch.Tensor:
@@ -92,14 +99,16 @@ def sample(
     max_new_tokens: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    compile: bool = False,
 ) -> Batch:
     """Sample one completion per prompt from `model` (KV cache; each row stops at its eos and leaves the batch).
 
     temperature 0 means greedy. Completions end at their first eos (kept, so the model learns to stop);
     a completion cut by `max_new_tokens` has no eos. Same distribution as HF `generate(do_sample=True, top_k=0)`,
-    faster: see `opd.lm.sampler`.
+    faster: see `opd.lm.sampler` (also for `compile`).
     """
-    completions = sample_completions(model, prompt_ids, pad_id, eos_id, max_new_tokens, temperature, top_p)
+    completions = sample_completions(model, prompt_ids, pad_id, eos_id, max_new_tokens, temperature, top_p,
+                                     compile=compile)
     # Not build_batch: a completion cut by max_new_tokens stays as sampled, without an eos it never produced.
     return layout(prompt_ids, completions, pad_id)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -137,7 +138,11 @@ class RolloutsAhead:
         if pending_step != step:
             raise RuntimeError(f"rollouts pending for step {pending_step}, asked for step {step}")
         self._pending = None
-        return answer.result(), version
+        t0 = time.perf_counter()
+        batch = answer.result()
+        if hasattr(self.rollouts, "waited"):  # a sampler that balances its share of the work by the trainer's waits
+            self.rollouts.waited(time.perf_counter() - t0)
+        return batch, version
 
     def close(self) -> None:
         """Wait for a request still in flight and drop its answer (a stopped run leaves no request behind)."""

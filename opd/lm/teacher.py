@@ -7,12 +7,15 @@ token t+1 of the sequence given tokens <= t, with T = L - 1. A teacher is anythi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Protocol
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 
 from opd.lm.model import final_hidden, lm_head, taken_logp
+
+if TYPE_CHECKING:
+    from opd.lm.rollout import Batch
 
 
 @dataclass
@@ -31,6 +34,14 @@ class TeacherSignal:
     """Ids of the teacher's k most likely tokens at each position (remote teachers)."""
     topk_logp_BTK: torch.Tensor | None = None
     """Log-probs of those ids; the remaining mass 1 - Σ exp(topk_logp) is the tail bucket."""
+
+    def rows(self) -> int:
+        """How many rows (sequences) the signal grades."""
+        return next(t.shape[0] for t in self._tensors().values())
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name != "head" and getattr(self, f.name) is not None}
 
 
 class TeacherUnreachable(RuntimeError):
@@ -65,3 +76,23 @@ class LocalTeacher:
         if self.with_taken_logp:
             taken = taken_logp(hidden_BTD, head, input_ids_BL[:, 1:], mask_BT, self.chunk_size)
         return TeacherSignal(taken_logp_BT=taken, hidden_BTD=hidden_BTD, head=head)
+
+
+def score_batch(teacher: Teacher, batch: Batch) -> TeacherSignal:
+    """`teacher.score` over `batch`, except for the rows graded already where the batch was sampled.
+
+    The `--overlap` sampler process (`opd.lm.process_rollouts`) grades the first rows of the batches it samples with
+    the same frozen local teacher, to even out the two processes' work; `batch.teacher_prefix` holds that part, and
+    only the remaining rows are scored here. The rows are independent (each is its own sequence), so the joined
+    signal is the one a single pass would give, up to float rounding where the two processes' kernels differ.
+    """
+    prefix = batch.teacher_prefix
+    if prefix is None:
+        return teacher.score(batch.input_ids_BL, batch.attention_mask_BL, batch.mask_BT)
+    k = prefix.rows()
+    head = lm_head(teacher.model) if prefix.hidden_BTD is not None else None
+    if k == batch.input_ids_BL.shape[0]:
+        return TeacherSignal(**prefix._tensors(), head=head)
+    rest = teacher.score(batch.input_ids_BL[k:], batch.attention_mask_BL[k:], batch.mask_BT[k:])
+    joined = {name: torch.cat([t, getattr(rest, name)]) for name, t in prefix._tensors().items()}
+    return TeacherSignal(**joined, head=rest.head)

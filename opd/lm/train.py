@@ -31,7 +31,7 @@ from opd.lm.model import final_hidden, lm_head, load_model, load_tokenizer, unwr
 from opd.lm.process_rollouts import ProcessRollouts
 from opd.lm.rollout import Batch, build_batch, encode_prompts, layout, sample, scatter_targets
 from opd.lm.server_rollouts import RolloutsAhead, ServerRollouts, ratio_metrics, rollout_seed
-from opd.lm.teacher import LocalTeacher, Teacher, TeacherSignal, TeacherUnreachable
+from opd.lm.teacher import LocalTeacher, Teacher, TeacherSignal, TeacherUnreachable, score_batch
 from opd.tasks import get_task
 
 LOSSES = ("sampled", "sft", *losses.DIVERGENCES)
@@ -225,7 +225,9 @@ def distill(cfg: DistillConfig) -> dict:
     if cfg.sampler:
         student_sampler = ServerRollouts(cfg.sampler, out, cfg.remote_timeout, cfg.remote_max_retries)
     elif cfg.overlap:  # no server: a second process on this machine samples (opd.lm.process_rollouts)
-        student_sampler = ProcessRollouts(student, eos)
+        # with a local teacher, the sampler process grades part of each batch too
+        student_sampler = ProcessRollouts(student, eos, teacher=teacher if isinstance(teacher, LocalTeacher)
+                                          and cfg.loss != "sft" else None)
     ahead = RolloutsAhead(student_sampler) if cfg.overlap else None
     try:
         bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not (cfg.progress and main),
@@ -255,7 +257,7 @@ def distill(cfg: DistillConfig) -> dict:
                                                        student_sampler.version)
                 else:
                     actor = unwrap(student) if source == "student" else teacher.model
-                    batch = sample(actor, prompts, pad, eos, s.max_new_tokens, s.temperature, s.top_p)
+                    batch = sample(actor, prompts, pad, eos, s.max_new_tokens, s.temperature, s.top_p, s.compile)
                 if ahead is not None and step + 1 < cfg.steps:
                     # Overlap: the server samples step+1 from the weights it holds now while this step trains on.
                     upcoming = draw()
@@ -265,8 +267,7 @@ def distill(cfg: DistillConfig) -> dict:
                 batch = batch.to(accelerator.device)
                 t_act = time.perf_counter()
                 # What the teacher gives: one forward pass over prompt + completion.
-                signal = None if cfg.loss == "sft" else teacher.score(batch.input_ids_BL, batch.attention_mask_BL,
-                                                                      batch.mask_BT)
+                signal = None if cfg.loss == "sft" else score_batch(teacher, batch)
             except TeacherUnreachable as e:
                 if world > 1:  # the other processes cannot join a save from here; the last periodic one stands
                     raise TrainingError(f"{e} Last checkpoint: {find_checkpoint(out / 'checkpoint') or 'none'}") from None
@@ -297,6 +298,8 @@ def distill(cfg: DistillConfig) -> dict:
             m.update(step=step + 1, source=source, act_s=t_act - t0, step_s=time.perf_counter() - t0)
             if sampled_by is not None:
                 m["sampler_weights_version"] = sampled_by
+            if batch.teacher_prefix is not None:
+                m["sampler_teacher_rows"] = batch.teacher_prefix.rows()
             m.update(flops.step_flops(*costs, batch.attention_mask_BL, batch.mask_BT, source, scored=signal is not None))
             total_flops = m["total_flops"] = total_flops + m["flops"] * world
             if main and (cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):

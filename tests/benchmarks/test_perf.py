@@ -46,7 +46,7 @@ def test_quick_benchmark_writes_well_formed_results(tmp_path):
     assert results["quick"] is True
     for pair in ("tiny", "smollm2"):
         block = results[pair]
-        # --quick: the overlap systems (sampler process and server) on tiny only
+        # --quick: the overlap systems (sampler process and server) and compiled sampling on tiny only
         systems = SYSTEMS if pair == "tiny" else ("opd", "trl_distillation", "trl_gkd")
         assert set(systems) <= set(block)
         assert block["matmul_gflops"] > 0 and block["flop_limit_tokens_per_s"] > 0
@@ -77,5 +77,6 @@ def test_quick_benchmark_writes_well_formed_results(tmp_path):
     # tiny only (--quick): one measurement row and one goals row for each overlap system
     assert text.count("\n| opd --sampler --overlap (library) |") == 2
     assert text.count("\n| opd --overlap (library, sampler process) |") == 2
-    assert text.count("MB trainer + ") == 2
+    assert text.count("\n| opd --sampling.compile |") == 2 and text.count("\n| opd --overlap --sampling.compile |") == 2
+    assert text.count("MB trainer + ") == 3  # the two overlap systems and the server, tiny only
     assert (results_dir / "perf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -8,10 +8,10 @@ import torch
 
 from opd.config import DistillConfig, OptimArgs, SamplingArgs
 from opd.lm.model import load_model, load_tokenizer
-from opd.lm.process_rollouts import ProcessRollouts
+from opd.lm.process_rollouts import ProcessRollouts, balanced_teacher_rows
 from opd.lm.rollout import encode_prompts
 from opd.lm.sampler import sample_completions
-from opd.lm.teacher import TeacherUnreachable
+from opd.lm.teacher import LocalTeacher, TeacherUnreachable, score_batch
 from opd.lm.train import TrainingError, distill
 
 
@@ -119,3 +119,44 @@ def test_a_student_off_the_cpu_is_refused_before_any_process_starts(model_dirs):
     student = load_model(model_dirs["student"]).to("meta")  # stands in for a GPU: anything but the CPU
     with pytest.raises(ValueError, match="on GPUs pass --sampler URL"):
         ProcessRollouts(student, eos_id=None)
+
+
+def test_teacher_rows_move_to_the_sampler_until_the_trainer_waits_then_back_by_the_wait():
+    # no wait: the trainer may be the slower side; the step up doubles while it keeps not waiting
+    assert balanced_teacher_rows(4, 32, wait_s=0.0, teacher_s=0.008, probe=1) == (5, 2)
+    assert balanced_teacher_rows(5, 32, wait_s=0.001, teacher_s=0.010, probe=2) == (7, 4)
+    assert balanced_teacher_rows(30, 32, wait_s=0.0, teacher_s=0.06, probe=8) == (32, 16)  # at most the batch
+    # a 20 ms wait with 2 ms per row: 5 rows back close the gap (each row moved shifts 2 ms to each side)
+    assert balanced_teacher_rows(12, 32, wait_s=0.020, teacher_s=0.024, probe=8) == (7, 1)
+    assert balanced_teacher_rows(2, 32, wait_s=0.5, teacher_s=0.004, probe=4) == (0, 1)  # never below zero
+    assert balanced_teacher_rows(0, 32, wait_s=0.5, teacher_s=0.0, probe=1) == (0, 1)  # sampling alone is slower
+
+
+def test_rows_graded_in_the_sampler_process_join_the_rest_into_the_one_pass_signal(model_dirs):
+    tok = load_tokenizer(model_dirs["student"])
+    student, teacher = load_model(model_dirs["student"]), LocalTeacher(load_model(model_dirs["teacher"]))
+    prompts = encode_prompts(tok, ["12+34=", "5+6=", "999+1=", "7+7="], 100)
+    sampler = ProcessRollouts(student, tok.eos_token_id, threads=1, teacher=teacher)
+    try:
+        sampler.push(student, None, 0)
+        for rows in (2, 4):
+            sampler.teacher_rows = rows
+            batch = sampler.rollouts(prompts, tok.pad_token_id, SamplingArgs(max_new_tokens=6), seed=3)
+            assert batch.teacher_prefix.rows() == rows and batch.teacher_prefix.head is None
+            whole = teacher.score(batch.input_ids_BL, batch.attention_mask_BL, batch.mask_BT)
+            joined = score_batch(teacher, batch.to("cpu"))
+            for name in ("hidden_BTD", "taken_logp_BT"):
+                torch.testing.assert_close(getattr(joined, name), getattr(whole, name), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(joined.head(joined.hidden_BTD[:, :2]), whole.head(whole.hidden_BTD[:, :2]))
+        sampler.waited(0.0)  # the trainer did not wait: one more row next time
+        assert sampler.teacher_rows == 4  # ... but never more than the batch
+    finally:
+        sampler.close()
+
+
+def test_an_overlapped_run_with_a_local_teacher_grades_rows_in_the_sampler(model_dirs, tmp_path):
+    distill(_cfg(model_dirs, tmp_path, loss="jsd", steps=5))
+    rows = _metrics(tmp_path)
+    graded = [m.get("sampler_teacher_rows", 0) for m in rows]
+    assert all(0 <= g <= 4 for g in graded) and any(g > 0 for g in graded)
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in rows)

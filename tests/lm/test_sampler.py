@@ -149,3 +149,38 @@ def test_logprobs_are_the_models_own_at_each_sampled_token_and_leave_the_draws_u
             logits = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1 : -1]
         expected = logits.log_softmax(-1).gather(1, torch.tensor(c)[:, None]).squeeze(1)
         torch.testing.assert_close(torch.tensor(lp), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_decoding_gives_the_eager_tokens_and_logprobs_with_rows_ending_at_their_first_eos(tokenizer):
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    model = tiny_llama(tokenizer, 16, 1, seed=0)
+    with torch.no_grad():  # rows stop at different steps (in the compiled path they stay in the batch)
+        model.lm_head.weight[eos] *= 3.0
+    prompts = encode_prompts(tokenizer, ["12+34=", "5+6=", "999+1=", "7+7=", "1+1=", "2468+1357="], 100)
+    eager, eager_lp = sample_completions(model, prompts, pad, eos, 12, temperature=0.0, with_logprobs=True)
+    got, got_lp = sample_completions(model, prompts, pad, eos, 12, temperature=0.0, with_logprobs=True,
+                                     compile=True)
+    assert got == eager and sorted(len(c) for c in got) == [3, 4, 12, 12, 12, 12]
+    for a, b in zip(got_lp, eager_lp):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-4, rtol=1e-4)
+    torch.manual_seed(0)  # sampled: every row ends at its first eos (kept) or at max_new_tokens
+    for c in sample_completions(model, prompts * 4, pad, eos, 12, compile=True):
+        assert 1 <= len(c) <= 12 and eos not in c[:-1] and (c[-1] == eos or len(c) == 12)
+
+
+def test_compiled_decoding_draws_from_the_softmax(tokenizer):
+    eos = tokenizer.eos_token_id
+    model = tiny_llama(tokenizer, 16, 1, seed=1).eval()
+    with torch.no_grad():
+        model.lm_head.weight *= 20.0
+        model.lm_head.weight[eos] *= 1.5
+    prompts = encode_prompts(tokenizer, ["12+34=", "ans 99"], 100)
+    n = 3000
+    torch.manual_seed(12)
+    completions = sample_completions(model, prompts * n, tokenizer.pad_token_id, eos, 2, compile=True)
+    for i, prompt in enumerate(prompts):
+        counts: dict = {}
+        for c in completions[i::2]:
+            counts[tuple(c)] = counts.get(tuple(c), 0) + 1
+        assert _chi2_pvalue(counts, _exact_two_token_probs(model, prompt, eos, 1.0), n) > 1e-4
+        assert _chi2_pvalue(counts, _exact_two_token_probs(model, prompt, eos, 1.3), n) < 1e-4
