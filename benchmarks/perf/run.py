@@ -87,8 +87,8 @@ class PerfArgs:
     """Learning rate, constant (AdamW, no weight decay, gradient norm clipped to 1)."""
     threads: int = 2
     """torch threads of every process (and of the matmul-peak measurement)."""
-    tiny: PairSettings = PairSettings(batch_size=32, max_new_tokens=64, steps=15, warmup=3, heldout_prompts=128)
-    smollm2: PairSettings = PairSettings(batch_size=4, max_new_tokens=256, steps=4, warmup=1, heldout_prompts=8)
+    tiny: PairSettings = PairSettings(batch_size=32, max_new_tokens=64, steps=45, warmup=5, heldout_prompts=128)
+    smollm2: PairSettings = PairSettings(batch_size=4, max_new_tokens=256, steps=6, warmup=1, heldout_prompts=8)
     sweep_systems: tuple[str, ...] = ("opd", "trl_distillation", "trl_gkd")
     """Which systems the sweep runs."""
     sweep_lengths: tuple[int, ...] = (32, 64, 128, 256)

@@ -130,6 +130,10 @@ class RemoteTeacher:
         self.seqs_per_request, self.max_concurrency = seqs_per_request, max_concurrency
         self.client = CompletionsClient(base_url, api_key, timeout, max_retries, backoff, transport)
 
+    def close(self) -> None:
+        """Close the connection pool to the server."""
+        self.client.close()
+
     def score(
         self, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor, mask_BT: torch.Tensor
     ) -> TeacherSignal:

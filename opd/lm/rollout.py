@@ -38,7 +38,7 @@ class Batch:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         prefix = self.teacher_prefix
         if prefix is not None:
-            prefix = replace(prefix, **{name: move(t) for name, t in prefix._tensors().items()})
+            prefix = replace(prefix, **{name: move(t) for name, t in prefix.tensors().items()})
         return Batch(move(self.input_ids_BL), move(self.attention_mask_BL), move(self.mask_BT), self.prompt_lens,
                      move(self.sampling_logp_BT), prefix)
 

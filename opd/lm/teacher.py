@@ -37,9 +37,10 @@ class TeacherSignal:
 
     def rows(self) -> int:
         """How many rows (sequences) the signal grades."""
-        return next(t.shape[0] for t in self._tensors().values())
+        return next(t.shape[0] for t in self.tensors().values())
 
-    def _tensors(self) -> dict[str, torch.Tensor]:
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The per-row fields that are set, by name (every field but `head`)."""
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if f.name != "head" and getattr(self, f.name) is not None}
 
@@ -92,7 +93,7 @@ def score_batch(teacher: Teacher, batch: Batch) -> TeacherSignal:
     k = prefix.rows()
     head = lm_head(teacher.model) if prefix.hidden_BTD is not None else None
     if k == batch.input_ids_BL.shape[0]:
-        return TeacherSignal(**prefix._tensors(), head=head)
+        return TeacherSignal(**prefix.tensors(), head=head)
     rest = teacher.score(batch.input_ids_BL[k:], batch.attention_mask_BL[k:], batch.mask_BT[k:])
-    joined = {name: torch.cat([t, getattr(rest, name)]) for name, t in prefix._tensors().items()}
+    joined = {name: torch.cat([t, getattr(rest, name)]) for name, t in prefix.tensors().items()}
     return TeacherSignal(**joined, head=rest.head)

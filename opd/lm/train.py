@@ -317,8 +317,9 @@ def distill(cfg: DistillConfig) -> dict:
     finally:
         if ahead is not None:
             ahead.close()
-        if student_sampler is not None:
-            student_sampler.close()
+        for client in (student_sampler, teacher_sampler, teacher):  # connection pools and processes, if any
+            if hasattr(client, "close"):
+                client.close()
         if metrics_file is not None:
             metrics_file.close()
         interrupted.restore()

@@ -88,6 +88,8 @@ def test_score_skips_rows_without_targets_and_rejects_masks_on_padding(url, toke
     mask_BT[1, 0] = 1  # target 0 of row 1 is padding
     with pytest.raises(ValueError, match="without context"):
         teacher.score(ids_BL, attn_BL, mask_BT)
+    teacher.close()  # what distill does when it ends: the connection pool is closed
+    assert teacher.client._http.is_closed
 
 
 def test_position_entries_use_ranks_and_drop_the_extra_taken_token():
