@@ -44,19 +44,23 @@ _WAIT_SLACK_S = 0.002
 """A trainer wait below this counts as none (queue latency), for `balanced_teacher_rows`."""
 
 
-def balanced_teacher_rows(rows: int, batch_size: int, wait_s: float, teacher_s: float, probe: int) -> tuple[int, int]:
+def balanced_teacher_rows(rows: int, batch_size: int, wait_s: float, teacher_s: float,
+                          probe: int | None) -> tuple[int, int | None]:
     """(rows, probe) for the next batch: the sampler process graded `rows` of the last one in `teacher_s` seconds,
-    and the trainer then waited `wait_s` seconds for it; `probe` is the last step up (1 to start).
+    and the trainer then waited `wait_s` seconds for it. `probe`: the next step up while searching (1 to start),
+    None once the trainer has waited (the balance was found).
 
     A trainer that waited means the sampler is the slower side by `wait_s`; moving one row back shifts one row's
     teacher time from the sampler to the trainer, so the gap closes after wait_s / (2 · seconds per row) rows. A
-    trainer that did not wait may be the slower side by an amount it cannot see: more rows go to the sampler, twice
-    as many as last time while it keeps not waiting (so a far balance is reached in a few steps), and the first
-    wait moves rows back and restarts the probe at one row.
+    trainer that did not wait may be the slower side by an amount it cannot see, so more rows go to the sampler:
+    until the first wait twice as many as the last time (a far balance is reached in a few steps), after it one
+    (the count then stays within a row or two of the balance as the step times drift).
     """
     if wait_s > _WAIT_SLACK_S:
         step = max(1, round(wait_s / (2 * teacher_s / rows))) if rows and teacher_s > 0 else rows
-        return max(0, rows - step), 1
+        return max(0, rows - step), None
+    if probe is None:
+        return min(batch_size, rows + 1), None
     return min(batch_size, rows + probe), 2 * probe
 
 
@@ -140,7 +144,7 @@ class ProcessRollouts:
         """Rows of the next batch the sampler process grades (adjusted after every batch the trainer takes)."""
         self._grades = teacher is not None
         self._last_grading: tuple[int, int, float] | None = None  # (rows, batch size, seconds) of the last answer
-        self._probe = 1
+        self._probe: int | None = 1
         self._threads_before = torch.get_num_threads()
         threads = threads or max(1, self._threads_before // 2)
         torch.set_num_threads(max(1, self._threads_before - threads))

@@ -116,9 +116,18 @@ def _forward_last(target, head, how: tuple[str, bool, bool], ids_BL, attn_BL, po
     return _head_logits(out.last_hidden_state[:, -1], head.weight, head.bias)
 
 
+def _next_token(target, head, how, ids_BL, attn_BL, pos_BL, cache, cache_position, temperature: float,
+                top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step: (the next token of each row drawn as `_pick` draws it, its log-prob as `_taken_logprobs`
+    gives it). One function, so that `torch.compile` makes the forward pass and the draw a single graph."""
+    logits_BV = _forward_last(target, head, how, ids_BL, attn_BL, pos_BL, cache, cache_position)
+    token_B = _pick(logits_BV, temperature, top_p)
+    return token_B, _taken_logprobs(logits_BV, token_B)
+
+
 @functools.cache
-def _compiled_forward_last():
-    return torch.compile(_forward_last, dynamic=False)
+def _compiled_next_token():
+    return torch.compile(_next_token, dynamic=False)
 
 
 def _head_logits(hidden_BD: torch.Tensor, weight_VD: torch.Tensor, bias_V: torch.Tensor | None) -> torch.Tensor:
@@ -231,32 +240,30 @@ def _sample_static(model, ids_BP, attn_BP, eos_id, max_new_tokens, temperature, 
         raise ValueError(f"compiled sampling needs a model that supports transformers' StaticCache; "
                          f"{type(model).__name__} does not ({type(e).__name__}: {e}); sample without compile") from e
     target, head, how = _decode_target(model, fast_head=True)
-    step_fn = _compiled_forward_last()
+    step_fn = _compiled_next_token()
     attn_BL = torch.zeros((B, L), dtype=attn_BP.dtype, device=device)
     attn_BL[:, :P] = attn_BP
     pos_BP = position_ids(attn_BP)
-    logits_BV = _forward_last(target, head, how, ids_BP, attn_BP, pos_BP, cache, torch.arange(P, device=device))
-    tokens_BS = torch.zeros((B, max_new_tokens), dtype=torch.long)
-    taken_BS = torch.zeros((B, max_new_tokens), dtype=torch.float32)
+    token_B, taken_B = _next_token(target, head, how, ids_BP, attn_BP, pos_BP, cache, torch.arange(P, device=device),
+                                   temperature, top_p)
+    tokens_BS = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
+    taken_BS = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
     done_B = torch.zeros(B, dtype=torch.bool, device=device)
     next_pos_B1 = pos_BP[:, -1:] + 1
     steps = 0
     for step in range(max_new_tokens):
-        token_B = _pick(logits_BV, temperature, top_p)
-        tokens_BS[:, step] = token_B.cpu()
-        if with_logprobs:
-            taken_BS[:, step] = _taken_logprobs(logits_BV, token_B).cpu()
+        tokens_BS[:, step], taken_BS[:, step] = token_B, taken_B
         steps = step + 1
         if eos_id is not None:
             done_B |= token_B == eos_id
         if bool(done_B.all()) or steps == max_new_tokens:
             break
         attn_BL[:, P + step] = 1
-        logits_BV = step_fn(target, head, how, token_B[:, None], attn_BL, next_pos_B1, cache,
-                            torch.tensor([P + step], device=device))
+        token_B, taken_B = step_fn(target, head, how, token_B[:, None], attn_BL, next_pos_B1, cache,
+                                   torch.tensor([P + step], device=device), temperature, top_p)
         next_pos_B1 = next_pos_B1 + 1
     # each row ends at its first eos (kept); the draws after it were made for a finished row and are dropped
-    tokens_BS, taken_BS = tokens_BS[:, :steps], taken_BS[:, :steps]
+    tokens_BS, taken_BS = tokens_BS[:, :steps].cpu(), taken_BS[:, :steps].cpu()
     lengths = [steps] * B
     if eos_id is not None:
         is_eos_BS = tokens_BS == eos_id

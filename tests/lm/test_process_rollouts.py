@@ -122,14 +122,16 @@ def test_a_student_off_the_cpu_is_refused_before_any_process_starts(model_dirs):
 
 
 def test_teacher_rows_move_to_the_sampler_until_the_trainer_waits_then_back_by_the_wait():
-    # no wait: the trainer may be the slower side; the step up doubles while it keeps not waiting
+    # no wait while searching: the trainer may be the slower side; the step up doubles while it keeps not waiting
     assert balanced_teacher_rows(4, 32, wait_s=0.0, teacher_s=0.008, probe=1) == (5, 2)
     assert balanced_teacher_rows(5, 32, wait_s=0.001, teacher_s=0.010, probe=2) == (7, 4)
     assert balanced_teacher_rows(30, 32, wait_s=0.0, teacher_s=0.06, probe=8) == (32, 16)  # at most the batch
-    # a 20 ms wait with 2 ms per row: 5 rows back close the gap (each row moved shifts 2 ms to each side)
-    assert balanced_teacher_rows(12, 32, wait_s=0.020, teacher_s=0.024, probe=8) == (7, 1)
-    assert balanced_teacher_rows(2, 32, wait_s=0.5, teacher_s=0.004, probe=4) == (0, 1)  # never below zero
-    assert balanced_teacher_rows(0, 32, wait_s=0.5, teacher_s=0.0, probe=1) == (0, 1)  # sampling alone is slower
+    # a 20 ms wait with 2 ms per row: 5 rows back close the gap (each row moved shifts 2 ms to each side) ...
+    assert balanced_teacher_rows(12, 32, wait_s=0.020, teacher_s=0.024, probe=8) == (7, None)
+    # ... and from then on one row at a time
+    assert balanced_teacher_rows(7, 32, wait_s=0.0, teacher_s=0.014, probe=None) == (8, None)
+    assert balanced_teacher_rows(2, 32, wait_s=0.5, teacher_s=0.004, probe=None) == (0, None)  # never below zero
+    assert balanced_teacher_rows(0, 32, wait_s=0.5, teacher_s=0.0, probe=1) == (0, None)  # sampling alone is slower
 
 
 def test_rows_graded_in_the_sampler_process_join_the_rest_into_the_one_pass_signal(model_dirs):

@@ -164,8 +164,12 @@ def test_compiled_decoding_gives_the_eager_tokens_and_logprobs_with_rows_ending_
     for a, b in zip(got_lp, eager_lp):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-4, rtol=1e-4)
     torch.manual_seed(0)  # sampled: every row ends at its first eos (kept) or at max_new_tokens
-    for c in sample_completions(model, prompts * 4, pad, eos, 12, compile=True):
+    sampled = sample_completions(model, prompts * 4, pad, eos, 12, compile=True)
+    for c in sampled:
         assert 1 <= len(c) <= 12 and eos not in c[:-1] and (c[-1] == eos or len(c) == 12)
+    torch.manual_seed(0)  # the draws inside the compiled step come from torch's seeded generator too
+    assert sample_completions(model, prompts * 4, pad, eos, 12, compile=True) == sampled
+    assert len({tuple(c) for c in sampled}) > 4
 
 
 def test_compiled_decoding_draws_from_the_softmax(tokenizer):
