@@ -1,8 +1,8 @@
 """Each speed/memory lever of the performance benchmark measured on its own, before and after, back to back.
 
-The loss levers (chunk size, the fused divergence of `opd.fused`, no taken-token pass of the teacher) and the decoding
-head of `opd.lm.sampler` are library code now; "before" is how opd ran without them (1024 positions per chunk,
-autograd, `with_taken_logp=True`, the model's own `lm_head` call).
+The loss levers (chunk size, the fused divergence of `opd.fused`, no taken-token pass of the teacher), the decoding
+head of `opd.lm.sampler` and its compiled path are library code now; "before" is how opd ran without them (1024
+positions per chunk, autograd, `with_taken_logp=True`, the model's own `lm_head` call, eager decoding).
 
     python -m benchmarks.perf.lever_bench            # about 5 minutes on 2 quiet cores
     python -m benchmarks.perf.lever_bench --quick    # plumbing check
@@ -48,8 +48,9 @@ class LeverArgs:
     tiny_batch: int = 32
     smollm2_batch: int = 4
     smollm2_new_tokens: int = 256
-    compile: bool = False
-    """Also time a torch.compile'd decode step (tiny student; compiling takes about a minute)."""
+    compile: bool = True
+    """Also time compiled sampling (`sample_completions(compile=True)`, tiny student; the first call compiles,
+    10-20 s)."""
     out_dir: str = "runs/perf"
     results_dir: str = "benchmarks/results"
 
@@ -241,40 +242,21 @@ def step_lever(models: dict, batch: int, new_tokens: int, repeats: int, loss: st
                     "library defaults")
 
 
-def compile_lever(model_dir: str, batch: int, repeats: int) -> dict:
-    """Eager vs torch.compile'd forward for the decode steps of the tiny student (static cache, fixed batch)."""
-    from transformers import StaticCache
-
-    from opd.lm.model import position_ids
-
-    tok, model = load_tokenizer(model_dir), load_model(model_dir).eval()
+def compile_lever(model_dir: str, batch: int, new_tokens: int, repeats: int) -> dict:
+    """opd's sampler eager (DynamicCache, rows leave at eos) against `compile=True` (one compiled graph per decoding
+    step over a static cache); the first compiled call, which compiles, is timed apart."""
+    tok, model = load_tokenizer(model_dir), load_model(model_dir)
     prompts = encode_prompts(tok, [e.prompt for e in get_task("arithmetic").examples(batch, seed=0, split="train")],
                              1 << 30)
-    P, steps = max(map(len, prompts)), 46
-    ids = torch.tensor([[tok.pad_token_id] * (P - len(p)) + p for p in prompts])
-    attn = torch.zeros((batch, P + steps + 1), dtype=torch.long)
-    attn[:, :P] = ids != tok.pad_token_id
-    compiled = torch.compile(model.forward, dynamic=False)
-
-    @torch.no_grad()
-    def decode(forward):
-        cache, a = StaticCache(config=model.config, max_cache_len=P + steps + 1), attn.clone()
-        pos = position_ids(a[:, :P])
-        out = model(input_ids=ids, attention_mask=a[:, :P], position_ids=pos, cache=cache, logits_to_keep=1)
-        nxt = pos[:, -1:] + 1
-        for s in range(steps):
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
-            a[:, P + s] = 1
-            out = forward(input_ids=token, attention_mask=a, position_ids=nxt, cache=cache, logits_to_keep=1,
-                          cache_position=torch.tensor([P + s]))
-            nxt = nxt + 1
-
+    pad, eos = tok.pad_token_id, tok.eos_token_id
     t0 = time.perf_counter()
-    decode(compiled)
+    sample_completions(model, prompts, pad, eos, new_tokens, compile=True)
     compile_s = time.perf_counter() - t0
-    return _compare(f"torch.compile decode step (tiny student, batch {batch}, {steps} steps)",
-                    lambda: decode(model.forward), lambda: decode(compiled), repeats,
-                    f"first call (compiling) took {compile_s:.0f} s", compile_s=compile_s)
+    return _compare(f"compiled sampling (tiny student, batch {batch}, {new_tokens} new tokens)",
+                    lambda: sample_completions(model, prompts, pad, eos, new_tokens),
+                    lambda: sample_completions(model, prompts, pad, eos, new_tokens, compile=True), repeats,
+                    f"opd.lm.sampler eager -> compile=True (static cache, forward + draw one graph); first call "
+                    f"(compiling) {compile_s:.0f} s", compile_s=compile_s)
 
 
 def markdown(rows: list[dict], args: LeverArgs) -> str:
@@ -302,7 +284,7 @@ def lever_bench(args: LeverArgs) -> list[dict]:
     rows += loss_levers(big, args.smollm2_batch, new_tokens, repeats)
     rows.append(step_lever(big, args.smollm2_batch, new_tokens, repeats))
     if args.compile:
-        rows.append(compile_lever(tiny["student"], args.tiny_batch, repeats))
+        rows.append(compile_lever(tiny["student"], args.tiny_batch, 8 if args.quick else 64, repeats))
     out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "perf_levers.json").write_text(json.dumps({"args": asdict(args), "levers": rows}, indent=1) + "\n")

@@ -14,6 +14,7 @@ def test_quick_lever_bench_measures_every_lever(tmp_path):
     assert saved == json.loads(json.dumps(rows))
     names = [r["lever"] for r in rows]
     assert any(n.startswith("decoding head") for n in names) and any(n.startswith("opd's scored step") for n in names)
+    assert any(n.startswith("compiled sampling") for n in names)
     for r in rows:
         assert r["before_cpu_s"] > 0 and r["after_cpu_s"] > 0
         assert math.isclose(r["speedup_cpu"], r["before_cpu_s"] / r["after_cpu_s"])
