@@ -4,7 +4,7 @@ The loss levers (chunk size, the fused divergence of `opd.fused`, no taken-token
 head of `opd.lm.sampler` and its compiled path are library code now; "before" is how opd ran without them (1024
 positions per chunk, autograd, `with_taken_logp=True`, the model's own `lm_head` call, eager decoding).
 
-    python -m benchmarks.perf.lever_bench            # about 5 minutes on 2 quiet cores
+    python -m benchmarks.perf.lever_bench            # 5-10 minutes on 2 quiet cores
     python -m benchmarks.perf.lever_bench --quick    # plumbing check
 
 Uses the model directories `benchmarks.perf.run` builds under `out_dir`/models (run it first, or pass `--quick` for

@@ -73,8 +73,7 @@ def _pick(logits_BV: torch.Tensor, temperature: float, top_p: float) -> torch.Te
 
 
 def next_token_logits(model, cache, fast_head: bool = True):
-    """(input ids, attention mask, positions[, cache positions]) -> logits [B, V] of each row's last position, through
-    `cache`.
+    """(input ids, attention mask, positions) -> logits [B, V] of each row's last position, through `cache`.
 
     Where the model's logits are its plain linear head applied to its decoder's last hidden state (what
     `opd.lm.model.lm_head` reports), the decoder runs alone and the head is applied as `_head_logits` does, several
@@ -83,8 +82,8 @@ def next_token_logits(model, cache, fast_head: bool = True):
     """
     target, head, how = _decode_target(model, fast_head)
 
-    def next_logits(ids_BL, attn_BL, pos_BL, cache_position=None):
-        return _forward_last(target, head, how, ids_BL, attn_BL, pos_BL, cache, cache_position)
+    def next_logits(ids_BL, attn_BL, pos_BL):
+        return _forward_last(target, head, how, ids_BL, attn_BL, pos_BL, cache, None)
 
     return next_logits
 
