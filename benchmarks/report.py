@@ -17,6 +17,7 @@ SECTIONS = [
     ("perf.md", "Performance against TRL", "opd bench perf"),
     ("reliability.md", "Reliability: crashes, fuzzing, load, a dying teacher server", "opd bench reliability"),
     ("control.md", "The lineage on control tasks", "opd bench control"),
+    ("realdata.md", "Your own data on a real model: instruction following with SmolLM2", "opd bench realdata"),
 ]
 
 HEADER = """# Results

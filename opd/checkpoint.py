@@ -84,6 +84,36 @@ def find_checkpoint(path: str | Path) -> Path | None:
     return None
 
 
+def verify_checkpoint(path: str | Path) -> None:
+    """Raise a one-line ValueError naming the first damaged file of a checkpoint (weights, adapter, trainer state).
+
+    Reads only what shows damage cheaply: each safetensors header (and that the file is as long as it says) and each
+    torch file's zip directory, which sits at its end, so a file cut short fails here instead of deep inside a load.
+    """
+    import zipfile
+
+    from safetensors import safe_open
+
+    path = Path(path)
+    for f in sorted(path.iterdir()):
+        try:
+            if f.suffix == ".safetensors":
+                with safe_open(str(f), framework="pt") as st:  # checks the header and the file's length
+                    st.keys()
+            elif f.suffix == ".pt":
+                with zipfile.ZipFile(f) as z:
+                    z.infolist()
+            elif f.name == STATE_JSON:
+                json.loads(f.read_text())
+        except Exception as e:
+            other = [p for p in (path.with_name(f".{path.name}.old"),) if p.exists() and p != path]
+            alternative = f"; an older checkpoint is in {other[0]}" if other else ""
+            raise ValueError(
+                f"checkpoint file {f} is damaged ({type(e).__name__}: {' '.join(str(e).split())[:120]}); opd writes "
+                f"checkpoints atomically, so a disk fault, a full disk or a copy cut short did this{alternative}; "
+                f"restore it from a copy, or delete {path} to start over") from None
+
+
 def load_trainer_state(path: str | Path, optimizer=None) -> dict:
     """Restore optimiser and RNG states from a checkpoint; returns its JSON state (with `step`)."""
     path = Path(path)

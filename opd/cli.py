@@ -20,8 +20,9 @@ def _commands() -> dict:
     from opd.config import DistillConfig
     from opd.quickstart import QuickstartArgs
     from opd.lm.eval import EvalArgs
+    from opd.lm.lora import MergeArgs
     from opd.lm.serve import ServeArgs
-    from opd.tasks.train import TeacherArgs
+    from opd.lm.task_teacher import TeacherArgs
 
     def quickstart(args: Annotated[QuickstartArgs, _NO_PREFIX]) -> None:
         """Teacher → warm-started student → on-policy distillation vs SFT on teacher samples, as a table."""
@@ -45,7 +46,7 @@ def _commands() -> dict:
 
     def teacher(args: Annotated[TeacherArgs, _NO_PREFIX]) -> None:
         """Train the task's teacher here, measure its held-out accuracy and cache it."""
-        from opd.tasks.train import train_teacher_main
+        from opd.lm.task_teacher import train_teacher_main
 
         train_teacher_main(args)
 
@@ -61,7 +62,14 @@ def _commands() -> dict:
 
         serve_main(args)
 
-    return {"quickstart": quickstart, "train": train, "teacher": teacher, "eval": evaluate, "serve": serve}
+    def merge(args: Annotated[MergeArgs, _NO_PREFIX]) -> None:
+        """Fold a LoRA run's adapter into its base model: a plain Hugging Face model directory (+ tokenizer)."""
+        from opd.lm.lora import merge_main
+
+        merge_main(args)
+
+    return {"quickstart": quickstart, "train": train, "teacher": teacher, "eval": evaluate, "serve": serve,
+            "merge": merge}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -76,6 +84,7 @@ BENCHMARKS = {
     "control": "control.py",
     "reliability": "reliability.py",
     "perf": "perf/run.py",
+    "realdata": "realdata.py",
 }
 """`opd bench NAME [flags]` runs benchmarks/<file> of the source checkout (benchmarks are not installed)."""
 

@@ -31,16 +31,37 @@ class SamplingArgs:
 
 @dataclass(frozen=True)
 class OptimArgs:
-    """The student's optimiser (AdamW with linear warm-up, then constant)."""
+    """The student's optimiser: AdamW, linear warm-up, then a constant, linear or cosine schedule."""
 
     lr: float = 1e-3
     """Peak learning rate."""
     warmup_steps: int = 10
-    """Steps of linear warm-up from 0 to `lr`."""
+    """Steps of linear warm-up to `lr` (the first update uses lr / warmup_steps)."""
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """After warm-up: stay at `lr`, or decay linearly / along a half cosine to 0 at the last step."""
+    grad_accum: int = 1
+    """Split each update's batch into this many micro-batches, scored and back-propagated one after another (less
+    memory, the same update: each micro-batch's loss is weighted by its share of the batch's completion tokens).
+    Must divide the number of rows (batch_size × samples_per_prompt)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     grad_clip: float = 1.0
     """Clip the gradient's global norm to this value (0 disables)."""
+
+
+@dataclass(frozen=True)
+class LoraArgs:
+    """A LoRA student (through `peft`): only low-rank adapters on the chosen linear layers are trained."""
+
+    r: int = 0
+    """Adapter rank; 0 trains every weight of the student (no LoRA)."""
+    alpha: float = 16.0
+    """LoRA's scaling numerator: the adapter's update is scaled by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input during training."""
+    target_modules: tuple[str, ...] = ("all-linear",)
+    """Names (or name suffixes) of the linear layers that get adapters, e.g. q_proj v_proj; all-linear: every linear
+    layer but the output head."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +79,23 @@ class DistillConfig:
     log-probs moved by 0.05 nats on average, 0.64 at most; `benchmarks/results/perf_levers.md`). The losses run in
     float32 either way."""
     task: str = "arithmetic"
-    """Where prompts (and reference completions) come from: a registered task name (see `opd.tasks`)."""
+    """A built-in task (see `opd.tasks`): its prompts, reference completions and answer checker. --data replaces its
+    training prompts, --eval-data its held-out ones."""
+    data: str | None = None
+    """Your training prompts: a .jsonl/.json/.parquet/.csv file, a `Dataset.save_to_disk` directory, or a hub dataset
+    name. Rows hold `prompt` (text) or `messages` (a chat, rendered with the student's chat template), optionally
+    `completion` (for source=data and GKD) and `answer` (for the checker). See `opd.lm.data`."""
+    data_split: str = "train"
+    """Split of --data to read (a hub dataset or a saved DatasetDict; a single file has one split)."""
+    data_fields: str = ""
+    """Map your column names to opd's, e.g. prompt=question,answer=final (applies to --data and --eval-data)."""
+    eval_data: str | None = None
+    """Held-out prompts for the accuracy evaluation, in the same formats as --data; scored by --checker."""
+    eval_split: str = "test"
+    """Split of --eval-data to read."""
+    checker: str | None = None
+    """How a held-out completion is scored: exact | numeric | regex:PATTERN | ifeval | task:NAME | module:function
+    (your `(row, completion) -> float`). Default: the task's own checker, or none (no accuracy) with --data."""
     source: Literal["student", "teacher", "data", "mixture"] = "student"
     """Who acts. student: on-policy distillation; teacher: the teacher generates and the student learns on those
     samples (sequence-level KD / SFT on teacher samples); data: the task's reference completions; mixture: GKD,
@@ -78,13 +115,16 @@ class DistillConfig:
     steps: int = 200
     """Student updates."""
     batch_size: int = 32
-    """Prompts per update (one completion each)."""
+    """Prompts per update."""
+    samples_per_prompt: int = 1
+    """Completions per prompt (tinker's group size): an update sees batch_size × samples_per_prompt sequences."""
     sampling: SamplingArgs = field(default_factory=SamplingArgs)
     optim: OptimArgs = field(default_factory=OptimArgs)
+    lora: LoraArgs = field(default_factory=LoraArgs)
     train_examples: int = 5000
     """Size of the task's training split that prompts are drawn from."""
     eval_examples: int = 200
-    """Held-out problems for accuracy evaluation."""
+    """Held-out problems for accuracy evaluation (the first this many rows of --eval-data)."""
     eval_every: int = 50
     """Evaluate held-out accuracy every this many steps (0: only at the end)."""
     save_every: int = 100
@@ -128,6 +168,78 @@ class DistillConfig:
     """Continue from out_dir/checkpoint if it exists."""
     progress: bool = True
     """Show a progress bar."""
+    report_to: Literal["none", "tensorboard", "trackio"] = "none"
+    """Also log metrics to TensorBoard (out_dir/tensorboard) or trackio, through accelerate's trackers;
+    metrics.jsonl is always written."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast the student's forward and backward (accelerate's mixed precision; for GPUs)."""
+
+    def __post_init__(self) -> None:
+        # Checked when the flags are parsed, before anything loads: one line naming the flag.
+        o, s = self.optim, self.sampling
+        for flag, ok, want in (
+            ("--steps", self.steps >= 1, ">= 1"), ("--batch-size", self.batch_size >= 1, ">= 1"),
+            ("--samples-per-prompt", self.samples_per_prompt >= 1, ">= 1"),
+            ("--optim.grad-accum", o.grad_accum >= 1, ">= 1"), ("--optim.lr", o.lr > 0, "> 0"),
+            ("--optim.warmup-steps", o.warmup_steps >= 0, ">= 0"), ("--optim.weight-decay", o.weight_decay >= 0, ">= 0"),
+            ("--optim.grad-clip", o.grad_clip >= 0, ">= 0 (0 disables clipping)"),
+            ("--sampling.max-new-tokens", s.max_new_tokens >= 1, ">= 1"),
+            ("--sampling.temperature", s.temperature >= 0, ">= 0 (0 is greedy)"),
+            ("--sampling.top-p", 0 < s.top_p <= 1, "in (0, 1]"), ("--lmbda", 0 <= self.lmbda <= 1, "in [0, 1]"),
+            ("--train-examples", self.train_examples >= 1, ">= 1"), ("--eval-examples", self.eval_examples >= 1, ">= 1"),
+            ("--eval-every", self.eval_every >= 0, ">= 0 (0: only at the end)"), ("--save-every", self.save_every >= 1, ">= 1"),
+            ("--chunk-size", self.chunk_size is None or self.chunk_size >= 1, ">= 1"), ("--top-k", self.top_k >= 1, ">= 1"),
+            ("--sync-every", self.sync_every >= 1, ">= 1"), ("--ratio-clip", self.ratio_clip > 0, "> 0"),
+            ("--remote-timeout", self.remote_timeout > 0, "> 0"), ("--remote-max-retries", self.remote_max_retries >= 0, ">= 0"),
+            ("--lora.r", self.lora.r >= 0, ">= 0 (0: no LoRA)"), ("--lora.alpha", self.lora.alpha > 0, "> 0"),
+            ("--lora.dropout", 0 <= self.lora.dropout < 1, "in [0, 1)"),
+        ):
+            if not ok:
+                raise ValueError(f"{flag} must be {want}")
+        rows = self.batch_size * self.samples_per_prompt
+        if rows % o.grad_accum:
+            raise ValueError(f"--optim.grad-accum {o.grad_accum} must divide the {rows} sequences of an update "
+                             f"(batch_size × samples_per_prompt)")
+        if self.sampler is not None and not self.sampler.startswith(("http://", "https://")):
+            raise ValueError(f"--sampler {self.sampler!r} is not a URL; pass http(s)://host:port/v1 of a sampler server")
+        for flag, used in (("--sampler", self.sampler), ("--overlap", self.overlap)):
+            if used and self.source not in ("student", "mixture"):
+                raise ValueError(f"{flag} samples the student's completions; source={self.source} has none: drop {flag}")
+
+
+def unused_flags(cfg: DistillConfig) -> list[str]:
+    """Flags set away from their defaults that do nothing in this configuration, one line each (for a warning)."""
+    default = DistillConfig(student=cfg.student)
+    notes = []
+    for name, used, why in (
+        ("lmbda", cfg.source == "mixture", "only --source mixture reads it"),
+        ("beta", cfg.loss == "jsd", "only --loss jsd reads it"),
+        ("alpha", cfg.loss.startswith("skew_"), "only the skew KL losses read it"),
+        ("discount", cfg.loss == "sampled", "only --loss sampled reads it"),
+        ("top_k", bool(cfg.teacher and cfg.teacher.startswith(("http://", "https://"))), "only a remote teacher reads it"),
+        ("sync_every", bool(cfg.sampler or cfg.overlap), "only --sampler and --overlap read it"),
+        ("ratio_clip", cfg.loss == "sampled" and bool(cfg.sampler or cfg.overlap),
+         "only --loss sampled with --sampler or --overlap reads it"),
+        ("data_split", cfg.data is not None, "only --data reads it"),
+        ("eval_split", cfg.eval_data is not None, "only --eval-data reads it"),
+    ):
+        if not used and getattr(cfg, name) != getattr(default, name):
+            notes.append(f"--{name.replace('_', '-')} does nothing here: {why}")
+    return notes
+
+
+def config_changes(saved: dict, cfg) -> list[str]:
+    """`field old -> new` for every setting of `cfg` that differs from a run's saved config.json (for --resume)."""
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from flat(v, f"{prefix}{k}.")
+            else:
+                yield prefix + k, list(v) if isinstance(v, tuple) else v
+
+    old, new = dict(flat(saved)), dict(flat(to_dict(cfg)))
+    ignored = {"resume", "progress", "out_dir"}
+    return [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items() if k not in ignored and old.get(k, v) != v]
 
 
 def to_dict(cfg) -> dict:

@@ -21,7 +21,7 @@ from opd.config import DistillConfig, OptimArgs, SamplingArgs
 from opd.lm.eval import accuracy
 from opd.lm.train import distill
 from opd.tasks import get_task
-from opd.tasks.train import get_teacher, warm_start_student
+from opd.lm.task_teacher import get_teacher, warm_start_student
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,7 @@ def _save(model, tokenizer, path: Path) -> str:
 
 def tiny_pair(root: Path, quick: bool) -> dict:
     """{"teacher": dir, "student": dir, ...}: the arithmetic task's teacher and a warm-started student."""
-    from opd.tasks.train import get_teacher, warm_start_student
+    from opd.lm.task_teacher import get_teacher, warm_start_student
 
     out = {"teacher": root / ("tiny-quick-teacher" if quick else "tiny-teacher"),
            "student": root / ("tiny-quick-student" if quick else "tiny-student")}

@@ -10,23 +10,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from opd.tasks.base import Example, Task
-
-
-def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
-    """The text a model is conditioned on for `prompt`: through the chat template if the tokenizer has one."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-        )
-    return prompt
-
-
-def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[list[int]]:
-    """Token ids of each prompt as the model sees it: through the chat template if there is one (which writes
-    any special tokens itself), else with whatever special tokens the tokenizer adds (none for ours)."""
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    texts = [format_prompt(tokenizer, p) for p in prompts]
-    return tokenizer(texts, add_special_tokens=not has_template)["input_ids"]
+from opd.tasks.prompts import format_prompt, prompt_token_ids  # noqa: F401 (re-exported)
 
 
 @torch.no_grad()
@@ -75,6 +59,35 @@ def accuracy(
 
 
 @torch.no_grad()
+def greedy_completions(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int) -> list[str]:
+    """Greedy completions of already-encoded prompts (one left-padded batch), decoded from the new tokens only."""
+    if tokenizer.padding_side != "left":
+        raise ValueError("generation needs a left-padding tokenizer; set tokenizer.padding_side = 'left'")
+    batch = tokenizer.pad({"input_ids": prompt_ids}, return_tensors="pt").to(model.device)
+    out_BL = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.batch_decode(out_BL[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def checked_accuracy(model, tokenizer, prompts, checker, max_new_tokens: int = 64, batch_size: int = 256,
+                     progress: bool = False) -> float:
+    """Mean score `checker(row, completion)` over a `PromptSet` (`opd.lm.data`), completions decoded greedily."""
+    from opd.lm.checkers import score
+
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), desc="evaluate", disable=not progress):
+            stop = start + batch_size
+            completions = greedy_completions(model, tokenizer, prompts.prompt_ids[start:stop], max_new_tokens)
+            total += sum(score(checker, prompts.rows[start:stop], completions))
+    finally:
+        model.train(was_training)
+    return total / len(prompts)
+
+
+@torch.no_grad()
 def heldout_reverse_kl(
     student: PreTrainedModel,
     teacher: PreTrainedModel,
@@ -91,14 +104,25 @@ def heldout_reverse_kl(
     This is the quantity on-policy distillation minimises, measured on held-out prompts: 0 means the student's
     next-token distribution equals the teacher's at every state it visits.
     """
+    from opd.lm.rollout import encode_prompts
+
+    ids = encode_prompts(tokenizer, prompts, max_prompt_len=1 << 30)
+    return heldout_reverse_kl_ids(student, teacher, tokenizer, ids, max_new_tokens, batch_size, temperature, seed,
+                                  chunk_size)
+
+
+@torch.no_grad()
+def heldout_reverse_kl_ids(student, teacher, tokenizer, ids: list[list[int]], max_new_tokens: int = 64,
+                           batch_size: int = 64, temperature: float = 1.0, seed: int = 0,
+                           chunk_size: int | None = None) -> float:
+    """`heldout_reverse_kl` over already-encoded prompts (a `PromptSet`'s `prompt_ids`)."""
     from opd.chunked import chunked_divergence
     from opd.lm.model import final_hidden, lm_head
-    from opd.lm.rollout import encode_prompts, sample
+    from opd.lm.rollout import sample
     from opd.losses import reverse_kl
 
     was_training = student.training
     student.eval()
-    ids = encode_prompts(tokenizer, prompts, max_prompt_len=1 << 30)
     generator_state = torch.get_rng_state()
     torch.manual_seed(seed)
     total, count = 0.0, 0
@@ -122,16 +146,24 @@ def heldout_reverse_kl(
 
 @dataclass(frozen=True)
 class EvalArgs:
-    """Evaluate a model on a task's held-out split (and against a teacher, if given)."""
+    """Evaluate a model on held-out prompts: a task's test split or your own data (and against a teacher, if given)."""
 
     model: tyro.conf.Positional[str]
-    """The model to evaluate: hub id or local directory (e.g. runs/opd/checkpoint)."""
+    """The model to evaluate: hub id or local directory (e.g. runs/opd/checkpoint, a LoRA checkpoint too)."""
     teacher: str | None = None
     """If set, also report the mean per-token reverse KL KL(model ‖ teacher) on the model's own samples."""
     task: str = "arithmetic"
-    """Task whose held-out ("test") split is used."""
+    """Task whose held-out ("test") split is used when --data is not given."""
+    data: str | None = None
+    """Your held-out prompts instead: a .jsonl/.json/.parquet/.csv file, a saved dataset or a hub name (`opd.lm.data`)."""
+    data_split: str = "test"
+    """Split of --data to read."""
+    data_fields: str = ""
+    """Map your column names to opd's, e.g. prompt=question,answer=final."""
+    checker: str | None = None
+    """exact | numeric | regex:PATTERN | ifeval | task:NAME | module:function; default: the task's checker."""
     examples: int = 500
-    """Number of held-out problems."""
+    """Number of held-out prompts (the first this many rows of --data)."""
     max_new_tokens: int = 64
     """Longest completion."""
     seed: int = 0
@@ -144,23 +176,35 @@ def eval_main(args: EvalArgs) -> dict:
     """`opd eval`: print held-out accuracy (greedy) and, with a teacher, the per-token reverse KL to it."""
     import json
 
+    from opd.lm.build import check_same_vocabulary, context_length
+    from opd.lm.checkers import check_columns, get_checker
+    from opd.lm.data import encode, load_rows, task_rows
     from opd.lm.model import load_model, load_tokenizer
     from opd.tasks import get_task
 
-    task = get_task(args.task)
+    if args.examples < 1 or args.max_new_tokens < 1:
+        raise ValueError(f"--examples and --max-new-tokens must be >= 1, got {args.examples} and {args.max_new_tokens}")
+    if args.data is not None:
+        rows, spec = load_rows(args.data, args.data_split, args.data_fields, "--data"), args.checker
+        if spec is None:
+            raise ValueError("--data needs a --checker to score completions: exact | numeric | regex:PATTERN | ifeval "
+                             "| module:function")
+    else:
+        rows, spec = task_rows(get_task(args.task), args.examples, "test"), args.checker or f"task:{args.task}"
+    rows = rows.select(range(min(len(rows), args.examples)))
+    check_columns(spec, rows.column_names, "--data")
+    checker = get_checker(spec)
     tokenizer = load_tokenizer(args.model)
+    prompts = encode(tokenizer, rows, context_length(args.model) - args.max_new_tokens, "--data")
     model = load_model(args.model)
-    test = task.examples(args.examples, seed=0, split="test")
-    result = {"model": args.model, "task": args.task, "examples": len(test),
-              "accuracy": accuracy(model, tokenizer, task, test, max_new_tokens=args.max_new_tokens, progress=True)}
+    result = {"model": args.model, "data": args.data or f"task:{args.task}", "checker": spec, "examples": len(prompts),
+              "accuracy": checked_accuracy(model, tokenizer, prompts, checker, args.max_new_tokens, progress=True)}
     if args.teacher:
-        from opd.lm.train import check_same_vocabulary
-
         teacher = load_model(args.teacher)
         check_same_vocabulary(model, teacher, tokenizer, load_tokenizer(args.teacher))
         result["teacher"] = args.teacher
-        result["reverse_kl"] = heldout_reverse_kl(model, teacher, tokenizer, [e.prompt for e in test],
-                                                  args.max_new_tokens, seed=args.seed)
+        result["reverse_kl"] = heldout_reverse_kl_ids(model, teacher, tokenizer, prompts.prompt_ids,
+                                                      args.max_new_tokens, seed=args.seed)
     print(json.dumps(result))
     if args.out_json:
         with open(args.out_json, "w") as f:

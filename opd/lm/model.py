@@ -8,6 +8,8 @@ largest tensor in the whole step.
 from __future__ import annotations
 
 import inspect
+import json
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +21,8 @@ from opd.chunked import chunked_taken_logp
 # Models whose logits are not a plain linear map of the last hidden state (soft-capping, scaling): for these the head
 # callable applies the model's own post-processing, so chunked scoring stays exact.
 _LOGIT_POSTPROCESS_ATTRS = ("final_logit_softcapping", "logit_scale")
+ADAPTER_CONFIG = "adapter_config.json"
+"""The file that marks a directory as a peft adapter (a LoRA run's checkpoint) rather than full weights."""
 
 
 def position_ids(attention_mask_BL: torch.Tensor) -> torch.Tensor:
@@ -32,7 +36,7 @@ def final_hidden(model, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Ten
     The call goes through `model` itself, so a DDP/FSDP wrapper sees its forward and synchronises gradients; a hook on
     the decoder trunk catches its output, and `logits_to_keep=1` keeps the LM head from building [B, L, V] logits.
     """
-    inner = unwrap(model)
+    inner = hf_model(model)
     captured = []
 
     def keep(module, args, output):
@@ -49,15 +53,29 @@ def final_hidden(model, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Ten
 
 
 def unwrap(model):
-    """The Hugging Face model inside a DDP/FSDP/accelerate wrapper (or the model itself)."""
+    """The model inside a DDP/FSDP/accelerate wrapper (or the model itself); a peft (LoRA) model stays one, so that
+    saving it writes the adapter."""
     while hasattr(model, "module"):
         model = model.module
     return model
 
 
+def is_peft_model(model) -> bool:
+    """Whether `model` (inside any DDP/FSDP wrapper) is a peft model, i.e. a LoRA student."""
+    peft = sys.modules.get("peft")  # not imported: no peft model can exist (and importing it costs seconds)
+    return peft is not None and isinstance(unwrap(model), peft.PeftModel)
+
+
+def hf_model(model) -> PreTrainedModel:
+    """The innermost Hugging Face model, through DDP/FSDP wrappers and peft's wrapper (whose `forward` takes only
+    **kwargs, so its signature says nothing about what the model accepts). With LoRA, its linear layers are peft's."""
+    model = unwrap(model)
+    return model.get_base_model() if is_peft_model(model) else model
+
+
 def lm_head(model: PreTrainedModel) -> Callable[[torch.Tensor], torch.Tensor]:
     """hidden [..., D] -> logits [..., V], including any logit post-processing the model's config asks for."""
-    model = unwrap(model)
+    model = hf_model(model)
     head = model.get_output_embeddings()
     cfg = getattr(model.config, "get_text_config", lambda: model.config)()
     softcap = getattr(cfg, "final_logit_softcapping", None)
@@ -96,18 +114,54 @@ def _split(name_or_path: str) -> tuple[str, dict]:
     kwargs = {}
     if "::" in name_or_path:
         name_or_path, kwargs["gguf_file"] = name_or_path.split("::", 1)
-    # A hub id is `name` or `org/name`; anything else is meant as a path.
-    looks_local = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
-    if looks_local and not Path(name_or_path).expanduser().exists():
-        raise ValueError(f"model directory {name_or_path} does not exist; pass a hub id (org/name) or a saved model directory")
+    # A hub id is `name` or `org/name`; anything else is meant as a path. `runs/x` where a directory `runs` exists
+    # here is meant as a path too: asking the hub for it would retry for a minute, then blame the connection.
+    path = Path(name_or_path).expanduser()
+    looks_local = (name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
+                   or path.exists() or (name_or_path.count("/") == 1 and path.parent.is_dir()))
+    if looks_local and not path.exists():
+        raise ValueError(f"no model at {name_or_path}: the path does not exist; pass a hub id (org/name) or a saved "
+                         f"model directory")
+    if looks_local and path.is_dir() and not ((path / "config.json").exists() or (path / ADAPTER_CONFIG).exists()
+                                              or "gguf_file" in kwargs):
+        raise ValueError(f"no model at {name_or_path}: the directory has no config.json; pass a directory written by "
+                         f"save_pretrained (e.g. a run's checkpoint/)")
     return name_or_path, kwargs
 
 
+def holds_adapter(path: str | Path) -> bool:
+    """Whether `path` is a directory holding a peft adapter (a LoRA run's checkpoint) rather than full weights."""
+    return (Path(path.partition("::")[0] if isinstance(path, str) else path) / ADAPTER_CONFIG).is_file()
+
+
 def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu") -> PreTrainedModel:
-    """Any Hugging Face causal LM by hub id or local directory (a GGUF file: pass `dir::file.gguf`)."""
+    """Any Hugging Face causal LM by hub id or local directory (a GGUF file: pass `dir::file.gguf`).
+
+    A directory holding a LoRA adapter (a LoRA run's checkpoint) gives its base model with the adapter merged in: a
+    plain model, as fast to sample as the base, for `opd eval`/`opd serve` on a checkpoint (training loads the
+    adapter unmerged: `opd.lm.lora.load_student`).
+    """
+    if (Path(name_or_path) / "trainer_state.json").is_file():  # an opd checkpoint: name a damaged file, if any
+        from opd.checkpoint import verify_checkpoint
+
+        verify_checkpoint(name_or_path)
+    if holds_adapter(name_or_path):
+        return _load_merged(name_or_path, dtype, device)
     name_or_path, kwargs = _split(name_or_path)
     kwargs["dtype"] = getattr(torch, dtype)
     return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs).to(device)
+
+
+def _load_merged(adapter_dir: str, dtype: str, device: str) -> PreTrainedModel:
+    from peft import PeftModel
+
+    base = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{adapter_dir}/{ADAPTER_CONFIG} names no base model; set its base_model_name_or_path")
+    if holds_adapter(base):
+        raise ValueError(f"the base model of adapter {adapter_dir} is itself an adapter ({base}); merge that one first")
+    model = PeftModel.from_pretrained(load_model(base, dtype, device), adapter_dir)
+    return model.merge_and_unload()
 
 
 def load_tokenizer(name_or_path: str):

@@ -18,7 +18,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """Directory of SmolLM2-135M-Instruct in safetensors (dequantised from the wheel's Q4_1 GGUF to fp32)."""
-    from opd.tasks.train import cache_root
+    from opd.lm.task_teacher import cache_root
 
     out = cache_root(cache_dir) / "SmolLM2-135M-Instruct"
     if (out / "model.safetensors").exists():

@@ -6,7 +6,7 @@ while this one scores and updates takes sampling off the critical path: a step c
 update) instead of their sum. The sampler process holds its own copy of the student in shared memory; a push copies
 the trained weights into it (a memcpy, no serialisation) while it is idle, so nothing is written to disk and nothing
 goes over a socket. Same contract as `ServerRollouts` (`push`, `rollouts`, `version`), so the loop and
-`RolloutsAhead` treat both alike: the samples of step k+1 come from the weights pushed at step k, one update staler
+`opd.lm.actors.Ahead` treat both alike: the samples of step k+1 come from the weights pushed at step k, one update staler
 than in-process sampling, and every batch carries the sampler's log-probs for the importance-ratio metrics and the
 truncated-IS correction of loss=sampled (why the divergences are not reweighted: `opd.lm.server_rollouts`).
 
@@ -160,7 +160,7 @@ class ProcessRollouts:
 
     def push(self, student, accelerator, step: int) -> None:
         """Copy `student`'s current weights into the sampler's copy. Call it only between requests (the loop does:
-        `RolloutsAhead` hands over step k+1's answer before step k+1 pushes)."""
+        `opd.lm.actors.Ahead` hands over step k+1's answer before step k+1 pushes)."""
         with torch.no_grad():
             for dst, src in zip(self._copy.parameters(), unwrap(student).parameters(), strict=True):
                 dst.copy_(src)
@@ -188,7 +188,7 @@ class ProcessRollouts:
         return batch
 
     def waited(self, seconds: float) -> None:
-        """The trainer waited `seconds` for the last batch (`RolloutsAhead.take` says so): rebalance the rows."""
+        """The trainer waited `seconds` for the last batch (`opd.lm.actors.Ahead` measures it): rebalance the rows."""
         if self._grades and self._last_grading is not None:
             rows, batch_size, teacher_s = self._last_grading
             self.teacher_rows, self._probe = balanced_teacher_rows(rows, batch_size, seconds, teacher_s, self._probe)

@@ -26,11 +26,13 @@ from opd import flops
 from opd.checkpoint import find_checkpoint, load_trainer_state, save_checkpoint
 from opd.chunked import chunked_taken_logp
 from opd.config import OptimArgs, SamplingArgs, save_config
+from opd.lm.build import context_length, prompt_sets
+from opd.lm.checkers import get_checker, score
+from opd.lm.eval import checked_accuracy
 from opd.lm.model import final_hidden, lm_head, load_model, load_tokenizer
-from opd.lm.rollout import Batch, encode_prompts, sample
-from opd.lm.train import TrainingError, _context_length, _eval_accuracy, _InterruptFlag, adamw
+from opd.lm.rollout import Batch, sample
+from opd.lm.train import TrainingError, _InterruptFlag, adamw
 from opd.losses import policy_gradient_loss
-from opd.tasks import get_task
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,18 @@ class RLConfig:
     """The student: a Hugging Face hub id or local directory."""
     task: str = "arithmetic"
     """A registered task name (see `opd.tasks`): prompts, and the checker that gives the reward."""
+    data: str | None = None
+    """Your training prompts instead of the task's (formats: `opd.lm.data`); rows need what --checker reads."""
+    data_split: str = "train"
+    """Split of --data to read."""
+    data_fields: str = ""
+    """Map your column names to opd's, e.g. prompt=question,answer=final."""
+    eval_data: str | None = None
+    """Held-out prompts, scored by --checker."""
+    eval_split: str = "test"
+    """Split of --eval-data to read."""
+    checker: str | None = None
+    """The reward and the held-out score (`opd.lm.checkers`); default: the task's own checker."""
     steps: int = 200
     """Student updates."""
     batch_size: int = 8
@@ -111,12 +125,14 @@ def rl(cfg: RLConfig) -> dict:
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.student)
     ckpt = find_checkpoint(out / "checkpoint") if cfg.resume else None
+    max_prompt = context_length(cfg.student) - cfg.sampling.max_new_tokens
+    train, held_out, _ = prompt_sets(cfg, tokenizer, max_prompt)
+    spec = cfg.checker or (None if cfg.data else f"task:{cfg.task}")
+    if spec is None:
+        raise ValueError("the RL baseline's reward comes from a checker: pass --checker with --data")
+    reward_of = get_checker(spec)
     student = load_model(str(ckpt) if ckpt else cfg.student)
-    task = get_task(cfg.task)
-    train = task.examples(cfg.train_examples, seed=0, split="train")
-    test = task.examples(cfg.eval_examples, seed=0, split="test")
-    max_prompt = _context_length(student) - cfg.sampling.max_new_tokens
-    prompt_ids = encode_prompts(tokenizer, [e.prompt for e in train], max_prompt)
+    prompt_ids = train.prompt_ids
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
 
     opt = adamw(student, cfg.optim)
@@ -146,7 +162,7 @@ def rl(cfg: RLConfig) -> dict:
             batch = sample(student, [prompt_ids[i] for i in idx_G], pad, eos, s.max_new_tokens, s.temperature, s.top_p,
                            s.compile)
             texts = tokenizer.batch_decode(batch.completion_ids(), skip_special_tokens=True)
-            rewards_PG = torch.tensor([float(task.is_correct(train[i], t)) for i, t in zip(idx_G, texts)])
+            rewards_PG = torch.tensor(score(reward_of, [train.rows[i] for i in idx_G], texts))
             rewards_PG = rewards_PG.view(cfg.batch_size, cfg.group_size)
             advantages_PG = group_advantages(rewards_PG, cfg.scale_by_std)
             t_act = time.perf_counter()
@@ -174,8 +190,8 @@ def rl(cfg: RLConfig) -> dict:
                 groups_with_signal=(rewards_PG.std(1) > 0).float().mean().item(),  # the rest have zero advantage
                 act_s=t_act - t0, step_s=time.perf_counter() - t0,
             )
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-                m["accuracy"] = _eval_accuracy(student, tokenizer, task, test, cfg)
+            if held_out is not None and (cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+                m["accuracy"] = checked_accuracy(student, tokenizer, held_out, reward_of, cfg.sampling.max_new_tokens)
             metrics_file.write(json.dumps(m) + "\n")
             metrics_file.flush()
             bar.set_postfix(reward=f"{m['reward']:.2f}", **({"acc": f"{m['accuracy']:.2f}"} if "accuracy" in m else {}))

@@ -9,11 +9,14 @@ tokens up to t, so `targets_BT = input_ids_BL[:, 1:]` and `mask_BT` marks the ta
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 
 from opd.lm.sampler import sample_completions
-from opd.lm.teacher import TeacherSignal
+
+if TYPE_CHECKING:
+    from opd.lm.teacher import TeacherSignal
 
 
 @dataclass
@@ -32,15 +35,31 @@ class Batch:
     teacher_prefix: TeacherSignal | None = None
     """The teacher's signal for the first rows, graded where the batch was sampled (the `--overlap` sampler process);
     `opd.lm.teacher.score_batch` scores only the rest."""
+    sampled_by: int | None = None
+    """The sampler's weights version that sampled the batch (a sampler server or process), for the metrics."""
 
     def to(self, device) -> "Batch":
         """The same batch with its tensors on `device`."""
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return self._apply(lambda t: t.to(device))
+
+    def select(self, start: int, stop: int) -> "Batch":
+        """Rows start..stop-1 as a batch of their own (a micro-batch), the teacher's prefix cut to match."""
         prefix = self.teacher_prefix
         if prefix is not None:
-            prefix = replace(prefix, **{name: move(t) for name, t in prefix.tensors().items()})
+            k = prefix.rows()
+            prefix = None if start >= k else replace(
+                prefix, **{name: t[start:min(stop, k)] for name, t in prefix.tensors().items()})
+        rows = replace(self, teacher_prefix=None, prompt_lens=self.prompt_lens[start:stop])._apply(lambda t: t[start:stop])
+        rows.teacher_prefix = prefix
+        return rows
+
+    def _apply(self, fn) -> "Batch":
+        move = lambda t: None if t is None else fn(t)  # noqa: E731
+        prefix = self.teacher_prefix
+        if prefix is not None:
+            prefix = replace(prefix, **{name: fn(t) for name, t in prefix.tensors().items()})
         return Batch(move(self.input_ids_BL), move(self.attention_mask_BL), move(self.mask_BT), self.prompt_lens,
-                     move(self.sampling_logp_BT), prefix)
+                     move(self.sampling_logp_BT), prefix, self.sampled_by)
 
     @property
     def targets_BT(self) -> torch.Tensor:

@@ -30,7 +30,7 @@ import inspect
 import torch
 from transformers import DynamicCache, StaticCache, TemperatureLogitsWarper, TopPLogitsWarper
 
-from opd.lm.model import lm_head, position_ids
+from opd.lm.model import hf_model, lm_head, position_ids
 
 _COMPACT_FRACTION = 0.25
 """Drop finished rows from the batch once they are this share of the rows still in it: each drop copies the KV
@@ -96,7 +96,7 @@ def _decode_target(model, fast_head: bool):
             and decoder is not None and decoder is not model)
     target = decoder if fast else model
     # transformers 5 names the argument `cache`; older models and releases `past_key_values`
-    params = inspect.signature(target.forward).parameters
+    params = inspect.signature(hf_model(target).forward).parameters
     cache_arg = "cache" if "cache" in params else "past_key_values"
     return target, head, (cache_arg, fast, not fast and "logits_to_keep" in params)
 

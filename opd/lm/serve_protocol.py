@@ -10,18 +10,30 @@ top-k plus the prompt token itself (so k or k+1 entries). Log-probs are clamped 
 from __future__ import annotations
 
 import secrets
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
 from opd.lm.serve_engine import Row
 
-if TYPE_CHECKING:
-    from opd.lm.serve import ServeArgs
-
 _INT64 = 2**63
 _MIN_LOGPROB = -9999.0
+
+
+class ServerLimits(Protocol):
+    """The server settings a request is checked against; `opd.lm.serve.ServeArgs` has them (this module does not
+    import it: serve.py imports this one)."""
+
+    # Read-only properties, so that a frozen dataclass satisfies the protocol.
+    @property
+    def max_tokens(self) -> int: ...
+    @property
+    def max_prompt_len(self) -> int | None: ...
+    @property
+    def max_logprobs(self) -> int: ...
+    @property
+    def max_seqs_per_request(self) -> int: ...
 
 
 class BadRequest(ValueError):
@@ -72,7 +84,7 @@ def _derived_seeds(seed: int | None, count: int) -> list[int]:
 
 
 def rows_for_request(
-    req: CompletionRequest, tokenizer: Any, vocab_size: int, max_model_len: int, args: ServeArgs
+    req: CompletionRequest, tokenizer: Any, vocab_size: int, max_model_len: int, limits: ServerLimits
 ) -> tuple[list[list[int]], list[str | None], list[Row]]:
     """Check a request against the model and the server's limits; return (prompt ids, prompt texts, rows).
 
@@ -81,17 +93,17 @@ def rows_for_request(
     """
     if req.stream:
         raise BadRequest("stream=true is not supported by opd serve; send stream=false")
-    if req.n * len(req.prompt) > args.max_seqs_per_request:
+    if req.n * len(req.prompt) > limits.max_seqs_per_request:
         raise BadRequest(
-            f"{len(req.prompt)} prompts x n={req.n} is over this server's {args.max_seqs_per_request} sequences per "
+            f"{len(req.prompt)} prompts x n={req.n} is over this server's {limits.max_seqs_per_request} sequences per "
             "request; split the request"
         )
     for name, k in (("logprobs", req.logprobs), ("prompt_logprobs", req.prompt_logprobs)):
-        if k is not None and k > args.max_logprobs:
-            raise BadRequest(f"{name}={k} is over this server's limit of {args.max_logprobs} (--max-logprobs)")
-    if req.max_tokens is not None and req.max_tokens > args.max_tokens:
-        raise BadRequest(f"max_tokens={req.max_tokens} is over this server's limit of {args.max_tokens}")
-    max_prompt_len = min(args.max_prompt_len or max_model_len, max_model_len)
+        if k is not None and k > limits.max_logprobs:
+            raise BadRequest(f"{name}={k} is over this server's limit of {limits.max_logprobs} (--max-logprobs)")
+    if req.max_tokens is not None and req.max_tokens > limits.max_tokens:
+        raise BadRequest(f"max_tokens={req.max_tokens} is over this server's limit of {limits.max_tokens}")
+    max_prompt_len = min(limits.max_prompt_len or max_model_len, max_model_len)
     prompts, texts, budgets = [], [], []
     for i, p in enumerate(req.prompt):
         if isinstance(p, str) and not p.isascii():
@@ -108,7 +120,7 @@ def rows_for_request(
             raise BadRequest(f"prompt {i} has token id {bad[0]} outside the model's vocabulary [0, {vocab_size})")
         if len(ids) > max_prompt_len:
             raise BadRequest(f"prompt {i} has {len(ids)} tokens, over the limit of {max_prompt_len}; shorten it")
-        max_tokens = req.max_tokens if req.max_tokens is not None else min(args.max_tokens, max_model_len - len(ids))
+        max_tokens = req.max_tokens if req.max_tokens is not None else min(limits.max_tokens, max_model_len - len(ids))
         if len(ids) + max_tokens > max_model_len:
             raise BadRequest(
                 f"prompt {i} has {len(ids)} tokens and max_tokens={max_tokens}: over the model's context of "

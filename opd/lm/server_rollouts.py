@@ -15,7 +15,7 @@ How the gap is corrected. With r_t = π_student(x_t | x_<t) / π_sampler(x_t | x
   float gap alone). Like PPO and truncated IS for the policy gradient, we leave that factor out and keep the sampler
   close instead (sync_every=1 by default), watching `sampler_kl`.
 
-With `overlap`, `RolloutsAhead` requests step k+1's rollouts while step k trains: one update staler, never more.
+With `overlap`, `opd.lm.actors.Ahead` requests step k+1's rollouts while step k trains: one update staler, never more.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType
 
 from opd.config import SamplingArgs
-from opd.lm.model import unwrap
+from opd.lm.model import hf_model, is_peft_model
 from opd.lm.remote import RemoteSampler
 from opd.lm.rollout import Batch, layout
 from opd.lm.teacher import TeacherUnreachable
@@ -64,13 +64,23 @@ class ServerRollouts:
         `accelerator.get_state_dict` gathers the full weights: a collective under FSDP (full state dict, offloaded to
         the CPU of the main process) and DeepSpeed ZeRO-3 (needs `stage3_gather_16bit_weights_on_model_save`), a
         plain unwrapped `state_dict()` under DDP. The main process writes and pushes them; the others wait, so no
-        process samples before the server holds the new weights.
+        process samples before the server holds the new weights. A LoRA (peft) student is pushed as plain merged
+        weights (`opd.lm.lora.merged_state_dict`), which needs every weight whole on the main process: one process
+        or DDP, not FSDP/DeepSpeed.
         """
-        state = accelerator.get_state_dict(student)
+        lora = is_peft_model(student)
+        if lora and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise ValueError("a LoRA student's weights are merged for the sampler on the main process, which needs "
+                             "them unsharded; use DDP (or one process) with --sampler and LoRA, not FSDP/DeepSpeed")
+        state = None if lora else accelerator.get_state_dict(student)
         error = None
         if accelerator.is_main_process:
             try:
-                path = self._write(unwrap(student), state, step)
+                if lora:  # the server knows nothing about adapters: it gets the base weights with them folded in
+                    from opd.lm.lora import merged_state_dict
+
+                    state = merged_state_dict(student)
+                path = self._write(hf_model(student), state, step)
                 self.version = self.client.update_weights(str(path))
                 for old in self.root.iterdir():  # the server has copied the weights: older versions can go
                     if old != path:
@@ -106,48 +116,6 @@ class ServerRollouts:
     def close(self) -> None:
         """Close the connection pool to the server."""
         self.client.close()
-
-
-class RolloutsAhead:
-    """Server rollouts requested one step ahead, so the server samples step k+1 while step k is scored and trained.
-
-    A background thread only waits on HTTP, so the GIL costs nothing. At most one request is in flight, and the loop
-    takes its answer before the next weight push: the server never swaps weights under a request, and the samples of
-    step k+1 come from the weights the server held when they were requested (those pushed at step k, or earlier with
-    sync_every > 1).
-    """
-
-    def __init__(self, rollouts: ServerRollouts):
-        self.rollouts = rollouts
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-rollouts")
-        self._pending: tuple[int, int | None, Future] | None = None  # (step, weights version, answer)
-
-    def request(self, step: int, prompt_ids: list[list[int]], pad_id: int, sampling: SamplingArgs, seed: int) -> None:
-        """Start sampling `step`'s rollouts from the weights the server holds now."""
-        if self._pending is not None:
-            raise RuntimeError(f"rollouts for step {self._pending[0]} are still pending")
-        answer = self._pool.submit(self.rollouts.rollouts, prompt_ids, pad_id, sampling, seed)
-        self._pending = (step, self.rollouts.version, answer)
-
-    def take(self, step: int) -> tuple[Batch, int | None] | None:
-        """The rollouts requested for `step` (waiting for them) and the weights version they came from; None if
-        none were requested. A failed request raises its error here, in the step it belongs to."""
-        if self._pending is None:
-            return None
-        pending_step, version, answer = self._pending
-        if pending_step != step:
-            raise RuntimeError(f"rollouts pending for step {pending_step}, asked for step {step}")
-        self._pending = None
-        t0 = time.perf_counter()
-        batch = answer.result()
-        if hasattr(self.rollouts, "waited"):  # a sampler that balances its share of the work by the trainer's waits
-            self.rollouts.waited(time.perf_counter() - t0)
-        return batch, version
-
-    def close(self) -> None:
-        """Wait for a request still in flight and drop its answer (a stopped run leaves no request behind)."""
-        self._pending = None
-        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 @torch.no_grad()

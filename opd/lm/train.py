@@ -1,9 +1,9 @@
 """The LM loop: act, grade, diverge, update — one visible loop for every way of choosing who acts.
 
     for step in range(steps):
-        batch  = act(source)                    # student | teacher | data | mixture(λ)
-        signal = teacher.score(batch)           # one forward pass over prompt + completion
-        loss   = divergence(student(batch), signal) over completion tokens
+        batch  = actor.rollouts(plans.next(step))   # student | teacher | data | mixture(λ)  (opd.lm.actors)
+        signal = teacher.score(batch)                # one forward pass over prompt + completion
+        loss   = divergence(student(batch), signal)  over completion tokens
         update(student, loss)
 
 source=student with loss=reverse_kl is on-policy distillation; source=mixture is GKD; source=teacher is
@@ -12,10 +12,15 @@ sequence-level KD (with loss=sft: SFT on teacher samples); source=data with loss
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import signal as signal_module
+import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 from accelerate import Accelerator, DistributedType
@@ -25,52 +30,23 @@ from tqdm.auto import tqdm
 from opd import flops, losses
 from opd.chunked import chunked_divergence, chunked_taken_logp
 from opd.fused import fused_divergence
-from opd.checkpoint import find_checkpoint, load_trainer_state, save_checkpoint
-from opd.config import DistillConfig, OptimArgs, save_config
-from opd.lm.model import final_hidden, lm_head, load_model, load_tokenizer, unwrap
-from opd.lm.process_rollouts import ProcessRollouts
-from opd.lm.rollout import Batch, build_batch, encode_prompts, layout, sample, scatter_targets
-from opd.lm.server_rollouts import RolloutsAhead, ServerRollouts, ratio_metrics, rollout_seed
-from opd.lm.teacher import LocalTeacher, Teacher, TeacherSignal, TeacherUnreachable, score_batch
-from opd.tasks import get_task
+from opd.checkpoint import find_checkpoint, load_trainer_state, save_checkpoint, verify_checkpoint
+from opd.config import DistillConfig, OptimArgs, config_changes, save_config, to_dict, unused_flags
+from opd.lm.actors import Plans
+from opd.lm.build import check_same_vocabulary, context_length, make_actor, make_teacher, prompt_sets
+from opd.lm.model import final_hidden, lm_head, load_tokenizer, unwrap
+from opd.lm.rollout import Batch, scatter_targets
+from opd.lm.server_rollouts import ratio_metrics, rollout_seed
+from opd.lm.teacher import TeacherSignal, TeacherUnreachable, score_batch
 
 LOSSES = ("sampled", "sft", *losses.DIVERGENCES)
+Callback = Callable[[int, Any, dict], Any]
+"""`callback(step, student, metrics)` after every update; return True to stop the run (a checkpoint is saved)."""
+__all__ = ["distill", "student_loss", "make_teacher", "check_same_vocabulary", "TrainingError", "LOSSES"]
 
 
 class TrainingError(RuntimeError):
     """A run stopped for a reason the user must act on; the message says what happened and what to do."""
-
-
-def make_teacher(cfg: DistillConfig, student, tokenizer, device="cpu") -> Teacher | None:
-    """The teacher the config names: a local HF model (vocabularies checked) or an OpenAI-compatible server."""
-    if cfg.teacher is None:
-        if cfg.loss != "sft" or cfg.source not in ("data",):
-            raise ValueError(f"source={cfg.source} with loss={cfg.loss} needs a teacher; pass --teacher")
-        return None
-    if cfg.teacher.startswith(("http://", "https://")):
-        from opd.lm.remote import RemoteTeacher
-
-        return RemoteTeacher(cfg.teacher, model=None, top_k=cfg.top_k, timeout=cfg.remote_timeout,
-                             max_retries=cfg.remote_max_retries)
-    model = load_model(cfg.teacher, dtype=cfg.teacher_dtype, device=device)
-    check_same_vocabulary(student, model, tokenizer, load_tokenizer(cfg.teacher))
-    # only the sampled loss reads the teacher's log-prob of the taken token; the divergences use the hidden states
-    return LocalTeacher(model, chunk_size=cfg.chunk_size, with_taken_logp=cfg.loss not in losses.DIVERGENCES)
-
-
-def check_same_vocabulary(student, teacher, student_tok=None, teacher_tok=None) -> None:
-    """Logit-level distillation compares distributions over the same token ids: refuse models that do not share them."""
-    vs = student.get_output_embeddings().weight.shape[0]
-    vt = teacher.get_output_embeddings().weight.shape[0]
-    if vs != vt:
-        raise ValueError(
-            f"teacher vocabulary size {vt} != student vocabulary size {vs}; distil between models that share a "
-            f"tokenizer (cross-tokenizer alignment is not available yet)"
-        )
-    if student_tok is not None and teacher_tok is not None and student_tok.get_vocab() != teacher_tok.get_vocab():
-        raise ValueError(
-            "teacher and student tokenizers map tokens to different ids; distil between models that share a tokenizer"
-        )
 
 
 def student_loss(student, batch: Batch, signal: TeacherSignal | None, cfg: DistillConfig) -> tuple[torch.Tensor, dict]:
@@ -123,9 +99,22 @@ def adamw(model, optim: OptimArgs) -> torch.optim.AdamW:
     """AdamW over `model`'s parameters as `optim` says. Fused (one kernel per parameter, the same update) where torch
     has that kernel: the default multi-tensor path allocates temporaries as large as all parameters together (~100 MB
     at the SmolLM2 pair's 16M-parameter student, at the step's memory peak)."""
-    params = list(model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]  # a LoRA student trains its adapters only
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay, fused=fused)
+
+
+def lr_factor(step: int, optim: OptimArgs, steps: int) -> float:
+    """The learning rate of update `step` (0-based) as a fraction of `optim.lr`: linear warm-up over warmup_steps
+    (the first update uses 1/warmup_steps), then constant, or a linear or half-cosine decay that reaches 0 after the
+    last update."""
+    warmup = max(1, optim.warmup_steps)
+    if step < warmup or optim.schedule == "constant":
+        return min(1.0, (step + 1) / warmup)
+    progress = (step - warmup) / max(1, steps - warmup)
+    if optim.schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def divergence_from_config(cfg: DistillConfig):
@@ -134,8 +123,32 @@ def divergence_from_config(cfg: DistillConfig):
     return losses.get_divergence(cfg.loss, **params.get(cfg.loss, {}))
 
 
-def distill(cfg: DistillConfig) -> dict:
-    """Run the LM loop the config describes; returns the final metrics. Writes config, metrics and checkpoints.
+def _library_bars_follow_progress(fn):
+    """With progress=False, transformers' own bars (loading weights, writing shards) stay quiet too."""
+    @functools.wraps(fn)
+    def run(cfg, *args, **kwargs):
+        from transformers.utils import logging as hf_logging
+
+        were_on = hf_logging.is_progress_bar_enabled()
+        if not cfg.progress:
+            hf_logging.disable_progress_bar()
+        try:
+            return fn(cfg, *args, **kwargs)
+        finally:
+            if were_on:
+                hf_logging.enable_progress_bar()
+    return run
+
+
+@_library_bars_follow_progress
+def distill(cfg: DistillConfig, prompts: Any = None, eval_prompts: Any = None, checker: Any = None,
+            callbacks: Sequence[Callback] = ()) -> dict:
+    """Run the LM loop the config describes; returns the last step's metrics. Writes config, metrics and checkpoints.
+
+    prompts / eval_prompts: a `datasets.Dataset`, a list of dicts or prompt strings, or a path (`opd.lm.data`); they
+    replace --data / --eval-data. checker: a spec (`opd.lm.checkers`) or your own `(row, completion) -> float`.
+    callbacks: `callback(step, student, metrics)` after every update, on every process; keys it adds to `metrics`
+    are logged, and returning True stops the run with a checkpoint (early stopping).
 
     Runs unchanged under `accelerate launch` (DDP on CPU or GPUs, FSDP): each process samples its own prompts,
     gradients are averaged across processes, and the main process logs, evaluates and saves.
@@ -144,41 +157,32 @@ def distill(cfg: DistillConfig) -> dict:
         raise ValueError(f"unknown loss {cfg.loss!r}; choose one of {', '.join(LOSSES)}")
     if cfg.loss in losses.DIVERGENCES:
         divergence_from_config(cfg)  # bad β/α fail now, not at the first step
-    if cfg.source == "mixture" and not 0.0 <= cfg.lmbda <= 1.0:
-        raise ValueError(f"lmbda must be in [0, 1], got {cfg.lmbda}")
-    if cfg.sampler is not None and cfg.source not in ("student", "mixture"):
-        raise ValueError(f"--sampler samples the student's completions; source={cfg.source} has none: drop --sampler")
-    if cfg.sampler is not None and not cfg.sampler.startswith(("http://", "https://")):
-        raise ValueError(f"--sampler {cfg.sampler!r} is not a URL; pass http(s)://host:port/v1 of an `opd serve`")
-    if cfg.sync_every < 1 or not cfg.ratio_clip > 0:
-        raise ValueError(f"need sync_every >= 1 and ratio_clip > 0, got {cfg.sync_every} and {cfg.ratio_clip}")
-    if cfg.overlap and cfg.source not in ("student", "mixture"):
-        raise ValueError(f"--overlap samples the student's next batch during the update; source={cfg.source} has "
-                         f"no student batches: drop --overlap")
     # Without a GPU, cpu=True lets accelerate pick gloo when launched with several processes.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
+                              log_with=None if cfg.report_to == "none" else cfg.report_to, project_dir=cfg.out_dir)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     if cfg.overlap and cfg.sampler is None and (accelerator.device.type != "cpu" or accelerator.distributed_type in (
             DistributedType.FSDP, DistributedType.DEEPSPEED)):
         raise ValueError("--overlap without --sampler samples in a local CPU process from a whole copy of the student; "
                          "on GPUs or with a sharded (FSDP/DeepSpeed) student pass --sampler URL of a server")
+    for note in unused_flags(cfg) if main else ():
+        print(f"opd: warning: {note}", file=sys.stderr)
     out = Path(cfg.out_dir)
     torch.manual_seed(cfg.seed + rank)
+    # The data first: a bad file or flag fails here, before any weights load.
     tokenizer = load_tokenizer(cfg.student)
+    max_prompt = context_length(cfg.student) - cfg.sampling.max_new_tokens
+    train, held_out, check = prompt_sets(cfg, tokenizer, max_prompt, prompts, eval_prompts, checker)
     ckpt = find_checkpoint(out / "checkpoint") if cfg.resume else None
-    student = load_model(str(ckpt) if ckpt else cfg.student, device=accelerator.device)
+    if ckpt:
+        verify_checkpoint(ckpt)
+    from opd.lm.lora import load_student
+
+    student = load_student(cfg.student, cfg.lora, ckpt, accelerator.device)
     teacher = make_teacher(cfg, student, tokenizer, accelerator.device)
-    task = get_task(cfg.task)
-    train = task.examples(cfg.train_examples, seed=0, split="train")
-    test = task.examples(cfg.eval_examples, seed=0, split="test")
-    max_prompt = _context_length(student) - cfg.sampling.max_new_tokens
-    prompt_ids = encode_prompts(tokenizer, [e.prompt for e in train], max_prompt)
-    reference_ids = [tokenizer(e.completion, add_special_tokens=False)["input_ids"] for e in train]
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
 
     opt = adamw(student, cfg.optim)
-    warmup = max(1, cfg.optim.warmup_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.optim, cfg.steps))
     rng = torch.Generator().manual_seed(cfg.seed + 100_003 * rank)  # prompt order and mixture coins, per process
     start = 0
     if ckpt:
@@ -189,103 +193,66 @@ def distill(cfg: DistillConfig) -> dict:
         rng.set_state(loop_rngs[rank][0])
         torch.set_rng_state(loop_rngs[rank][1])
         sched.last_epoch = start
+        for group, base in zip(opt.param_groups, sched.base_lrs):  # this config's schedule, not the saved one's
+            group["lr"], group["initial_lr"] = base * lr_factor(start, cfg.optim, cfg.steps), base
     student, opt = accelerator.prepare(student, opt)
+    if main and cfg.resume and not ckpt:
+        print(f"opd: warning: --resume found no checkpoint in {out / 'checkpoint'}; starting from step 0",
+              file=sys.stderr)
+    if main and ckpt and (out / "config.json").exists():
+        changed = config_changes(json.loads((out / "config.json").read_text()), cfg)
+        if changed:  # all of them take effect from this step on (the learning rate too: set above)
+            print(f"opd: warning: resuming at step {start} with changed settings: {'; '.join(changed)}",
+                  file=sys.stderr)
     if main:
         save_config(cfg, out)
+    if cfg.report_to != "none":
+        accelerator.init_trackers("tensorboard" if cfg.report_to == "tensorboard" else out.name,
+                                  config=_flat(to_dict(cfg)))
     metrics_file = (out / "metrics.jsonl").open("a") if main else None
     interrupted = _InterruptFlag()
 
-    def checkpoint(step: int, rng_states=None) -> None:
+    def checkpoint(step: int, rng_states) -> None:
         # Every process's RNGs go into the one checkpoint, so a resumed multi-process run is bit-for-bit too.
-        rng_states = gather_object([rng_states or (rng.get_state(), torch.get_rng_state())])
+        rng_states = gather_object([rng_states])
         if main:
             save_checkpoint(out / "checkpoint", unwrap(student), tokenizer, step, opt,
                             extra_files={"loop_rng.pt": rng_states})
         accelerator.wait_for_everyone()
 
-    teacher_sampler = None
-    if cfg.source == "teacher" and teacher is not None and not isinstance(teacher, LocalTeacher):
-        from opd.lm.remote import RemoteSampler
-
-        teacher_sampler = RemoteSampler(cfg.teacher, timeout=cfg.remote_timeout, max_retries=cfg.remote_max_retries)
-    def draw():
-        """The next step's prompts and actor, and the loop RNGs' state before drawing them (that step's start)."""
-        state = rng.get_state(), torch.get_rng_state()
-        idx = torch.randint(len(train), (cfg.batch_size,), generator=rng).tolist()
-        source = cfg.source
-        if source == "mixture":
-            source = "student" if torch.rand((), generator=rng).item() < cfg.lmbda else "data"
-        return state, idx, source
-
+    group = cfg.batch_size * cfg.samples_per_prompt
+    plans = Plans(len(train), cfg.batch_size, cfg.samples_per_prompt, lambda g: actor.choose(g),
+                  lambda step: rollout_seed(cfg.seed, step, rank, world, group), rng)
+    actor = make_actor(cfg, student, teacher, train, tokenizer, accelerator, out, plans)
     student.train()
     costs = flops.model_cost(unwrap(student)), flops.model_cost(getattr(teacher, "model", None))
     total_flops = flops.logged_total(out / "metrics.jsonl", start)
-    last, upcoming = {}, None
-    student_sampler = None
-    if cfg.sampler:
-        student_sampler = ServerRollouts(cfg.sampler, out, cfg.remote_timeout, cfg.remote_max_retries)
-    elif cfg.overlap:  # no server: a second process on this machine samples (opd.lm.process_rollouts)
-        # with a local teacher, the sampler process grades part of each batch too
-        student_sampler = ProcessRollouts(student, eos, teacher=teacher if isinstance(teacher, LocalTeacher)
-                                          and cfg.loss != "sft" else None)
-    ahead = RolloutsAhead(student_sampler) if cfg.overlap else None
+    last = {}
     try:
         bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not (cfg.progress and main),
-                   desc="distill")
+                   desc=f"distill {cfg.source} {cfg.loss} seed {cfg.seed}")
         for step in bar:
             t0 = time.perf_counter()
-            # Which prompts, and who acts (with overlap, drawn during the last step: the same draws in the same order).
-            rng_at_step_start, idx, source = upcoming or draw()
-            prompts, upcoming, sampled_by = [prompt_ids[i] for i in idx], None, None
+            draw = plans.next(step)  # which prompts, and who acts on them
             try:
-                prefetched = ahead.take(step) if ahead is not None else None  # requested during the last step
-                if student_sampler is not None and (step == start or step % cfg.sync_every == 0):
-                    # At `start` too: a fresh or resumed run must not sample from whatever the server held before.
-                    # After `take`: the server never swaps weights under a request in flight.
-                    student_sampler.push(student, accelerator, step)
-                s = cfg.sampling
-                # Servers sample seeded per step and process, so a resumed run draws the same samples.
-                seed = rollout_seed(cfg.seed, step, rank, world, cfg.batch_size)
-                if source == "data":
-                    batch = build_batch(prompts, [reference_ids[i] for i in idx], pad, eos)
-                elif source == "teacher" and teacher_sampler is not None:
-                    completions, _ = teacher_sampler.sample(prompts, s.max_new_tokens, s.temperature, s.top_p,
-                                                            seed=seed)
-                    batch = layout(prompts, completions, pad)
-                elif source == "student" and student_sampler is not None:  # the batch carries the sampler's log-probs
-                    batch, sampled_by = prefetched or (student_sampler.rollouts(prompts, pad, s, seed),
-                                                       student_sampler.version)
-                else:
-                    actor = unwrap(student) if source == "student" else teacher.model
-                    batch = sample(actor, prompts, pad, eos, s.max_new_tokens, s.temperature, s.top_p, s.compile)
-                if ahead is not None and step + 1 < cfg.steps:
-                    # Overlap: the server samples step+1 from the weights it holds now while this step trains on.
-                    upcoming = draw()
-                    if upcoming[2] == "student":
-                        ahead.request(step + 1, [prompt_ids[i] for i in upcoming[1]], pad, s,
-                                      rollout_seed(cfg.seed, step + 1, rank, world, cfg.batch_size))
-                batch = batch.to(accelerator.device)
+                if step == start or step % cfg.sync_every == 0:
+                    # At `start` too: a fresh or resumed run must not sample from whatever a sampler held before.
+                    actor.sync(student, step)
+                batch = actor.rollouts(draw).to(accelerator.device)
                 t_act = time.perf_counter()
-                # What the teacher gives: one forward pass over prompt + completion.
-                signal = None if cfg.loss == "sft" else score_batch(teacher, batch)
+                # What the teacher gives, and the loss's gradient, micro-batch by micro-batch.
+                m = accumulate(student, teacher, batch, cfg, accelerator, step)
             except TeacherUnreachable as e:
                 if world > 1:  # the other processes cannot join a save from here; the last periodic one stands
                     raise TrainingError(f"{e} Last checkpoint: {find_checkpoint(out / 'checkpoint') or 'none'}") from None
                 # Save the state this step started from, so --resume redoes exactly this step.
-                checkpoint(step, rng_at_step_start)
+                checkpoint(step, draw.rng_state)
                 raise TrainingError(
                     f"{e} Saved a checkpoint at step {step} in {out / 'checkpoint'}; run again with --resume"
                 ) from None
-            loss, m = student_loss(student, batch, signal, cfg)
-            if not _all_finite(accelerator, loss):
-                raise TrainingError(
-                    f"loss is {loss.item()} at step {step}; stopped without saving. Last good checkpoint: "
-                    f"{find_checkpoint(out / 'checkpoint') or 'none'}; lower optim.lr or check the data, then run "
-                    f"again with --resume"
-                )
-            accelerator.backward(loss)
             if cfg.optim.grad_clip > 0:
                 m["grad_norm"] = accelerator.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip).item()
+            m["lr"] = opt.param_groups[0]["lr"]
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -295,35 +262,75 @@ def distill(cfg: DistillConfig) -> dict:
                     f"good checkpoint: {find_checkpoint(out / 'checkpoint') or 'none'}; lower optim.lr, then run "
                     f"again with --resume"
                 )
-            m.update(step=step + 1, source=source, act_s=t_act - t0, step_s=time.perf_counter() - t0)
-            if sampled_by is not None:
-                m["sampler_weights_version"] = sampled_by
+            m.update(step=step + 1, source=draw.source, act_s=t_act - t0, step_s=time.perf_counter() - t0)
+            if batch.sampled_by is not None:
+                m["sampler_weights_version"] = batch.sampled_by
             if batch.teacher_prefix is not None:
                 m["sampler_teacher_rows"] = batch.teacher_prefix.rows()
-            m.update(flops.step_flops(*costs, batch.attention_mask_BL, batch.mask_BT, source, scored=signal is not None))
+            m.update(flops.step_flops(*costs, batch.attention_mask_BL, batch.mask_BT, draw.source,
+                                      scored=cfg.loss != "sft"))
             total_flops = m["total_flops"] = total_flops + m["flops"] * world
-            if main and (cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-                m["accuracy"] = _eval_accuracy(unwrap(student), tokenizer, task, test, cfg)
+            if main and held_out is not None and (
+                    cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+                from opd.lm.eval import checked_accuracy
+
+                m["accuracy"] = checked_accuracy(unwrap(student), tokenizer, held_out, check,
+                                                 cfg.sampling.max_new_tokens)
+            stop = any([bool(cb(step + 1, unwrap(student), m)) for cb in callbacks])
             if main:
                 metrics_file.write(json.dumps(m) + "\n")
                 metrics_file.flush()
                 bar.set_postfix(loss=f"{m['loss']:.3f}", **({"acc": f"{m['accuracy']:.2f}"} if "accuracy" in m else {}))
+            if cfg.report_to != "none":
+                accelerator.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=step + 1)
             last = m
-            stop = _any_process(accelerator, interrupted.flag)
+            interrupt = _any_process(accelerator, interrupted.flag)
+            stop = _any_process(accelerator, stop) or interrupt
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stop:
-                checkpoint(step + 1, upcoming and upcoming[0])  # the RNGs as step+1 starts, also with overlap
-            if stop:
+                checkpoint(step + 1, plans.state())  # the RNGs as step+1 starts, also when it was drawn ahead
+            if interrupt:
                 raise KeyboardInterrupt(f"interrupted; saved a checkpoint at step {step + 1} in {out / 'checkpoint'}")
+            if stop:
+                break
     finally:
-        if ahead is not None:
-            ahead.close()
-        for client in (student_sampler, teacher_sampler, teacher):  # connection pools and processes, if any
-            if hasattr(client, "close"):
-                client.close()
+        actor.close()
+        if hasattr(teacher, "close"):  # a remote teacher's connection pool
+            teacher.close()
         if metrics_file is not None:
             metrics_file.close()
+        if cfg.report_to != "none":
+            accelerator.end_training()
         interrupted.restore()
     return last
+
+
+def accumulate(student, teacher, batch: Batch, cfg: DistillConfig, accelerator, step: int) -> dict:
+    """Grade the batch and back-propagate its loss in `cfg.optim.grad_accum` micro-batches; returns the metrics.
+
+    Each micro-batch's mean per-token loss is weighted by its share of the batch's completion tokens, so the summed
+    gradient is the one a single pass over the whole batch gives (up to float rounding); gradients are synchronised
+    across processes on the last micro-batch only.
+    """
+    k = cfg.optim.grad_accum
+    rows = batch.input_ids_BL.shape[0] // k
+    total_tokens = max(1, int(batch.mask_BT.sum()))
+    merged: dict = {}
+    for j in range(k):
+        micro = batch if k == 1 else batch.select(j * rows, (j + 1) * rows)
+        signal = None if cfg.loss == "sft" else score_batch(teacher, micro)
+        loss, m = student_loss(student, micro, signal, cfg)
+        if not _all_finite(accelerator, loss):
+            raise TrainingError(
+                f"loss is {loss.item()} at step {step}; stopped without saving. Last good checkpoint: "
+                f"{find_checkpoint(Path(cfg.out_dir) / 'checkpoint') or 'none'}; lower optim.lr or check the data, "
+                f"then run again with --resume"
+            )
+        weight = m["completion_tokens"] / total_tokens if k > 1 else 1.0
+        with accelerator.no_sync(student) if j < k - 1 else nullcontext():
+            accelerator.backward(loss * weight if k > 1 else loss)
+        for key, value in m.items():
+            merged[key] = merged.get(key, 0) + (value if key == "completion_tokens" else value * weight)
+    return merged
 
 
 def _all_finite(accelerator, loss: torch.Tensor) -> bool:
@@ -338,15 +345,15 @@ def _any_process(accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "max").item())
 
 
-def _eval_accuracy(student, tokenizer, task, test, cfg) -> float:
-    from opd.lm.eval import accuracy
-
-    return accuracy(student, tokenizer, task, test, max_new_tokens=cfg.sampling.max_new_tokens)
-
-
-def _context_length(model) -> int:
-    cfg = getattr(model.config, "get_text_config", lambda: model.config)()
-    return getattr(cfg, "max_position_embeddings", None) or 1 << 30
+def _flat(d: dict, prefix: str = "") -> dict:
+    """A nested config as flat scalars (trackers such as TensorBoard's hparams take nothing else)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
 
 
 class _InterruptFlag:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from opd.lm.eval import prompt_token_ids
 from opd.tasks.base import Example
+from opd.tasks.prompts import prompt_token_ids
 
 MODEL_SIZES: dict[str, dict] = {
     "teacher": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4),
@@ -52,7 +52,8 @@ def encode_examples(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Left-padded `prompt + completion + eos` ids, attention mask, and a mask of the completion and eos positions.
 
-    Prompts are tokenized as `opd.lm.eval` does for generation (chat template if any), completions bare.
+    Prompts are tokenized as for generation (`opd.tasks.prompts.prompt_token_ids`: chat template if any), completions
+    bare.
 
     All three are [B, L] tensors: ids and attention mask int64 (as HF tokenizers return them), the
     completion mask bool; it is what a supervised loss counts, after shifting to target coordinates

@@ -89,8 +89,8 @@ def test_overlapped_steps_train_on_samples_one_push_old(model_dirs, tmp_path, lo
 
 
 def test_overlap_settings_are_checked_before_any_work(model_dirs, tmp_path):
-    for kw, match in [(dict(source="teacher"), "source=teacher has no student batches"),
-                      (dict(source="data", loss="sft"), "source=data has no student batches")]:
+    for kw, match in [(dict(source="teacher"), "source=teacher has none"),
+                      (dict(source="data", loss="sft"), "source=data has none")]:
         with pytest.raises(ValueError, match=match):
             distill(_cfg(model_dirs, tmp_path / "run", **kw))
     assert not (tmp_path / "run").exists()

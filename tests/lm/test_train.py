@@ -82,13 +82,13 @@ def test_resume_continues_bit_for_bit(model_dirs, tmp_path):
 def test_bad_input_gives_one_line_errors(model_dirs, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="unknown loss 'kl2'"):
         distill(tiny_cfg(model_dirs, tmp_path, loss="kl2"))
-    with pytest.raises(ValueError, match="dataset is empty"):
+    with pytest.raises(ValueError, match="--train-examples must be >= 1"):
         distill(tiny_cfg(model_dirs, tmp_path, train_examples=0))
     # a student whose context cannot hold prompt + completion
     short = tiny_llama(tokenizer, 16, 1, seed=0, max_pos=12)
     short.save_pretrained(tmp_path / "short")
     tokenizer.save_pretrained(tmp_path / "short")
-    with pytest.raises(ValueError, match="prompt 0 is .* tokens but the model's context leaves room for 4"):
+    with pytest.raises(ValueError, match="row 0: the prompt is .* tokens but the model's context leaves room for 4"):
         distill(tiny_cfg(model_dirs, tmp_path, student=str(tmp_path / "short")))
     # a teacher over another vocabulary
     other = tiny_llama(tokenizer, 16, 1, seed=0)

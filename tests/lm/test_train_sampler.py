@@ -114,9 +114,9 @@ def test_sampler_settings_are_checked_before_any_work(model_dirs, tmp_path):
         (dict(source="teacher"), "source=teacher has none"),
         (dict(source="data", loss="sft"), "source=data has none"),
         (dict(sampler="localhost:8000"), "is not a URL"),
-        (dict(sync_every=0), "sync_every >= 1"),
-        (dict(ratio_clip=0.0), "ratio_clip > 0"),
-        (dict(sampler=None, source="teacher", overlap=True), "source=teacher has no student batches"),
+        (dict(sync_every=0), "--sync-every must be >= 1"),
+        (dict(ratio_clip=0.0), "--ratio-clip must be > 0"),
+        (dict(sampler=None, source="teacher", overlap=True), "--overlap samples the student's completions; source=teacher has none"),
     ]
     for kw, match in bad:
         with pytest.raises(ValueError, match=match):

@@ -1,4 +1,7 @@
-"""Supervised training on worked examples: the cached teacher, and warm-started students.
+"""Supervised training on a task's worked examples: the cached task teacher, and warm-started students.
+
+It lives on the LM side (not in `opd.tasks`) because it trains models and measures them with `opd.lm.eval.accuracy`;
+`opd.tasks` holds only the task data, tokenizer and model configs it builds on.
 
 `get_teacher()` returns the teacher committed under `opd/assets/`, else the one cached under
 `$OPD_CACHE` (default `~/.cache/opd`), else trains one (minutes on 2 CPU cores) and caches it.

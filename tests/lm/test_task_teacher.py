@@ -7,12 +7,9 @@ import pytest
 import torch
 import tyro
 
-from opd.lm.eval import accuracy, format_prompt, generate_greedy
-from opd.tasks import get_task
-from opd.tasks import train as train_mod
-from opd.tasks.models import encode_examples, make_model, num_params
-from opd.tasks.tokenizer import build_tokenizer
-from opd.tasks.train import (
+from opd.lm import task_teacher
+from opd.lm.eval import accuracy, generate_greedy
+from opd.lm.task_teacher import (
     TeacherArgs,
     exact_match_rate,
     get_teacher,
@@ -22,6 +19,9 @@ from opd.tasks.train import (
     train_supervised,
     warm_start_student,
 )
+from opd.tasks import get_task
+from opd.tasks.models import encode_examples, make_model, num_params
+from opd.tasks.tokenizer import build_tokenizer
 
 TASK = get_task("arithmetic")
 TOK = build_tokenizer(TASK)
@@ -66,7 +66,7 @@ def test_teacher_args_command_parses_back_to_the_same_args():
 def test_saved_teacher_loads_back_and_is_found_in_the_cache(tmp_path, monkeypatch):
     model = make_model("xs", TOK, seed=1)
     save_teacher(model, TOK, {"test_accuracy": 0.5}, tmp_path / "arithmetic-teacher")
-    monkeypatch.setattr(train_mod, "ASSETS_DIR", tmp_path / "no-assets")
+    monkeypatch.setattr(task_teacher, "ASSETS_DIR", tmp_path / "no-assets")
     loaded, tok, info = get_teacher(cache_dir=tmp_path)
     ids = torch.tensor([TOK("12+34=")["input_ids"]])
     assert info == {"test_accuracy": 0.5} and tok.get_vocab() == TOK.get_vocab()
@@ -96,13 +96,6 @@ def test_accuracy_counts_what_the_checker_accepts():
     model = make_model("xs", TOK, seed=0)
     with pytest.raises(ValueError, match="at least one example"):
         accuracy(model, TOK, TASK, [])
-
-
-def test_format_prompt_uses_a_chat_template_only_when_there_is_one():
-    tok = build_tokenizer(TASK)
-    assert format_prompt(tok, "1+2=") == "1+2="
-    tok.chat_template = "{% for m in messages %}<bos>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %} {% endif %}"
-    assert format_prompt(tok, "1+2=") == "<bos>1+2= "
 
 
 def test_warm_start_is_deterministic_and_cached(tmp_path):

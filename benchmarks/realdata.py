@@ -1,0 +1,229 @@
+"""`opd bench realdata`: opd on a real chat model and real instruction-following prompts, through `--data`.
+
+Teacher: SmolLM2-135M-Instruct (offline, `opd.lm.offline`). Students: the teacher cut to a subset of its layers (same
+tokenizer), trained in full and with LoRA. Prompts: IFEval-style chat `messages` built from the `if-verifiable`
+instruction registry (`benchmarks/realdata_prompts.py`), training and held-out splits on disjoint topics, plus
+IFBench's test prompts. For the teacher, the student before training, on-policy distillation (the student samples,
+per-token reverse KL) and SFT on teacher samples (the teacher samples each step, cross-entropy) at equal updates and
+seeds: per-token reverse KL to the teacher on held-out prompts, and prompt-level strict instruction-following accuracy
+(`--checker ifeval`). Writes benchmarks/results/realdata.{json,md}.
+
+--quick runs the same path on a tiny random pair with a tokenizer trained here (seconds; what the test runs).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import tyro
+
+from benchmarks.realdata_prompts import ifbench_test_rows, instruction_rows
+from opd.config import DistillConfig, LoraArgs, OptimArgs, SamplingArgs
+from opd.lm.build import context_length
+from opd.lm.checkers import get_checker
+from opd.lm.data import encode, load_rows
+from opd.lm.eval import checked_accuracy, heldout_reverse_kl_ids
+from opd.lm.model import load_model, load_tokenizer
+from opd.lm.train import distill
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = {"on-policy distillation": dict(source="student", loss="reverse_kl"),
+           "SFT on teacher samples": dict(source="teacher", loss="sft")}
+# IFBench instructions whose checkers need NLTK data that cannot be downloaded here (opd.lm.checkers says which).
+NEEDS_NLTK = ("ratio:stop_words", "words:start_verb", "format:title_case", "words:words_position")
+
+
+@dataclass(frozen=True)
+class RealDataArgs:
+    """Sizes of the real-model comparison (defaults: about an hour on 2 CPU cores)."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """One run per seed and method."""
+    steps: int = 30
+    """Student updates per run (equal for every method)."""
+    batch_size: int = 8
+    """Prompts per update."""
+    lr: float = 2e-4
+    """Peak learning rate of the full-weight student (warm-up 3 steps, then cosine)."""
+    lora_lr: float = 2e-3
+    """Peak learning rate of the LoRA student."""
+    lora_r: int = 16
+    """LoRA rank (all linear layers but the head)."""
+    student_layers: int = 10
+    """Decoder layers kept from the teacher's 30 (evenly spaced, first and last included)."""
+    max_new_tokens: int = 96
+    """Longest completion, in training and evaluation."""
+    train_prompts: int = 2000
+    """Generated training prompts."""
+    eval_prompts: int = 48
+    """Held-out generated prompts (topics never seen in training)."""
+    ifbench_prompts: int = 48
+    """IFBench test prompts (those checkable offline)."""
+    threads: int = 2
+    """Torch threads."""
+    work_dir: str = "runs/bench-realdata"
+    """Where models, prompt files and runs go."""
+
+
+def layer_subset(teacher_dir: str, keep: int, out: Path) -> str:
+    """A student made of `keep` evenly spaced decoder layers of the teacher (same embeddings, head and tokenizer)."""
+    model = load_model(teacher_dir)
+    layers = model.model.layers
+    idx = sorted({round(i * (len(layers) - 1) / max(1, keep - 1)) for i in range(keep)})
+    model.model.layers = torch.nn.ModuleList([layers[i] for i in idx])
+    for new, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = new  # the KV cache is indexed by this
+    model.config.num_hidden_layers = len(idx)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in idx]
+    model.save_pretrained(out)
+    load_tokenizer(teacher_dir).save_pretrained(out)
+    return str(out)
+
+
+def tiny_pair(rows: list[dict], out: Path) -> tuple[str, str]:
+    """--quick: a random 2-layer teacher and 1-layer student over a small BPE tokenizer trained on the prompts."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
+    bpe.train_from_iterator([r["prompt"] for r in rows], trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<pad>", "<eos>", "<unk>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<eos>{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    dirs = []
+    for name, layers, seed in (("teacher", 2, 1), ("student", 1, 2)):
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+        LlamaForCausalLM(cfg).save_pretrained(out / name)
+        tok.save_pretrained(out / name)
+        dirs.append(str(out / name))
+    return dirs[0], dirs[1]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def measure(model_dir: str, teacher, tokenizer, sets: dict, max_new_tokens: int) -> dict:
+    """IF accuracy on each held-out set, and the per-token reverse KL to the teacher on the generated split."""
+    model = load_model(model_dir)
+    check = get_checker("ifeval")
+    out = {name: checked_accuracy(model, tokenizer, prompts, check, max_new_tokens, batch_size=16)
+           for name, prompts in sets.items()}
+    out["reverse_kl"] = heldout_reverse_kl_ids(model, teacher, tokenizer, sets["if_heldout"].prompt_ids,
+                                               max_new_tokens, batch_size=16, seed=0)
+    return out
+
+
+def realdata(args: RealDataArgs, quick: bool = False) -> dict:
+    """Run the comparison; returns the results (also written to benchmarks/results/realdata[_quick].json)."""
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    train_rows = instruction_rows(args.train_prompts, seed=0, split="train")
+    held_rows = instruction_rows(args.eval_prompts, seed=0, split="test")
+    ifbench = [r for r in ifbench_test_rows() if not set(r["instruction_id_list"]) & set(NEEDS_NLTK)]
+    ifbench = ifbench[:args.ifbench_prompts]
+    if quick:
+        teacher_dir, student_dir = tiny_pair(train_rows + held_rows + ifbench, work / "tiny")
+    else:
+        from opd.lm.offline import smollm2_dir
+
+        teacher_dir = str(smollm2_dir())
+        student_dir = layer_subset(teacher_dir, args.student_layers, work / f"student-{args.student_layers}-layers")
+    files = {name: write_jsonl(work / f"{name}.jsonl", rows) for name, rows in
+             (("train", train_rows), ("if_heldout", held_rows), ("ifbench", ifbench))}
+    tokenizer = load_tokenizer(student_dir)
+    room = context_length(student_dir) - args.max_new_tokens
+    sets = {name: encode(tokenizer, load_rows(files[name]), room, name) for name in ("if_heldout", "ifbench")}
+    teacher = load_model(teacher_dir).eval()
+    results = {"teacher": measure(teacher_dir, teacher, tokenizer, sets, args.max_new_tokens),
+               "student before": measure(student_dir, teacher, tokenizer, sets, args.max_new_tokens),
+               "runs": {}, "seeds": list(args.seeds)}
+    for variant, lora, lr in (("full", LoraArgs(), args.lr), ("LoRA", LoraArgs(r=args.lora_r), args.lora_lr)):
+        for name, choice in METHODS.items():
+            key = f"{name} ({variant})"
+            results["runs"][key] = []
+            for seed in args.seeds:
+                out_dir = work / "runs" / variant / choice["source"] / f"seed-{seed}"
+                cfg = DistillConfig(
+                    student=student_dir, teacher=teacher_dir, data=files["train"], steps=args.steps,
+                    batch_size=args.batch_size, sampling=SamplingArgs(max_new_tokens=args.max_new_tokens),
+                    optim=OptimArgs(lr=lr, warmup_steps=3, schedule="cosine"), lora=lora, eval_every=0,
+                    save_every=args.steps, seed=seed, out_dir=str(out_dir), progress=not quick, **choice)
+                started = time.perf_counter()
+                distill(cfg)
+                run = measure(str(out_dir / "checkpoint"), teacher, tokenizer, sets, args.max_new_tokens)
+                run["seconds"] = round(time.perf_counter() - started, 1)
+                results["runs"][key].append(run)
+                print(key, seed, run, flush=True)
+    results["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    results["args"] = {k: list(v) if isinstance(v, tuple) else v for k, v in args.__dict__.items()}
+    results["machine"] = f"{platform.machine()} CPU, {args.threads} torch threads"
+    results["methods"] = {key: {"final_accuracy": statistics.mean(r["if_heldout"] for r in runs),
+                                "reverse_kl": statistics.mean(r["reverse_kl"] for r in runs)}
+                          for key, runs in results["runs"].items()}
+    return results
+
+
+def _mean_sd(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+
+
+def section(results: dict) -> str:
+    """The RESULTS.md section for one full run."""
+    a = results["args"]
+    lines = [
+        "## Your own data on a real model: instruction following with SmolLM2",
+        "",
+        f"Command: `opd bench realdata` (teacher SmolLM2-135M-Instruct; student: {a['student_layers']} of its 30 "
+        f"layers, trained in full (lr {a['lr']}) or with LoRA r={a['lora_r']} (lr {a['lora_lr']}); {a['steps']} updates "
+        f"of {a['batch_size']} prompts, cosine schedule, completions up to {a['max_new_tokens']} tokens; training prompts "
+        f"from `--data` (generated IFEval-style chat messages, {a['train_prompts']} rows); held out: "
+        f"{a['eval_prompts']} generated prompts on unseen topics and {a['ifbench_prompts']} IFBench test prompts "
+        f"(those checkable offline); accuracy = prompt-level strict, `--checker ifeval`, greedy; reverse KL = mean "
+        f"per-token KL(student ‖ teacher) on the student's own samples of the held-out prompts; seeds "
+        f"{a['seeds']}). {results['machine']}, {results['wall_seconds'] / 60:.0f} min wall time.",
+        "",
+        "| model | reverse KL to teacher | IF accuracy (held-out) | IF accuracy (IFBench) |",
+        "|---|---|---|---|",
+    ]
+    for name in ("teacher", "student before"):
+        r = results[name]
+        lines.append(f"| {name} | {r['reverse_kl']:.3f} | {r['if_heldout']:.3f} | {r['ifbench']:.3f} |")
+    for key, runs in results["runs"].items():
+        lines.append(f"| {key} | {_mean_sd([r['reverse_kl'] for r in runs])} | "
+                     f"{_mean_sd([r['if_heldout'] for r in runs])} | {_mean_sd([r['ifbench'] for r in runs])} |")
+    lines += ["", "Mean ± standard deviation over seeds.", ""]
+    return "\n".join(lines)
+
+
+def main(args: RealDataArgs, quick: bool = False) -> dict:
+    """Run the comparison (a tiny plumbing version with --quick) and write its results and RESULTS.md section."""
+    if quick:
+        args = RealDataArgs(seeds=(0,), steps=2, batch_size=2, max_new_tokens=8, train_prompts=16, eval_prompts=4,
+                            ifbench_prompts=4, lora_r=2, threads=1, work_dir=args.work_dir + "-quick")
+    results = realdata(args, quick)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / ("realdata_quick.json" if quick else "realdata.json")).write_text(json.dumps(results, indent=2) + "\n")
+    if not quick:
+        (RESULTS / "realdata.md").write_text(section(results))
+    return results
+
+
+if __name__ == "__main__":
+    tyro.cli(main)

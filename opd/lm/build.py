@@ -1,0 +1,145 @@
+"""What a `DistillConfig` names, built: the teacher, the prompt sets and their checker, and the actor.
+
+Kept apart from the loop (`opd.lm.train`) so the loop reads top to bottom, and so evaluation can check vocabularies
+without importing the loop.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from opd import losses
+from opd.config import DistillConfig
+from opd.lm.actors import (Actor, Ahead, DataActor, LocalActor, Mixture, Plans, SamplerActor,
+                           TeacherServerActor)
+from opd.lm.data import PromptSet, as_rows, encode, load_rows, task_rows
+from opd.lm.model import load_model, load_tokenizer, unwrap
+from opd.lm.teacher import LocalTeacher, Teacher
+from opd.tasks import get_task
+
+
+def make_teacher(cfg: DistillConfig, student, tokenizer, device="cpu") -> Teacher | None:
+    """The teacher the config names: a local HF model (vocabularies checked) or an OpenAI-compatible server."""
+    if cfg.teacher is None:
+        if cfg.loss != "sft" or cfg.source not in ("data",):
+            raise ValueError(f"source={cfg.source} with loss={cfg.loss} needs a teacher; pass --teacher")
+        return None
+    if cfg.teacher.startswith(("http://", "https://")):
+        from opd.lm.remote import RemoteTeacher
+
+        return RemoteTeacher(cfg.teacher, model=None, top_k=cfg.top_k, timeout=cfg.remote_timeout,
+                             max_retries=cfg.remote_max_retries)
+    model = load_model(cfg.teacher, dtype=cfg.teacher_dtype, device=device)
+    check_same_vocabulary(student, model, tokenizer, load_tokenizer(cfg.teacher))
+    # only the sampled loss reads the teacher's log-prob of the taken token; the divergences use the hidden states
+    return LocalTeacher(model, chunk_size=cfg.chunk_size, with_taken_logp=cfg.loss not in losses.DIVERGENCES)
+
+
+def check_same_vocabulary(student, teacher, student_tok=None, teacher_tok=None) -> None:
+    """Logit-level distillation compares distributions over the same token ids: refuse models that do not share them."""
+    vs = student.get_output_embeddings().weight.shape[0]
+    vt = teacher.get_output_embeddings().weight.shape[0]
+    if vs != vt:
+        raise ValueError(
+            f"teacher vocabulary size {vt} != student vocabulary size {vs}; distil between models that share a "
+            f"tokenizer (cross-tokenizer alignment is not available yet)"
+        )
+    if student_tok is not None and teacher_tok is not None and student_tok.get_vocab() != teacher_tok.get_vocab():
+        raise ValueError(
+            "teacher and student tokenizers map tokens to different ids; distil between models that share a tokenizer"
+        )
+
+
+def prompt_sets(cfg: DistillConfig, tokenizer, max_prompt_len: int, prompts: Any = None, eval_prompts: Any = None,
+                checker: Any = None) -> tuple[PromptSet, PromptSet | None, Any]:
+    """The training prompts, the held-out prompts (or None) and the checker that scores them.
+
+    Python arguments win over the config's flags (`prompts` over --data, `eval_prompts` over --eval-data, `checker`
+    over --checker); with neither, the built-in task gives both splits and its own checker. Everything is checked
+    here, before any model loads.
+    """
+    from opd.lm.checkers import check_columns, get_checker
+
+    task = get_task(cfg.task)
+    if prompts is not None:
+        train_rows = as_rows(prompts, "prompts")
+    elif cfg.data is not None:
+        train_rows = load_rows(cfg.data, cfg.data_split, cfg.data_fields, "--data")
+    else:
+        train_rows = task_rows(task, cfg.train_examples, "train")
+    spec, what = checker if checker is not None else cfg.checker, "--eval-data"
+    if eval_prompts is not None:
+        eval_rows, what = as_rows(eval_prompts, "eval_prompts"), "eval_prompts"
+    elif cfg.eval_data is not None:
+        eval_rows = load_rows(cfg.eval_data, cfg.eval_split, cfg.data_fields, "--eval-data")
+    elif prompts is None and cfg.data is None:
+        eval_rows, spec = task_rows(task, cfg.eval_examples, "test"), spec or f"task:{cfg.task}"
+    else:
+        eval_rows = None  # your own training data and no held-out set: nothing to score
+    check = None
+    if eval_rows is not None:
+        if spec is None:
+            raise ValueError(f"{what} needs a checker to score completions: pass --checker exact | numeric | "
+                             f"regex:PATTERN | ifeval | module:function")
+        eval_rows = eval_rows.select(range(min(len(eval_rows), cfg.eval_examples)))
+        if isinstance(spec, str):
+            check_columns(spec, eval_rows.column_names, what)
+            check = get_checker(spec)
+        elif callable(spec):
+            check = spec
+        else:
+            raise ValueError(f"checker must be a spec string or a callable (row, completion) -> float, "
+                             f"not {type(spec).__name__}")
+    train = encode(tokenizer, train_rows, max_prompt_len, "--data" if cfg.data and prompts is None else "prompts")
+    held_out = None if eval_rows is None else encode(tokenizer, eval_rows, max_prompt_len, what)
+    return train, held_out, check
+
+
+def make_actor(cfg: DistillConfig, student, teacher, prompts: PromptSet, tokenizer, accelerator, out: Path,
+               plans: Plans) -> Actor:
+    """Who acts, as the config says (source, --sampler, --overlap); `plans` lets `--overlap` draw a step ahead."""
+    pad, eos, s = tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.sampling
+    if cfg.source == "data":
+        return DataActor(prompts, pad, eos)
+    if cfg.source == "teacher":
+        if isinstance(teacher, LocalTeacher):
+            return LocalActor(teacher.model, prompts, pad, eos, s, source="teacher")
+        from opd.lm.remote import RemoteSampler
+
+        client = RemoteSampler(cfg.teacher, timeout=cfg.remote_timeout, max_retries=cfg.remote_max_retries)
+        return TeacherServerActor(client, prompts, pad, s)
+    sampler = None
+    if cfg.sampler:
+        from opd.lm.server_rollouts import ServerRollouts
+
+        sampler = ServerRollouts(cfg.sampler, out, cfg.remote_timeout, cfg.remote_max_retries)
+    elif cfg.overlap:  # no server: a second process on this machine samples (opd.lm.process_rollouts)
+        from opd.lm.process_rollouts import ProcessRollouts
+
+        # with a local teacher, the sampler process grades part of each batch too
+        sampler = ProcessRollouts(student, eos, teacher=teacher if isinstance(teacher, LocalTeacher)
+                                  and cfg.loss != "sft" else None)
+    actor = (SamplerActor(sampler, accelerator, prompts, pad, s) if sampler is not None
+             else LocalActor(unwrap(student), prompts, pad, eos, s))
+    if cfg.source == "mixture":
+        actor = Mixture(actor, DataActor(prompts, pad, eos), cfg.lmbda)
+    if cfg.overlap:
+        actor = Ahead(actor, plans, cfg.steps, on_wait=getattr(sampler, "waited", None))
+    return actor
+
+
+def context_length(model_or_path) -> int:
+    """The longest sequence a model takes (its config's max_position_embeddings; unbounded if it names none).
+    Takes a loaded model or a path, whose config alone is read (so prompts are checked before the weights load)."""
+    if isinstance(model_or_path, str):
+        from transformers import AutoConfig
+
+        from opd.lm.model import _split
+
+        path, kwargs = _split(model_or_path)
+        config = AutoConfig.from_pretrained(path, **kwargs)
+    else:
+        config = model_or_path.config
+    config = getattr(config, "get_text_config", lambda: config)()
+    return getattr(config, "max_position_embeddings", None) or 1 << 30
