@@ -18,6 +18,7 @@ SECTIONS = [
     ("reliability.md", "Reliability: crashes, fuzzing, load, a dying teacher server", "opd bench reliability"),
     ("control.md", "The lineage on control tasks", "opd bench control"),
     ("realdata.md", "Your own data on a real model: instruction following with SmolLM2", "opd bench realdata"),
+    ("shared_cpu.md", "Training on a CPU that other jobs share", "opd bench shared_cpu"),
 ]
 
 HEADER = """# Results

@@ -2,41 +2,20 @@
 
 The losses are re-exported here so that `opd.reverse_kl(...)` works; everything else lives in
 `opd.lm` (Hugging Face causal LMs), `opd.control` (gymnasium policies) and `opd.tasks` (data made here).
+
+The re-exports load on first use (PEP 562 `__getattr__`): `import opd.cli` or `opd.config` alone imports no torch,
+so that `opd --help` answers at once.
 """
+
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-from opd.chunked import chunked_divergence, chunked_taken_logp
-from opd.fused import fused_divergence
-from opd.losses import (
-    DIVERGENCES,
-    discounted_returns,
-    feature_l2,
-    forward_kl,
-    generalized_jsd,
-    get_divergence,
-    hinton_kd,
-    masked_mean,
-    policy_gradient_loss,
-    reverse_kl,
-    sampled_reverse_kl,
-    sampled_reverse_kl_pg_loss,
-    skew_forward_kl,
-    skew_reverse_kl,
-    token_cross_entropy,
-    topk_divergence,
-    topk_with_tail,
-    tvd,
-)
-
-__all__ = [
+_LOSSES = (
     "DIVERGENCES",
-    "chunked_divergence",
-    "chunked_taken_logp",
     "discounted_returns",
     "feature_l2",
     "forward_kl",
-    "fused_divergence",
     "generalized_jsd",
     "get_divergence",
     "hinton_kd",
@@ -51,4 +30,48 @@ __all__ = [
     "topk_divergence",
     "topk_with_tail",
     "tvd",
-]
+)
+_HOME = {"chunked_divergence": "chunked", "chunked_taken_logp": "chunked", "fused_divergence": "fused",
+         **{name: "losses" for name in _LOSSES}}
+"""Re-exported name -> the `opd` module that defines it."""
+
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module 'opd' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"opd.{_HOME[name]}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOME])
+
+
+if TYPE_CHECKING:  # what the names are, for type checkers and editors
+    from opd.chunked import chunked_divergence, chunked_taken_logp
+    from opd.fused import fused_divergence
+    from opd.losses import (
+        DIVERGENCES,
+        discounted_returns,
+        feature_l2,
+        forward_kl,
+        generalized_jsd,
+        get_divergence,
+        hinton_kd,
+        masked_mean,
+        policy_gradient_loss,
+        reverse_kl,
+        sampled_reverse_kl,
+        sampled_reverse_kl_pg_loss,
+        skew_forward_kl,
+        skew_reverse_kl,
+        token_cross_entropy,
+        topk_divergence,
+        topk_with_tail,
+        tvd,
+    )

@@ -4,26 +4,65 @@ Errors the user can act on (bad input, a diverged run, an unreachable server) pr
 set OPD_DEBUG=1 to see the traceback instead.
 """
 
+import dataclasses
 import os
+import re
 import sys
 
 from typing import Annotated
 
 import tyro
+from tyro.constructors import ConstructorRegistry, StructConstructorSpec
+
+# Only settings here: each command imports what it runs (torch, transformers, fastapi) when it runs, so that
+# `opd --help` and `opd train --help` answer in well under a second.
+from opd.args import EvalArgs, MergeArgs, QuickstartArgs, ServeArgs, TeacherArgs
+from opd.config import DistillConfig
 
 # Flags without the argument's name in front: `opd train --student X`, not `--cfg.student X`.
 _NO_PREFIX = tyro.conf.arg(name="")
 
 
-def _commands() -> dict:
-    # Imported here so that `opd --help` does not pay for every subcommand's dependencies twice.
-    from opd.config import DistillConfig
-    from opd.quickstart import QuickstartArgs
-    from opd.lm.eval import EvalArgs
-    from opd.lm.lora import MergeArgs
-    from opd.lm.serve import ServeArgs
-    from opd.lm.task_teacher import TeacherArgs
+def _flowing_help() -> ConstructorRegistry:
+    """A tyro registry under which the help of every dataclass field flows.
 
+    Our docstrings are hard-wrapped at 120 columns. tyro 1.0 joins a docstring's lines only where the next one starts
+    with a letter, and it looks before it dedents, so each indented continuation line stayed a line of its own and
+    --help left a word or two alone on a line. Here a single line break becomes a space; a blank line stays a
+    paragraph break. tyro has no setting for this: the rule defers to tyro's own dataclass rule and changes only the
+    help text.
+    """
+    registry = ConstructorRegistry()
+    inner = False
+
+    @registry.struct_rule
+    def flowing(info):
+        nonlocal inner
+        if inner or not dataclasses.is_dataclass(info.type):
+            return None
+        inner = True
+        try:
+            spec = ConstructorRegistry.get_struct_spec(info)  # tyro's own rule (this one returns None while inner)
+        finally:
+            inner = False
+        if not isinstance(spec, StructConstructorSpec):
+            return spec
+        return dataclasses.replace(spec, fields=tuple(dataclasses.replace(f, helptext=_flowed(f.helptext))
+                                                      for f in spec.fields))
+
+    return registry
+
+
+def _flowed(helptext):
+    """`helptext` (a string, None, or tyro's lazy docstring lookup) with single line breaks joined, still lazy."""
+    def text():
+        raw = helptext() if callable(helptext) else helptext
+        return None if raw is None else re.sub(r"[ \t]*(?<!\n)\n(?!\n)[ \t]*", " ", raw)
+
+    return text
+
+
+def _commands() -> dict:
     def quickstart(args: Annotated[QuickstartArgs, _NO_PREFIX]) -> None:
         """Teacher → warm-started student → on-policy distillation vs SFT on teacher samples, as a table."""
         from opd.quickstart import quickstart
@@ -72,10 +111,12 @@ def _commands() -> dict:
             "merge": merge}
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from opd.lm.train import TrainingError
-
-    return (ValueError, OSError, TrainingError)
+def _is_user_error(e: Exception) -> bool:
+    """Bad input, a diverged run, an unreachable server: errors a user can act on."""
+    # TrainingError is raised only by the training loop, so it is looked up only once that is loaded (importing it
+    # here would cost torch's import on every error, --help's exit included).
+    train = sys.modules.get("opd.lm.train")
+    return isinstance(e, (ValueError, OSError)) or (train is not None and isinstance(e, train.TrainingError))
 
 
 BENCHMARKS = {
@@ -85,6 +126,7 @@ BENCHMARKS = {
     "reliability": "reliability.py",
     "perf": "perf/run.py",
     "realdata": "realdata.py",
+    "shared_cpu": "shared_cpu.py",
 }
 """`opd bench NAME [flags]` runs benchmarks/<file> of the source checkout (benchmarks are not installed)."""
 
@@ -113,7 +155,8 @@ def main(argv: list[str] | None = None) -> None:
         return _guarded(_bench, argv[1:])
     commands = _commands()
     _guarded(lambda a: tyro.extras.subcommand_cli_from_dict(
-        commands, args=a, prog="opd", description="On-policy distillation. Benchmarks: opd bench NAME [--quick]."
+        commands, args=a, prog="opd", description="On-policy distillation. Benchmarks: opd bench NAME [--quick].",
+        registry=_flowing_help(),
     ), argv)
 
 
@@ -121,15 +164,18 @@ def _guarded(fn, argv) -> None:
     """Run fn(argv), turning the errors a user can act on into one line on stderr and exit code 2."""
     try:
         fn(argv)
-    except _user_errors() as e:
-        if os.environ.get("OPD_DEBUG"):
+    except KeyboardInterrupt as e:
+        print(f"opd: {e or 'interrupted'}", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:  # `opd train --help | head`: the reader left, nothing to report
+        sys.stderr.close()
+        sys.exit(0)
+    except Exception as e:
+        if not _is_user_error(e) or os.environ.get("OPD_DEBUG"):
             raise
         # Library messages can span lines (HF's OSError does); the contract is one line.
         print("opd: error: " + " ".join(str(e).split()), file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt as e:
-        print(f"opd: {e or 'interrupted'}", file=sys.stderr)
-        sys.exit(130)
 
 
 if __name__ == "__main__":

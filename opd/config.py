@@ -10,7 +10,17 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+
+import tyro
+
+LOSSES = ("sampled", "sft", "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+"""What --loss accepts: the two losses that need no teacher distribution, then `opd.losses.DIVERGENCES` (named here
+rather than imported, so that parsing flags imports no torch; `opd.lm.train.LOSSES` must equal it, a test checks)."""
+
+LossName = Annotated[str, tyro.conf.arg(metavar="{" + ",".join(LOSSES) + "}")]
+"""A loss name: a plain `str` checked in `DistillConfig.__post_init__` (one line naming the choices, not tyro's
+multi-line parse error), shown in --help with its choices."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +112,7 @@ class DistillConfig:
     each batch is on-policy with probability `lmbda`, else reference completions."""
     lmbda: float = 0.5
     """GKD's λ: fraction of batches sampled by the student when source=mixture."""
-    loss: str = "reverse_kl"
+    loss: LossName = "reverse_kl"
     """reverse_kl | forward_kl | jsd | skew_forward_kl | skew_reverse_kl | tvd (full vocabulary, or the teacher's
     top-k plus a tail bucket for a remote teacher), sampled (per-token reverse-KL estimate used as a negative
     advantage, policy-gradient form) or sft (cross-entropy to the batch's tokens, no teacher signal)."""
@@ -126,7 +136,7 @@ class DistillConfig:
     eval_examples: int = 200
     """Held-out problems for accuracy evaluation (the first this many rows of --eval-data)."""
     eval_every: int = 50
-    """Evaluate held-out accuracy every this many steps (0: only at the end)."""
+    """Evaluate held-out accuracy every this many steps and after the last one (0: never)."""
     save_every: int = 100
     """Write a checkpoint every this many steps (and at the end)."""
     chunk_size: int | None = None
@@ -168,6 +178,9 @@ class DistillConfig:
     """Continue from out_dir/checkpoint if it exists."""
     progress: bool = True
     """Show a progress bar."""
+    threads: int | None = None
+    """torch CPU threads of this process (None: torch's default, one per core). On a CPU that other jobs share, fewer
+    threads than cores avoid threads waiting on each other (`benchmarks/results/shared_cpu.md`)."""
     report_to: Literal["none", "tensorboard", "trackio"] = "none"
     """Also log metrics to TensorBoard (out_dir/tensorboard) or trackio, through accelerate's trackers;
     metrics.jsonl is always written."""
@@ -181,25 +194,36 @@ class DistillConfig:
             ("--steps", self.steps >= 1, ">= 1"), ("--batch-size", self.batch_size >= 1, ">= 1"),
             ("--samples-per-prompt", self.samples_per_prompt >= 1, ">= 1"),
             ("--optim.grad-accum", o.grad_accum >= 1, ">= 1"), ("--optim.lr", o.lr > 0, "> 0"),
-            ("--optim.warmup-steps", o.warmup_steps >= 0, ">= 0"), ("--optim.weight-decay", o.weight_decay >= 0, ">= 0"),
+            ("--optim.warmup-steps", o.warmup_steps >= 0, ">= 0"),
+            ("--optim.weight-decay", o.weight_decay >= 0, ">= 0"),
             ("--optim.grad-clip", o.grad_clip >= 0, ">= 0 (0 disables clipping)"),
             ("--sampling.max-new-tokens", s.max_new_tokens >= 1, ">= 1"),
             ("--sampling.temperature", s.temperature >= 0, ">= 0 (0 is greedy)"),
             ("--sampling.top-p", 0 < s.top_p <= 1, "in (0, 1]"), ("--lmbda", 0 <= self.lmbda <= 1, "in [0, 1]"),
-            ("--train-examples", self.train_examples >= 1, ">= 1"), ("--eval-examples", self.eval_examples >= 1, ">= 1"),
-            ("--eval-every", self.eval_every >= 0, ">= 0 (0: only at the end)"), ("--save-every", self.save_every >= 1, ">= 1"),
-            ("--chunk-size", self.chunk_size is None or self.chunk_size >= 1, ">= 1"), ("--top-k", self.top_k >= 1, ">= 1"),
+            ("--train-examples", self.train_examples >= 1, ">= 1"),
+            ("--eval-examples", self.eval_examples >= 1, ">= 1"),
+            ("--eval-every", self.eval_every >= 0, ">= 0 (0: never)"), ("--save-every", self.save_every >= 1, ">= 1"),
+            ("--chunk-size", self.chunk_size is None or self.chunk_size >= 1, ">= 1"),
+            ("--top-k", self.top_k >= 1, ">= 1"),
             ("--sync-every", self.sync_every >= 1, ">= 1"), ("--ratio-clip", self.ratio_clip > 0, "> 0"),
-            ("--remote-timeout", self.remote_timeout > 0, "> 0"), ("--remote-max-retries", self.remote_max_retries >= 0, ">= 0"),
+            ("--remote-timeout", self.remote_timeout > 0, "> 0"),
+            ("--remote-max-retries", self.remote_max_retries >= 0, ">= 0"),
             ("--lora.r", self.lora.r >= 0, ">= 0 (0: no LoRA)"), ("--lora.alpha", self.lora.alpha > 0, "> 0"),
             ("--lora.dropout", 0 <= self.lora.dropout < 1, "in [0, 1)"),
+            ("--threads", self.threads is None or self.threads >= 1, ">= 1"),
         ):
             if not ok:
                 raise ValueError(f"{flag} must be {want}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
         rows = self.batch_size * self.samples_per_prompt
         if rows % o.grad_accum:
             raise ValueError(f"--optim.grad-accum {o.grad_accum} must divide the {rows} sequences of an update "
                              f"(batch_size × samples_per_prompt)")
+        for flag, model in (("--student", self.student), ("--teacher", self.teacher)):
+            if model and Path(model).expanduser().resolve() == Path(self.out_dir).expanduser().resolve():
+                raise ValueError(f"--out-dir {self.out_dir} is the {flag[2:]}'s model directory; its config.json would "
+                                 f"be overwritten: pick another --out-dir")
         if self.sampler is not None and not self.sampler.startswith(("http://", "https://")):
             raise ValueError(f"--sampler {self.sampler!r} is not a URL; pass http(s)://host:port/v1 of a sampler server")
         for flag, used in (("--sampler", self.sampler), ("--overlap", self.overlap)):

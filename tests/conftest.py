@@ -1,5 +1,7 @@
 """Tiny models for the LM tests: the arithmetic task's tokenizer, a teacher and a student built from configs."""
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -37,3 +39,8 @@ def model_dirs(tmp_path_factory, tokenizer):
         tokenizer.save_pretrained(root / name)
         dirs[name] = str(root / name)
     return dirs
+
+
+needs_ifeval = pytest.mark.skipif(importlib.util.find_spec("if_verifiable") is None,
+                                  reason="the ifeval extra (if-verifiable) installs on Python >= 3.11 only")
+"""For tests of the ifeval checker and the instruction-following prompts (pyproject's `ifeval` extra)."""

@@ -92,6 +92,10 @@ def prompt_sets(cfg: DistillConfig, tokenizer, max_prompt_len: int, prompts: Any
             raise ValueError(f"checker must be a spec string or a callable (row, completion) -> float, "
                              f"not {type(spec).__name__}")
     train = encode(tokenizer, train_rows, max_prompt_len, "--data" if cfg.data and prompts is None else "prompts")
+    if getattr(cfg, "source", None) in ("data", "mixture") and train.completion_ids is None:
+        raise ValueError(f"source={cfg.source} trains on reference completions, and these rows have no 'completion' "
+                         f"(or a final assistant message); add them, map one with --data-fields completion=COLUMN, "
+                         f"or use source=student/teacher")
     held_out = None if eval_rows is None else encode(tokenizer, eval_rows, max_prompt_len, what)
     return train, held_out, check
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
-import tyro
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from opd.args import EvalArgs  # noqa: F401 (re-exported)
 from opd.tasks.base import Example, Task
 from opd.tasks.prompts import format_prompt, prompt_token_ids  # noqa: F401 (re-exported)
 
@@ -142,34 +141,6 @@ def heldout_reverse_kl_ids(student, teacher, tokenizer, ids: list[list[int]], ma
         torch.set_rng_state(generator_state)
         student.train(was_training)
     return total / max(count, 1)
-
-
-@dataclass(frozen=True)
-class EvalArgs:
-    """Evaluate a model on held-out prompts: a task's test split or your own data (and against a teacher, if given)."""
-
-    model: tyro.conf.Positional[str]
-    """The model to evaluate: hub id or local directory (e.g. runs/opd/checkpoint, a LoRA checkpoint too)."""
-    teacher: str | None = None
-    """If set, also report the mean per-token reverse KL KL(model ‖ teacher) on the model's own samples."""
-    task: str = "arithmetic"
-    """Task whose held-out ("test") split is used when --data is not given."""
-    data: str | None = None
-    """Your held-out prompts instead: a .jsonl/.json/.parquet/.csv file, a saved dataset or a hub name (`opd.lm.data`)."""
-    data_split: str = "test"
-    """Split of --data to read."""
-    data_fields: str = ""
-    """Map your column names to opd's, e.g. prompt=question,answer=final."""
-    checker: str | None = None
-    """exact | numeric | regex:PATTERN | ifeval | task:NAME | module:function; default: the task's checker."""
-    examples: int = 500
-    """Number of held-out prompts (the first this many rows of --data)."""
-    max_new_tokens: int = 64
-    """Longest completion."""
-    seed: int = 0
-    """Seed of the sampling for the KL estimate (accuracy is greedy)."""
-    out_json: str | None = None
-    """Also write the numbers to this JSON file."""
 
 
 def eval_main(args: EvalArgs) -> dict:

@@ -13,13 +13,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
 
 import torch
-import tyro
 
+from opd.args import MergeArgs  # noqa: F401 (re-exported)
 from opd.config import LoraArgs
 from opd.lm.model import ADAPTER_CONFIG, hf_model, holds_adapter, is_peft_model, load_model, unwrap
 
@@ -143,18 +141,6 @@ def merged_state_dict(model) -> dict[str, torch.Tensor]:
         plain = key.replace(".base_layer.", ".")
         state[plain] = merged.get(plain, tensor)
     return state
-
-
-@dataclass(frozen=True)
-class MergeArgs:
-    """Fold a LoRA run's adapter into its base model and write a plain Hugging Face model directory."""
-
-    run_dir: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="RUN_DIR")]
-    """The run's directory (with config.json and checkpoint/), or a checkpoint directory holding an adapter."""
-    out_dir: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="OUT_DIR")]
-    """Where the merged model and its tokenizer go; must not exist yet (or be empty)."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Data type of the written weights (float32, bfloat16, float16); the merge itself is done in float32."""
 
 
 def merge_main(args: MergeArgs) -> Path:

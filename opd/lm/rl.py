@@ -71,7 +71,7 @@ class RLConfig:
     eval_examples: int = 200
     """Held-out problems for accuracy evaluation."""
     eval_every: int = 50
-    """Evaluate held-out accuracy every this many steps (0: only at the end)."""
+    """Evaluate held-out accuracy every this many steps and after the last one (0: never)."""
     save_every: int = 100
     """Write a checkpoint every this many steps (and at the end)."""
     chunk_size: int | None = None
@@ -190,7 +190,7 @@ def rl(cfg: RLConfig) -> dict:
                 groups_with_signal=(rewards_PG.std(1) > 0).float().mean().item(),  # the rest have zero advantage
                 act_s=t_act - t0, step_s=time.perf_counter() - t0,
             )
-            if held_out is not None and (cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            if held_out is not None and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
                 m["accuracy"] = checked_accuracy(student, tokenizer, held_out, reward_of, cfg.sampling.max_new_tokens)
             metrics_file.write(json.dumps(m) + "\n")
             metrics_file.flush()

@@ -25,13 +25,11 @@ import contextlib
 import secrets
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import fastapi
 import torch
-import tyro
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
@@ -40,48 +38,9 @@ from safetensors.torch import load_file
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from opd.lm.serve_engine import BatchingEngine, LogprobsMode
+from opd.args import ServeArgs  # noqa: F401 (re-exported)
+from opd.lm.serve_engine import BatchingEngine
 from opd.lm.serve_protocol import BadRequest, CompletionRequest, completion_response, rows_for_request
-
-
-@dataclass(frozen=True)
-class ServeArgs:
-    """Settings of `opd serve`."""
-
-    model_dir: tyro.conf.Positional[str]
-    """Directory of a Hugging Face causal LM (config, weights, tokenizer), as written by `save_pretrained`."""
-    served_model_name: str | None = None
-    """Name clients put in `model`; defaults to `model_dir`, like vLLM."""
-    host: str = "127.0.0.1"
-    """Address to listen on; 127.0.0.1 keeps the server private to this machine."""
-    port: int = 8000
-    """Port to listen on."""
-    api_key: str | None = None
-    """If set, requests to /v1 and /opd must carry `Authorization: Bearer <api_key>`."""
-    device: str | None = None
-    """Torch device for the model; default cuda when available, else cpu."""
-    dtype: str = "auto"
-    """Weights dtype (`auto` keeps the checkpoint's, or float32, bfloat16, float16)."""
-    max_batch_size: int = 32
-    """Most sequences in one forward; larger batches are split."""
-    batch_window_ms: float = 5.0
-    """How long the batcher waits for more requests after the first one arrives before running the batch."""
-    max_tokens: int = 1024
-    """Most tokens one request may generate per sequence."""
-    max_model_len: int | None = None
-    """Context length (prompt + generation); defaults to the config's `max_position_embeddings`."""
-    max_prompt_len: int | None = None
-    """Most prompt tokens; defaults to the context length."""
-    max_logprobs: int = 20
-    """Largest `logprobs` / `prompt_logprobs` top-k accepted (vLLM's default is 20 too)."""
-    max_seqs_per_request: int = 256
-    """Most sequences (prompts x n) in one request."""
-    max_request_bytes: int = 16 * 2**20
-    """Largest request body accepted (413 above it)."""
-    logprobs_mode: LogprobsMode = "raw_logprobs"
-    """Log-probs reported for generated tokens: `raw_logprobs` (the model's, temperature 1, vLLM's default) or
-    `processed_logprobs` (the tempered, top-p-truncated distribution actually sampled from; vLLM's
-    `--logprobs-mode processed_logprobs`)."""
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -254,7 +213,16 @@ def load_served(args: ServeArgs) -> tuple[torch.nn.Module, Any]:
 
 def serve_main(args: ServeArgs) -> None:
     """Load `args.model_dir` and serve it until interrupted."""
+    import socket
+
     import uvicorn
 
+    # Before the model loads: a port in use would otherwise surface as uvicorn's error among its shutdown lines.
+    with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:
+        try:
+            probe.bind((args.host, args.port))
+        except OSError as e:
+            raise ValueError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); pick another --port or stop "
+                             f"what holds it") from None
     model, tokenizer = load_served(args)
     uvicorn.run(build_app(model, tokenizer, args), host=args.host, port=args.port, log_level="info")

@@ -14,13 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
+from opd.args import LogprobsMode
 from opd.lm.sampler import next_token_logits
-
-LogprobsMode = Literal["raw_logprobs", "processed_logprobs"]
 
 
 @dataclass

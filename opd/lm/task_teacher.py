@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +29,7 @@ from transformers import (
     get_cosine_schedule_with_warmup,
 )
 
+from opd.args import TeacherArgs  # noqa: F401 (re-exported)
 from opd.lm.eval import accuracy
 from opd.tasks import get_task
 from opd.tasks.base import Example
@@ -112,41 +112,12 @@ def train_supervised(
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
         if should_stop is not None and should_stop(len(losses)):
+            # The bar stops short of its total: say it was meant to.
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", stopped=f"target reached at step {len(losses)}")
             break
+    bar.close()
     model.eval()
     return losses
-
-
-@dataclass(frozen=True)
-class TeacherArgs:
-    """Train a teacher on a task's ground-truth worked examples, measure its held-out accuracy, save it."""
-
-    task: str = "arithmetic"
-    """Task name (see `opd.tasks.TASKS`)."""
-    size: str = "teacher"
-    """Model size (a key of `opd.tasks.models.MODEL_SIZES`)."""
-    steps: int = 1500
-    """Optimizer steps; each sees fresh problems (steps * batch_size distinct draws)."""
-    batch_size: int = 64
-    """Examples per step."""
-    lr: float = 3e-3
-    """Peak learning rate (AdamW, 5% warmup, cosine decay to 0)."""
-    seed: int = 0
-    """Seed for the initialisation, the training problems and their order."""
-    eval_examples: int = 1000
-    """Held-out ("test" split) problems used to measure greedy accuracy."""
-    threads: int = 2
-    """torch CPU threads."""
-    out_dir: str | None = None
-    """Where to save; default `$OPD_CACHE/<task>-teacher` (`$OPD_CACHE` defaults to `~/.cache/opd`)."""
-
-    def command(self) -> str:
-        """The `opd teacher ...` command line that reproduces these settings (output directory left out)."""
-        flags = []
-        for f in fields(self):
-            if f.name != "out_dir":
-                flags += [f"--{f.name.replace('_', '-')}", str(getattr(self, f.name))]
-        return shlex.join(["opd", "teacher", *flags])
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:

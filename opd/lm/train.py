@@ -36,6 +36,7 @@ from opd.lm.actors import Plans
 from opd.lm.build import check_same_vocabulary, context_length, make_actor, make_teacher, prompt_sets
 from opd.lm.model import final_hidden, lm_head, load_tokenizer, unwrap
 from opd.lm.rollout import Batch, scatter_targets
+from opd.lm.runs import drop_logged_after, flat_config, library_bars
 from opd.lm.server_rollouts import ratio_metrics, rollout_seed
 from opd.lm.teacher import TeacherSignal, TeacherUnreachable, score_batch
 
@@ -124,19 +125,11 @@ def divergence_from_config(cfg: DistillConfig):
 
 
 def _library_bars_follow_progress(fn):
-    """With progress=False, transformers' own bars (loading weights, writing shards) stay quiet too."""
+    """With progress=False, the libraries' bars stay quiet too (`library_bars`)."""
     @functools.wraps(fn)
     def run(cfg, *args, **kwargs):
-        from transformers.utils import logging as hf_logging
-
-        were_on = hf_logging.is_progress_bar_enabled()
-        if not cfg.progress:
-            hf_logging.disable_progress_bar()
-        try:
+        with library_bars(cfg.progress):
             return fn(cfg, *args, **kwargs)
-        finally:
-            if were_on:
-                hf_logging.enable_progress_bar()
     return run
 
 
@@ -168,6 +161,8 @@ def distill(cfg: DistillConfig, prompts: Any = None, eval_prompts: Any = None, c
     for note in unused_flags(cfg) if main else ():
         print(f"opd: warning: {note}", file=sys.stderr)
     out = Path(cfg.out_dir)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed + rank)
     # The data first: a bad file or flag fails here, before any weights load.
     tokenizer = load_tokenizer(cfg.student)
@@ -196,21 +191,11 @@ def distill(cfg: DistillConfig, prompts: Any = None, eval_prompts: Any = None, c
         for group, base in zip(opt.param_groups, sched.base_lrs):  # this config's schedule, not the saved one's
             group["lr"], group["initial_lr"] = base * lr_factor(start, cfg.optim, cfg.steps), base
     student, opt = accelerator.prepare(student, opt)
-    if main and cfg.resume and not ckpt:
-        print(f"opd: warning: --resume found no checkpoint in {out / 'checkpoint'}; starting from step 0",
-              file=sys.stderr)
-    if main and ckpt and (out / "config.json").exists():
-        changed = config_changes(json.loads((out / "config.json").read_text()), cfg)
-        if changed:  # all of them take effect from this step on (the learning rate too: set above)
-            print(f"opd: warning: resuming at step {start} with changed settings: {'; '.join(changed)}",
-                  file=sys.stderr)
-    if main:
-        save_config(cfg, out)
-    if cfg.report_to != "none":
-        accelerator.init_trackers("tensorboard" if cfg.report_to == "tensorboard" else out.name,
-                                  config=_flat(to_dict(cfg)))
-    metrics_file = (out / "metrics.jsonl").open("a") if main else None
-    interrupted = _InterruptFlag()
+    rows_per_step = cfg.batch_size * cfg.samples_per_prompt
+    plans = Plans(len(train), cfg.batch_size, cfg.samples_per_prompt, lambda g: actor.choose(g),
+                  lambda step: rollout_seed(cfg.seed, step, rank, world, rows_per_step), rng)
+    actor = make_actor(cfg, student, teacher, train, tokenizer, accelerator, out, plans)
+    metrics_file, interrupted, last = None, _InterruptFlag(), {}
 
     def checkpoint(step: int, rng_states) -> None:
         # Every process's RNGs go into the one checkpoint, so a resumed multi-process run is bit-for-bit too.
@@ -220,15 +205,26 @@ def distill(cfg: DistillConfig, prompts: Any = None, eval_prompts: Any = None, c
                             extra_files={"loop_rng.pt": rng_states})
         accelerator.wait_for_everyone()
 
-    group = cfg.batch_size * cfg.samples_per_prompt
-    plans = Plans(len(train), cfg.batch_size, cfg.samples_per_prompt, lambda g: actor.choose(g),
-                  lambda step: rollout_seed(cfg.seed, step, rank, world, group), rng)
-    actor = make_actor(cfg, student, teacher, train, tokenizer, accelerator, out, plans)
-    student.train()
-    costs = flops.model_cost(unwrap(student)), flops.model_cost(getattr(teacher, "model", None))
-    total_flops = flops.logged_total(out / "metrics.jsonl", start)
-    last = {}
     try:
+        if main and cfg.resume and not ckpt:
+            print(f"opd: warning: --resume found no checkpoint in {out / 'checkpoint'}; starting from step 0",
+                  file=sys.stderr)
+        if main and ckpt and (out / "config.json").exists():
+            changed = config_changes(json.loads((out / "config.json").read_text()), cfg)
+            if changed:  # all of them take effect from this step on (the learning rate too: set above)
+                print(f"opd: warning: resuming at step {start} with changed settings: {'; '.join(changed)}",
+                      file=sys.stderr)
+        if main:
+            save_config(cfg, out)
+        if cfg.report_to != "none":
+            accelerator.init_trackers("tensorboard" if cfg.report_to == "tensorboard" else out.name,
+                                      config=flat_config(to_dict(cfg)))
+        if main and ckpt:
+            drop_logged_after(out / "metrics.jsonl", start)  # steps logged after the checkpoint are redone now
+        metrics_file = (out / "metrics.jsonl").open("a") if main else None
+        student.train()
+        costs = flops.model_cost(unwrap(student)), flops.model_cost(getattr(teacher, "model", None))
+        total_flops = flops.logged_total(out / "metrics.jsonl", start)
         bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not (cfg.progress and main),
                    desc=f"distill {cfg.source} {cfg.loss} seed {cfg.seed}")
         for step in bar:
@@ -270,8 +266,8 @@ def distill(cfg: DistillConfig, prompts: Any = None, eval_prompts: Any = None, c
             m.update(flops.step_flops(*costs, batch.attention_mask_BL, batch.mask_BT, draw.source,
                                       scored=cfg.loss != "sft"))
             total_flops = m["total_flops"] = total_flops + m["flops"] * world
-            if main and held_out is not None and (
-                    cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            if main and held_out is not None and cfg.eval_every and (
+                    (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
                 from opd.lm.eval import checked_accuracy
 
                 m["accuracy"] = checked_accuracy(unwrap(student), tokenizer, held_out, check,
@@ -343,17 +339,6 @@ def _any_process(accelerator, flag: bool) -> bool:
     if accelerator.num_processes == 1:
         return flag
     return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "max").item())
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    """A nested config as flat scalars (trackers such as TensorBoard's hparams take nothing else)."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
 
 
 class _InterruptFlag:

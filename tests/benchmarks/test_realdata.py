@@ -1,8 +1,11 @@
 import json
 
+import pytest
 import torch
 
-from benchmarks import realdata as rd
+pytest.importorskip("if_verifiable", reason="the ifeval extra (if-verifiable) installs on Python >= 3.11 only")
+
+from benchmarks import realdata as rd  # noqa: E402 (after the skip)
 
 
 def test_quick_realdata_runs_every_row_through_data_files_and_writes_results(tmp_path, monkeypatch):

@@ -39,3 +39,10 @@ def test_two_processes_train_in_lockstep(model_dirs, tmp_path):
     a = load_file(tmp_path / "checkpoint" / "model.safetensors")
     b = load_file(tmp_path / "b" / "checkpoint" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_processes_train_a_lora_student_with_accumulation_in_lockstep(model_dirs, tmp_path):
+    launch(model_dirs, tmp_path, "2", "--lora")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["checksum"] == ranks[1]["checksum"] and ranks[0]["loss"] != ranks[1]["loss"]
+    assert (tmp_path / "checkpoint" / "adapter_model.safetensors").exists()

@@ -162,3 +162,12 @@ def test_an_overlapped_run_with_a_local_teacher_grades_rows_in_the_sampler(model
     graded = [m.get("sampler_teacher_rows", 0) for m in rows]
     assert all(0 <= g <= 4 for g in graded) and any(g > 0 for g in graded)
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in rows)
+
+
+def test_overlap_with_a_lora_student(model_dirs, tmp_path):
+    from opd.config import LoraArgs
+
+    distill(_cfg(model_dirs, tmp_path, steps=3, lora=LoraArgs(r=4, target_modules=("q_proj", "v_proj"))))
+    rows = _metrics(tmp_path)
+    assert [m["step"] for m in rows] == [1, 2, 3] and rows[0]["sampler_kl"] < 1e-6
+    assert all(m["sampler_kl"] > 1e-7 for m in rows[1:])  # one update staler

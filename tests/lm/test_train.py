@@ -32,7 +32,7 @@ def tiny_cfg(dirs, tmp_path, **kw) -> DistillConfig:
      ("teacher", "sft"), ("teacher", "skew_reverse_kl"), ("data", "sft"), ("student", "tvd")],
 )
 def test_every_source_and_loss_trains_and_writes_a_run(model_dirs, tmp_path, source, loss):
-    cfg = tiny_cfg(model_dirs, tmp_path, source=source, loss=loss)
+    cfg = tiny_cfg(model_dirs, tmp_path, source=source, loss=loss, eval_every=2)
     before = load_file(Path(model_dirs["student"]) / "model.safetensors")
     out = distill(cfg)
     run = Path(cfg.out_dir)
@@ -257,3 +257,19 @@ def test_a_bf16_teacher_scores_in_bf16_and_the_loss_stays_float32_and_close(mode
         values[dtype] = loss_value.item()
     # bf16 keeps ~3 significant digits of the teacher's logits: the loss moves, but only a little
     assert values["bfloat16"] == pytest.approx(values["float32"], rel=0.05)
+
+
+def test_a_resumed_run_logs_each_step_once(model_dirs, tmp_path):
+    distill(tiny_cfg(model_dirs, tmp_path, steps=2, save_every=2))
+    log = tmp_path / "run" / "metrics.jsonl"
+    # killed after logging step 3 and before its checkpoint (and mid-way through a line)
+    log.write_text(log.read_text() + json.dumps({"step": 3, "loss": -1.0}) + "\n" + '{"step": 4, "lo')
+    distill(tiny_cfg(model_dirs, tmp_path, steps=4, save_every=2, resume=True))
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [m["step"] for m in rows] == [1, 2, 3, 4] and rows[2]["loss"] != -1.0
+
+
+def test_eval_every_zero_never_evaluates_and_no_progress_silences_the_library_bars(model_dirs, tmp_path, capfd):
+    out = distill(tiny_cfg(model_dirs, tmp_path, steps=2, save_every=1, eval_every=0))
+    assert "accuracy" not in out
+    assert "Writing model shards" not in capfd.readouterr().err  # two checkpoint saves, no bars

@@ -37,7 +37,7 @@ def metrics(tmp_path):
 @pytest.mark.parametrize("source,loss", [("student", "reverse_kl"), ("data", "sft"), ("mixture", "jsd")])
 def test_training_on_a_jsonl_file_with_mapped_columns_and_a_checker(model_dirs, tmp_path, source, loss):
     train, held_out = jsonl(tmp_path / "train.jsonl", rows(16)), jsonl(tmp_path / "test.jsonl", rows(4, "test"))
-    out = distill(cfg(model_dirs, tmp_path, data=train, eval_data=held_out, checker="regex:ans=(\\d+)",
+    out = distill(cfg(model_dirs, tmp_path, data=train, eval_data=held_out, checker="regex:ans=(\\d+)", eval_every=5,
                       data_fields="prompt=question,completion=solution,answer=final", source=source, loss=loss))
     assert 0.0 <= out["accuracy"] <= 1.0 and [m["step"] for m in metrics(tmp_path)] == [1, 2]
 
@@ -137,3 +137,19 @@ def test_bad_data_flags_fail_before_training(model_dirs, tmp_path):
         with pytest.raises(ValueError, match=match):
             distill(cfg(model_dirs, tmp_path, **kw))
     assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+def test_trackio_gets_the_metrics(model_dirs, tmp_path):
+    import sqlite3
+    import subprocess
+    import sys
+
+    # trackio reads its directory when imported: a child process with TRACKIO_DIR set keeps it off ~/.cache
+    script = (f"from opd.config import DistillConfig, SamplingArgs; from opd.lm.train import distill; "
+              f"distill(DistillConfig(student={model_dirs['student']!r}, teacher={model_dirs['teacher']!r}, steps=2, "
+              f"batch_size=2, eval_examples=2, sampling=SamplingArgs(max_new_tokens=4), "
+              f"out_dir={str(tmp_path / 'run')!r}, progress=False, report_to='trackio'))")
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
+                   env={**__import__("os").environ, "TRACKIO_DIR": str(tmp_path / "trackio")})
+    rows = sqlite3.connect(tmp_path / "trackio" / "run.db").execute("select step, metrics from metrics").fetchall()
+    assert [step for step, _ in rows] == [1, 2] and all(b'"loss"' in m for _, m in rows)

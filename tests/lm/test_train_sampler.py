@@ -270,3 +270,13 @@ def test_a_server_without_weight_updates_is_refused_clearly():
     transport = httpx.MockTransport(lambda request: httpx.Response(404, json={"detail": "Not Found"}))
     with pytest.raises(ValueError, match=r"has no /opd/update_weights.*opd serve"):
         RemoteSampler("http://vllm.test/v1", model="m", transport=transport).update_weights("/tmp/w")
+
+
+def test_a_lora_student_pushes_merged_weights_that_sample_like_it(model_dirs, tmp_path, sampler_url):
+    from opd.config import LoraArgs
+
+    distill(cfg_for(model_dirs, tmp_path, sampler_url + "/v1", lora=LoraArgs(r=4), steps=2))
+    rows = metrics(tmp_path)
+    # the first batch comes from the pushed weights of the very student being trained: the merged LoRA model
+    assert rows[0]["sampler_kl"] < 1e-6 and rows[0]["is_ratio_clipped"] == 0.0
+    assert (tmp_path / "checkpoint" / "adapter_config.json").exists()

@@ -1,0 +1,156 @@
+"""Settings of the `opd` commands other than `train` (whose config is `opd.config.DistillConfig`): one frozen dataclass
+per command, one docstring per field.
+
+They live here, apart from the code that runs them, so that building the command line (`opd --help`) imports no
+torch, transformers or fastapi; `opd.quickstart`, `opd.lm.eval`, `opd.lm.serve`, `opd.lm.task_teacher` and
+`opd.lm.lora` re-export the ones they run.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, fields
+from typing import Annotated, Literal
+
+import tyro
+
+LogprobsMode = Literal["raw_logprobs", "processed_logprobs"]
+"""What `opd serve` reports as a generated token's log-prob (see `ServeArgs.logprobs_mode`)."""
+
+
+@dataclass(frozen=True)
+class QuickstartArgs:
+    """The quickstart comparison; the defaults are what the README's numbers come from."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """One run of each method per seed (prompt order, sampling), all from the same warm-started student."""
+    steps: int = 200
+    """Student updates for each method."""
+    batch_size: int = 32
+    """Prompts per update."""
+    lr: float = 1e-3
+    """Student learning rate (both methods)."""
+    warm_start_steps: int = 1500
+    """Most SFT steps (batch 64) on ground truth for the student's starting point; the warm start stops earlier, as soon
+    as the student gets 20 % of training problems right (this student learns the task suddenly, at a step that varies
+    by seed). Cached after the first run."""
+    warm_start_seed: int = 0
+    """Seed of the warm start (initialisation and data)."""
+    eval_examples: int = 500
+    """Held-out problems for the accuracies in the table."""
+    out_dir: str = "runs/quickstart"
+    """Run directory: teacher/, seed-*/ runs, results.json."""
+    threads: int = 2
+    """torch CPU threads."""
+
+
+@dataclass(frozen=True)
+class TeacherArgs:
+    """Train a teacher on a task's ground-truth worked examples, measure its held-out accuracy, save it."""
+
+    task: str = "arithmetic"
+    """Task name (see `opd.tasks.TASKS`)."""
+    size: str = "teacher"
+    """Model size (a key of `opd.tasks.models.MODEL_SIZES`)."""
+    steps: int = 1500
+    """Optimizer steps; each sees fresh problems (steps * batch_size distinct draws)."""
+    batch_size: int = 64
+    """Examples per step."""
+    lr: float = 3e-3
+    """Peak learning rate (AdamW, 5% warmup, cosine decay to 0)."""
+    seed: int = 0
+    """Seed for the initialisation, the training problems and their order."""
+    eval_examples: int = 1000
+    """Held-out ("test" split) problems used to measure greedy accuracy."""
+    threads: int = 2
+    """torch CPU threads."""
+    out_dir: str | None = None
+    """Where to save; default `$OPD_CACHE/<task>-teacher` (`$OPD_CACHE` defaults to `~/.cache/opd`)."""
+
+    def command(self) -> str:
+        """The `opd teacher ...` command line that reproduces these settings (output directory left out)."""
+        flags = []
+        for f in fields(self):
+            if f.name != "out_dir":
+                flags += [f"--{f.name.replace('_', '-')}", str(getattr(self, f.name))]
+        return shlex.join(["opd", "teacher", *flags])
+
+
+@dataclass(frozen=True)
+class EvalArgs:
+    """Evaluate a model on held-out prompts: a task's test split or your own data (and against a teacher, if given)."""
+
+    model: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="MODEL")]
+    """The model to evaluate: hub id or local directory (e.g. runs/opd/checkpoint, a LoRA checkpoint too)."""
+    teacher: str | None = None
+    """If set, also report the mean per-token reverse KL KL(model ‖ teacher) on the model's own samples."""
+    task: str = "arithmetic"
+    """Task whose held-out ("test") split is used when --data is not given."""
+    data: str | None = None
+    """Your held-out prompts instead: a .jsonl/.json/.parquet/.csv file, a saved dataset or a hub name (`opd.lm.data`)."""
+    data_split: str = "test"
+    """Split of --data to read."""
+    data_fields: str = ""
+    """Map your column names to opd's, e.g. prompt=question,answer=final."""
+    checker: str | None = None
+    """exact | numeric | regex:PATTERN | ifeval | task:NAME | module:function; default: the task's checker."""
+    examples: int = 500
+    """Number of held-out prompts (the first this many rows of --data)."""
+    max_new_tokens: int = 64
+    """Longest completion."""
+    seed: int = 0
+    """Seed of the sampling for the KL estimate (accuracy is greedy)."""
+    out_json: str | None = None
+    """Also write the numbers to this JSON file."""
+
+
+@dataclass(frozen=True)
+class ServeArgs:
+    """Settings of `opd serve`."""
+
+    model_dir: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="MODEL_DIR")]
+    """Directory of a Hugging Face causal LM (config, weights, tokenizer), as written by `save_pretrained`."""
+    served_model_name: str | None = None
+    """Name clients put in `model`; defaults to `model_dir`, like vLLM."""
+    host: str = "127.0.0.1"
+    """Address to listen on; 127.0.0.1 keeps the server private to this machine."""
+    port: int = 8000
+    """Port to listen on."""
+    api_key: str | None = None
+    """If set, requests to /v1 and /opd must carry `Authorization: Bearer <api_key>`."""
+    device: str | None = None
+    """Torch device for the model; default cuda when available, else cpu."""
+    dtype: str = "auto"
+    """Weights dtype (`auto` keeps the checkpoint's, or float32, bfloat16, float16)."""
+    max_batch_size: int = 32
+    """Most sequences in one forward; larger batches are split."""
+    batch_window_ms: float = 5.0
+    """How long the batcher waits for more requests after the first one arrives before running the batch."""
+    max_tokens: int = 1024
+    """Most tokens one request may generate per sequence."""
+    max_model_len: int | None = None
+    """Context length (prompt + generation); defaults to the config's `max_position_embeddings`."""
+    max_prompt_len: int | None = None
+    """Most prompt tokens; defaults to the context length."""
+    max_logprobs: int = 20
+    """Largest `logprobs` / `prompt_logprobs` top-k accepted (vLLM's default is 20 too)."""
+    max_seqs_per_request: int = 256
+    """Most sequences (prompts x n) in one request."""
+    max_request_bytes: int = 16 * 2**20
+    """Largest request body accepted (413 above it)."""
+    logprobs_mode: LogprobsMode = "raw_logprobs"
+    """Log-probs reported for generated tokens: `raw_logprobs` (the model's, temperature 1, vLLM's default) or
+    `processed_logprobs` (the tempered, top-p-truncated distribution actually sampled from; vLLM's
+    `--logprobs-mode processed_logprobs`)."""
+
+
+@dataclass(frozen=True)
+class MergeArgs:
+    """Fold a LoRA run's adapter into its base model and write a plain Hugging Face model directory."""
+
+    run_dir: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="RUN_DIR")]
+    """The run's directory (with config.json and checkpoint/), or a checkpoint directory holding an adapter."""
+    out_dir: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="OUT_DIR")]
+    """Where the merged model and its tokenizer go; must not exist yet (or be empty)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Data type of the written weights (float32, bfloat16, float16); the merge itself is done in float32."""
