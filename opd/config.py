@@ -179,8 +179,9 @@ class DistillConfig:
     progress: bool = True
     """Show a progress bar."""
     threads: int | None = None
-    """torch CPU threads of this process (None: torch's default, one per core). On a CPU that other jobs share, fewer
-    threads than cores avoid threads waiting on each other (`benchmarks/results/shared_cpu.md`)."""
+    """torch CPU threads of this process. None: torch's default (one per core), lowered to the cores that no other job
+    is running on when the run starts, since threads waiting on each other for a busy core make every step several
+    times slower (`benchmarks/results/shared_cpu.md`)."""
     report_to: Literal["none", "tensorboard", "trackio"] = "none"
     """Also log metrics to TensorBoard (out_dir/tensorboard) or trackio, through accelerate's trackers;
     metrics.jsonl is always written."""

@@ -86,6 +86,7 @@ def run_opd(spec: dict, scratch: Path, **server_rollouts) -> dict:
     cfg = DistillConfig(
         student=spec["student"], teacher=spec["teacher"], task="arithmetic", source="student", loss=spec["loss"],
         beta=spec["beta"], steps=spec["steps"], batch_size=spec["batch_size"],
+        threads=torch.get_num_threads(),  # what the entry set: never lowered by what else runs at that moment
         sampling=SamplingArgs(max_new_tokens=spec["max_new_tokens"], temperature=1.0, top_p=1.0,
                               compile=spec["system"].endswith("_compile")),
         optim=OptimArgs(lr=spec["lr"], warmup_steps=0, weight_decay=0.0, grad_clip=1.0),

@@ -36,7 +36,7 @@ from opd.lm.actors import Plans
 from opd.lm.build import check_same_vocabulary, context_length, make_actor, make_teacher, prompt_sets
 from opd.lm.model import final_hidden, lm_head, load_tokenizer, unwrap
 from opd.lm.rollout import Batch, scatter_targets
-from opd.lm.runs import drop_logged_after, flat_config, library_bars
+from opd.lm.runs import drop_logged_after, flat_config, free_cores, library_bars
 from opd.lm.server_rollouts import ratio_metrics, rollout_seed
 from opd.lm.teacher import TeacherSignal, TeacherUnreachable, score_batch
 
@@ -163,6 +163,11 @@ def distill(cfg: DistillConfig, prompts: Any = None, eval_prompts: Any = None, c
     out = Path(cfg.out_dir)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    elif (free := free_cores()) < torch.get_num_threads():
+        # Other jobs hold some cores: threads waiting on each other for a busy core make every step far slower.
+        print(f"opd: note: other jobs are running on this CPU; using {free} torch thread(s) instead of "
+              f"{torch.get_num_threads()} (--threads N to choose)", file=sys.stderr)
+        torch.set_num_threads(free)
     torch.manual_seed(cfg.seed + rank)
     # The data first: a bad file or flag fails here, before any weights load.
     tokenizer = load_tokenizer(cfg.student)

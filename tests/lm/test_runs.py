@@ -23,3 +23,24 @@ def test_library_bars_restores_the_previous_setting():
     with library_bars(False):
         assert not hf_logging.is_progress_bar_enabled()
     assert hf_logging.is_progress_bar_enabled()
+
+
+def test_free_cores_counts_the_cores_other_jobs_leave(monkeypatch):
+    import os
+
+    import opd.lm.runs as runs
+
+    cores = len(os.sched_getaffinity(0))
+    reads = iter(["0.5 0.5 0.5 1/80 99", "0.5 0.5 0.5 3/80 99", "0.5 0.5 0.5 1/80 99"] * 2)
+
+    class FakeLoadavg:
+        def __init__(self, path):
+            pass
+
+        def read_text(self):
+            return next(reads)
+
+    monkeypatch.setattr(runs, "Path", FakeLoadavg)
+    assert runs.free_cores(samples=3, interval_s=0) == cores  # the median: nothing else runnable
+    reads = iter([f"1 1 1 {cores + 3}/80 99"] * 3)
+    assert runs.free_cores(samples=3, interval_s=0) == 1  # more busy tasks than cores: still one thread
