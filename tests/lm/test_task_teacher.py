@@ -129,3 +129,10 @@ def test_exact_match_rate_is_the_share_greedy_decoding_writes_exactly():
     expected = sum(g == e.completion for g, e in zip(greedy, examples)) / len(examples)
     assert 0.0 < expected < 1.0
     assert exact_match_rate(teacher, tok, examples) == expected
+
+
+def test_a_run_that_stops_early_on_purpose_says_so_on_its_bar(capsys):
+    examples = TASK.examples(8, seed=0, split="train")
+    losses = train_supervised(make_model("xs", TOK, seed=0), TOK, examples, steps=50, batch_size=4, lr=1e-3, seed=0,
+                              progress=True, should_stop=lambda done: done == 3)
+    assert len(losses) == 3 and "stopped=target reached at step 3" in capsys.readouterr().err
