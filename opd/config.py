@@ -16,7 +16,7 @@ import tyro
 
 LOSSES = ("sampled", "sft", "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 """What --loss accepts: the two losses that need no teacher distribution, then `opd.losses.DIVERGENCES` (named here
-rather than imported, so that parsing flags imports no torch; `opd.lm.train.LOSSES` must equal it, a test checks)."""
+rather than imported, so that parsing flags imports no torch; it must list `opd.losses.DIVERGENCES`, a test checks)."""
 
 LossName = Annotated[str, tyro.conf.arg(metavar="{" + ",".join(LOSSES) + "}")]
 """A loss name: a plain `str` checked in `DistillConfig.__post_init__` (one line naming the choices, not tyro's
@@ -234,7 +234,7 @@ class DistillConfig:
 
 def unused_flags(cfg: DistillConfig) -> list[str]:
     """Flags set away from their defaults that do nothing in this configuration, one line each (for a warning)."""
-    default = DistillConfig(student=cfg.student)
+    default = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
     notes = []
     for name, used, why in (
         ("lmbda", cfg.source == "mixture", "only --source mixture reads it"),
@@ -248,7 +248,7 @@ def unused_flags(cfg: DistillConfig) -> list[str]:
         ("data_split", cfg.data is not None, "only --data reads it"),
         ("eval_split", cfg.eval_data is not None, "only --eval-data reads it"),
     ):
-        if not used and getattr(cfg, name) != getattr(default, name):
+        if not used and getattr(cfg, name) != default[name]:
             notes.append(f"--{name.replace('_', '-')} does nothing here: {why}")
     return notes
 

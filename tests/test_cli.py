@@ -124,14 +124,14 @@ def test_help_flows_shows_choices_and_metavars_and_imports_no_torch():
     import docstring_parser  # tyro's own docstring reader
 
     from opd.config import LOSSES, DistillConfig, LoraArgs, OptimArgs, SamplingArgs
-    from opd.lm.train import LOSSES as TRAIN_LOSSES
+    from opd.losses import DIVERGENCES
 
     # A terminal wide enough that tyro wraps nothing: each field's help is then one line if its docstring flows.
     done = subprocess.run([sys.executable, "-c", HELP_WITHOUT_TORCH], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "COLUMNS": "1000"})
     assert done.returncode == 0, done.stderr
     train, evaluate, serve, bench, _ = done.stdout.split("\f")
-    assert TRAIN_LOSSES == LOSSES and "--loss {" + ",".join(LOSSES) + "}" in train
+    assert LOSSES == ("sampled", "sft", *DIVERGENCES) and "--loss {" + ",".join(LOSSES) + "}" in train
     lines = [line.strip("│ ") for line in train.splitlines()]  # tyro draws boxes in UTF-8 or, here, in ASCII
     # Docstrings are wrapped at 120 columns; joined, these phrases sit on one line (they were split after "bf16",
     # and before "`--overlap`" in a nested group).

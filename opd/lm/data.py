@@ -19,6 +19,8 @@ from typing import Any, Sequence
 
 import datasets
 
+from opd.tasks.prompts import chat_token_ids, text_token_ids
+
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 """File suffix -> the `datasets` builder that reads it."""
 KNOWN_COLUMNS = ("prompt", "messages", "completion", "answer")
@@ -123,14 +125,12 @@ def encode(tokenizer, rows: datasets.Dataset, max_prompt_len: int, what: str = "
             messages = list(row["messages"])
             if messages[-1].get("role") == "assistant" and row.get("completion") is None:
                 row["completion"] = messages.pop()["content"]
-            ids = _chat_ids(tokenizer, messages)
+            ids = chat_token_ids(tokenizer, messages)
             users = [m["content"] for m in messages if m.get("role") == "user"]
             row.setdefault("prompt", None)
             row["prompt"] = row["prompt"] or (users[-1] if users else "")
-        elif has_template:  # plain text for a chat model: one user turn
-            ids = _chat_ids(tokenizer, [{"role": "user", "content": row["prompt"]}])
-        else:
-            ids = tokenizer(row["prompt"], add_special_tokens=True)["input_ids"]
+        else:  # plain text: one user turn for a chat model
+            ids = text_token_ids(tokenizer, row["prompt"])
         if len(ids) > max_prompt_len:
             raise ValueError(f"{what} row {i}: the prompt is {len(ids)} tokens but the model's context leaves room for "
                              f"{max_prompt_len} (context minus max_new_tokens); shorten it or lower max_new_tokens")
@@ -141,13 +141,6 @@ def encode(tokenizer, rows: datasets.Dataset, max_prompt_len: int, what: str = "
     if all(c is not None for c in completions):
         completion_ids = tokenizer([str(c) for c in completions], add_special_tokens=False)["input_ids"]
     return PromptSet(prompt_ids, completion_ids, plain_rows)
-
-
-def _chat_ids(tokenizer, messages: list[dict]) -> list[int]:
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 returns a BatchEncoding
-        ids = ids["input_ids"]
-    return list(ids)
 
 
 def _from_disk(p: Path, split: str, what: str) -> datasets.Dataset:

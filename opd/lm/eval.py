@@ -20,17 +20,7 @@ def generate_greedy(
     max_new_tokens: int,
 ) -> list[str]:
     """Greedy completions of `prompts` (one left-padded batch), decoded from the new tokens only, stopped at eos."""
-    if tokenizer.padding_side != "left":
-        raise ValueError("generation needs a left-padding tokenizer; set tokenizer.padding_side = 'left'")
-    batch = tokenizer.pad({"input_ids": prompt_token_ids(tokenizer, prompts)}, return_tensors="pt").to(model.device)
-    out_BL = model.generate(
-        **batch,
-        do_sample=False,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return tokenizer.batch_decode(out_BL[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    return greedy_completions(model, tokenizer, prompt_token_ids(tokenizer, prompts), max_new_tokens)
 
 
 def accuracy(

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from opd.lm.sampler import sample_completions
+from opd.tasks.prompts import text_token_ids
 
 if TYPE_CHECKING:
     from opd.lm.teacher import TeacherSignal
@@ -82,18 +83,13 @@ def encode_prompts(tokenizer, prompts: list[str], max_prompt_len: int) -> list[l
         raise ValueError("no prompts to encode: the dataset is empty; pass a task or a file with at least one prompt")
     out = []
     for i, p in enumerate(prompts):
-        if getattr(tokenizer, "chat_template", None):
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-        else:
-            ids = tokenizer(p, add_special_tokens=True)["input_ids"]
+        ids = text_token_ids(tokenizer, p)
         if len(ids) > max_prompt_len:
             raise ValueError(
                 f"prompt {i} is {len(ids)} tokens but the model's context leaves room for {max_prompt_len} "
                 f"(context minus max_new_tokens); shorten the prompt or lower max_new_tokens"
             )
-        out.append(list(ids))
+        out.append(ids)
     return out
 
 

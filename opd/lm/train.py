@@ -31,7 +31,7 @@ from opd import flops, losses
 from opd.chunked import chunked_divergence, chunked_taken_logp
 from opd.fused import fused_divergence
 from opd.checkpoint import find_checkpoint, load_trainer_state, save_checkpoint, verify_checkpoint
-from opd.config import DistillConfig, OptimArgs, config_changes, save_config, to_dict, unused_flags
+from opd.config import LOSSES, DistillConfig, OptimArgs, config_changes, save_config, to_dict, unused_flags
 from opd.lm.actors import Plans
 from opd.lm.build import check_same_vocabulary, context_length, make_actor, make_teacher, prompt_sets
 from opd.lm.model import final_hidden, lm_head, load_tokenizer, unwrap
@@ -40,7 +40,6 @@ from opd.lm.runs import drop_logged_after, flat_config, free_cores, library_bars
 from opd.lm.server_rollouts import ratio_metrics, rollout_seed
 from opd.lm.teacher import TeacherSignal, TeacherUnreachable, score_batch
 
-LOSSES = ("sampled", "sft", *losses.DIVERGENCES)
 Callback = Callable[[int, Any, dict], Any]
 """`callback(step, student, metrics)` after every update; return True to stop the run (a checkpoint is saved)."""
 __all__ = ["distill", "student_loss", "make_teacher", "check_same_vocabulary", "TrainingError", "LOSSES"]
@@ -146,8 +145,6 @@ def distill(cfg: DistillConfig, prompts: Any = None, eval_prompts: Any = None, c
     Runs unchanged under `accelerate launch` (DDP on CPU or GPUs, FSDP): each process samples its own prompts,
     gradients are averaged across processes, and the main process logs, evaluates and saves.
     """
-    if cfg.loss not in LOSSES:
-        raise ValueError(f"unknown loss {cfg.loss!r}; choose one of {', '.join(LOSSES)}")
     if cfg.loss in losses.DIVERGENCES:
         divergence_from_config(cfg)  # bad β/α fail now, not at the first step
     # Without a GPU, cpu=True lets accelerate pick gloo when launched with several processes.
@@ -163,7 +160,7 @@ def distill(cfg: DistillConfig, prompts: Any = None, eval_prompts: Any = None, c
     out = Path(cfg.out_dir)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    elif (free := free_cores()) < torch.get_num_threads():
+    elif torch.get_num_threads() > 1 and (free := free_cores()) < torch.get_num_threads():
         # Other jobs hold some cores: threads waiting on each other for a busy core make every step far slower.
         print(f"opd: note: other jobs are running on this CPU; using {free} torch thread(s) instead of "
               f"{torch.get_num_threads()} (--threads N to choose)", file=sys.stderr)
@@ -326,9 +323,9 @@ def accumulate(student, teacher, batch: Batch, cfg: DistillConfig, accelerator, 
                 f"{find_checkpoint(Path(cfg.out_dir) / 'checkpoint') or 'none'}; lower optim.lr or check the data, "
                 f"then run again with --resume"
             )
-        weight = m["completion_tokens"] / total_tokens if k > 1 else 1.0
+        weight = m["completion_tokens"] / total_tokens
         with accelerator.no_sync(student) if j < k - 1 else nullcontext():
-            accelerator.backward(loss * weight if k > 1 else loss)
+            accelerator.backward(loss * weight)
         for key, value in m.items():
             merged[key] = merged.get(key, 0) + (value if key == "completion_tokens" else value * weight)
     return merged

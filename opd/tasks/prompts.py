@@ -18,6 +18,22 @@ def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
     return prompt
 
 
+def chat_token_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
+    """Token ids of a chat, rendered with the tokenizer's chat template and a generation prompt."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 returns a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def text_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """Token ids of one prompt text: a single user turn through the chat template if the tokenizer has one, else the
+    text with whatever special tokens the tokenizer adds."""
+    if getattr(tokenizer, "chat_template", None):
+        return chat_token_ids(tokenizer, [{"role": "user", "content": prompt}])
+    return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+
 def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[list[int]]:
     """Token ids of each prompt as the model sees it: through the chat template if there is one (which writes
     any special tokens itself), else with whatever special tokens the tokenizer adds (none for ours)."""
