@@ -161,15 +161,45 @@ def get_divergence(name: str, **kwargs: float) -> Divergence:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _log_tail(logp_K: torch.Tensor) -> torch.Tensor:
-    """log(1 − Σ exp(logp_K)) over the last dim, floored at log(smallest normal float).
+REPORTED_RESOLUTION = torch.finfo(torch.float32).eps
+"""The smallest tail mass a server's top-k log-probs resolve. vLLM (and `opd serve`) compute log-probs in float32:
+the top token's log-prob is -log(1 + r), with r the rest of the mass relative to it, and 1 + r rounds to 1 once
+r < 2^-24, so 1 − Σ top-k probabilities is known only to about float32's eps (1.2e-7; coarser from a bf16 model)."""
 
-    -expm1 is exact where it matters (top-k mass near 1). The floor turns a tail that rounds to zero (or below) into
-    a tiny positive mass: its terms are then ~1e-36 instead of 0·log 0, and a tail that is zero in one model only
-    costs a large finite amount instead of inf. Below the floor the gradient is 0, never NaN.
+
+def _log_teacher_tail(logp_K: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """log of the teacher's mass outside its reported top-k, kept within what the report can tell.
+
+    Computed directly as log(1 − Σ exp(logp_K)) (-expm1 is exact where the top-k mass is near 1), then kept inside
+    the bounds the report implies:
+      - at most (V − k)·p_k, with p_k the smallest reported probability: every unreported token is at most as likely
+        as the least likely reported one. Rounding can make the direct value exceed this; it cannot be true.
+      - at least min(`REPORTED_RESOLUTION`, that upper bound): a direct value below the report's resolution is
+        rounding noise (a confident teacher's top log-prob reported as exactly 0.0 says "tail below 1e-7", not "tail
+        0"), so the tail is taken at the largest value the report allows. Flooring it at the smallest float instead
+        (log ≈ −87) charged a student with tail mass s about s·(87 − |log t|) nats too much per token.
+    Padding entries (-inf, when fewer than k tokens were reported) are not counted as reported tokens. With every
+    token reported (k = V) the tail is empty; it is floored at the smallest normal float so no log is -inf.
     """
     tiny = torch.finfo(logp_K.dtype).tiny
-    return torch.log((-torch.expm1(_logsumexp(logp_K))).clamp(min=tiny))
+    reported = torch.isfinite(logp_K)
+    smallest = torch.where(reported, logp_K, torch.full_like(logp_K, math.inf)).amin(-1)
+    unreported = (vocab_size - reported.sum(-1)).clamp(min=0).to(logp_K.dtype)
+    upper = unreported * torch.where(torch.isinf(smallest), torch.zeros_like(smallest), smallest.exp())
+    lower = upper.clamp(max=REPORTED_RESOLUTION)
+    direct = -torch.expm1(_logsumexp(logp_K))
+    return torch.log(torch.minimum(direct.clamp(min=lower), upper).clamp(min=tiny))
+
+
+def _log_student_tail(student_logp_BTV: torch.Tensor, ids_BTK: torch.Tensor, reported_BTK: torch.Tensor):
+    """log of the student's mass outside the teacher's reported ids: a logsumexp over the other tokens, exact even
+    when the tail is far below float eps (1 − Σ would cancel to noise there). Floored at the smallest normal float
+    so an empty tail is never -inf (its gradient is then 0, never NaN)."""
+    # counted rather than set: a padding slot's id (0) may repeat a reported id, and must not unmark it
+    hits = torch.zeros_like(student_logp_BTV).scatter_add_(-1, ids_BTK, reported_BTK.to(student_logp_BTV.dtype))
+    outside = hits == 0
+    rest = torch.where(outside, student_logp_BTV, torch.full_like(student_logp_BTV, -math.inf))
+    return _logsumexp(rest).clamp(min=math.log(torch.finfo(student_logp_BTV.dtype).tiny))
 
 
 def _logsumexp(x: torch.Tensor) -> torch.Tensor:
@@ -184,9 +214,11 @@ def topk_with_tail(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Both models as (K + 1)-way distributions: the teacher's top-k tokens, then one bucket for the rest.
 
-    Returns (student_logp_BTK1, teacher_logp_BTK1). The student's log-probs are gathered at the teacher's ids; each
-    model's tail is log(1 − its mass on those ids), floored at log(finfo.tiny) (≈ −87 in float32) so it is never
-    -inf. With K = V the result equals the full-vocabulary distributions (plus an empty tail).
+    Returns (student_logp_BTK1, teacher_logp_BTK1). The student's log-probs are gathered at the teacher's ids and
+    its tail is its exact mass on every other token. The teacher's tail is 1 − its reported mass, kept within the
+    bounds its report allows (`_log_teacher_tail`: a tail the server's float32 log-probs cannot resolve is taken at
+    that resolution, not at zero). Slots whose teacher log-prob is -inf (a server that reported fewer than K tokens)
+    are empty for both models. With K = V the result equals the full-vocabulary distributions (plus an empty tail).
     """
     if teacher_ids_BTK.shape != teacher_logp_BTK.shape:
         raise ValueError(
@@ -198,9 +230,14 @@ def topk_with_tail(
             f"student_logp has shape {tuple(student_logp_BTV.shape)} and teacher top-k has shape "
             f"{tuple(teacher_ids_BTK.shape)}; all dimensions but the last must match"
         )
+    reported_BTK = torch.isfinite(teacher_logp_BTK)
     student_logp_BTK = student_logp_BTV.gather(-1, teacher_ids_BTK)
-    student = torch.cat([student_logp_BTK, _log_tail(student_logp_BTK).unsqueeze(-1)], -1)
-    teacher = torch.cat([teacher_logp_BTK, _log_tail(teacher_logp_BTK).unsqueeze(-1)], -1)
+    # a padding slot holds no token for either model: its student mass stays in the tail, counted once
+    student_logp_BTK = torch.where(reported_BTK, student_logp_BTK, torch.full_like(student_logp_BTK, -math.inf))
+    student_tail = _log_student_tail(student_logp_BTV, teacher_ids_BTK, reported_BTK)
+    teacher_tail = _log_teacher_tail(teacher_logp_BTK, student_logp_BTV.shape[-1])
+    student = torch.cat([student_logp_BTK, student_tail.unsqueeze(-1)], -1)
+    teacher = torch.cat([teacher_logp_BTK, teacher_tail.to(teacher_logp_BTK.dtype).unsqueeze(-1)], -1)
     return student, teacher
 
 

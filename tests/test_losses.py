@@ -286,12 +286,83 @@ def test_topk_with_an_empty_tail_gives_no_nan(name):
     torch.testing.assert_close(out, full)
 
 
-def test_topk_tail_empty_in_teacher_only_is_large_but_finite():
+def test_topk_teacher_tail_reported_as_zero_is_taken_at_the_reports_resolution():
     s_logp = F.log_softmax(torch.tensor([[0.0, 0.0, 0.0]]), -1)  # student tail 1/3
     out = topk_divergence(reverse_kl, s_logp, torch.tensor([[0, 1]]), torch.tensor([[0.5, 0.5]]).log())
-    # two tokens 1/3 · ln((1/3) / (1/2)), plus the tail (1/3)(ln(1/3) - ln(tiny_float32)), tiny = 2^-126
-    expected = 2 / 3 * math.log(2 / 3) + 1 / 3 * (math.log(1 / 3) + 126 * math.log(2))
+    # float32 log-probs cannot tell a tail below 2^-23 from 0: two tokens 1/3 · ln((1/3) / (1/2)), plus the tail
+    # (1/3)(ln(1/3) - ln(2^-23)); large but finite, and not the (1/3)·ln(2^126) a zero tail floored at tiny gave
+    expected = 2 / 3 * math.log(2 / 3) + 1 / 3 * (math.log(1 / 3) + 23 * math.log(2))
     assert out.item() == pytest.approx(expected, rel=1e-5)
+
+
+def _exact_buckets(logp_BV: torch.Tensor, ids_BK: torch.Tensor) -> torch.Tensor:
+    """The (K + 1)-way distribution in float64 straight from the full log-probs: the tail is a logsumexp over the
+    other tokens, so it is exact however small."""
+    outside = torch.ones_like(logp_BV, dtype=torch.bool).scatter_(-1, ids_BK, False)
+    tail = torch.logsumexp(logp_BV.masked_fill(~outside, -INF), -1, keepdim=True)
+    return torch.cat([logp_BV.gather(-1, ids_BK), tail], -1)
+
+
+def _peaked_teacher_as_served(rows=256, vocab=2000, k=20):
+    """Teacher logits whose top token leads the rest by 5 to 40 nats (float64), and what a float32 server reports
+    of them: its top-k log-probs, computed in float32."""
+    g = torch.Generator().manual_seed(21)
+    logits = torch.randn(rows, vocab, generator=g, dtype=torch.float64)
+    logits[:, 0] += torch.linspace(5, 40, rows, dtype=torch.float64)
+    served_logp_K, ids_K = F.log_softmax(logits.float(), -1).topk(k, -1)
+    return logits, ids_K, served_logp_K.double(), g
+
+
+@pytest.mark.parametrize(("name", "kw"), CASES, ids=CASE_IDS)
+def test_topk_on_a_peaked_float32_teacher_matches_the_float64_reference(name, kw):
+    t_logits, ids_K, served_K, g = _peaked_teacher_as_served()
+    # the case that broke the tail: a float32 server rounds a confident top log-prob to exactly 0.0
+    assert (served_K[:, 0] == 0).sum() > 50
+    t_logp = F.log_softmax(t_logits, -1)
+    for s_logits in (t_logits + 0.3 * torch.randn(t_logits.shape, generator=g, dtype=torch.float64),  # near
+                     torch.randn(t_logits.shape, generator=g, dtype=torch.float64)):  # far: most mass in the tail
+        s_logp = F.log_softmax(s_logits, -1)
+        ref = DIVERGENCES[name](_exact_buckets(s_logp, ids_K), _exact_buckets(t_logp, ids_K), **kw)
+        ours = topk_divergence(DIVERGENCES[name], s_logp, ids_K, served_K, **kw)
+        err = (ours - ref).abs()
+        # exact up to the float32 rounding of the served log-probs (about 1e-6 of probability mass in the tail)
+        if name != "reverse_kl":  # these weigh the teacher's tail by its own (tiny) mass, or bound it
+            assert (err <= 5e-5 + 1e-5 * ref.abs()).all()
+            continue
+        # reverse KL weighs log(teacher tail) by the student's tail mass s: below the report's resolution the teacher
+        # tail is taken at the report's upper bound (V - k)·p_k, so the error is at most s·log(bound / true tail)
+        s_tail = _exact_buckets(s_logp, ids_K)[:, -1].exp()
+        true_tail = _exact_buckets(t_logp, ids_K)[:, -1]
+        bound = torch.log((t_logits.shape[-1] - ids_K.shape[-1]) * served_K[:, -1].exp())
+        assert (err <= s_tail * (bound - true_tail).clamp(min=0) + 1e-4).all()
+        resolved = true_tail.exp() > 1e-3
+        assert resolved.any() and err[resolved].max() < 1e-4 * (1 + ref[resolved].max())
+
+
+def test_topk_reverse_kl_on_a_peaked_teacher_is_not_inflated_by_a_rounded_tail():
+    # the measured failure: a zero teacher tail floored at float32's tiny made the top-k reverse KL several times
+    # its float64 value; now it stays within the report's uncertainty
+    t_logits, ids_K, served_K, g = _peaked_teacher_as_served()
+    s_logp = F.log_softmax(torch.randn(t_logits.shape, generator=g, dtype=torch.float64), -1)
+    ref = reverse_kl(_exact_buckets(s_logp, ids_K), _exact_buckets(F.log_softmax(t_logits, -1), ids_K))
+    ours = topk_divergence(reverse_kl, s_logp, ids_K, served_K)
+    assert (ours - ref).abs().mean() < 0.1 * ref.mean()
+
+
+def test_topk_padding_slots_equal_a_shorter_report():
+    # a server that reports fewer than K tokens (a vocabulary smaller than K) pads with id 0 and -inf
+    s_logp = F.log_softmax(random_logits(1, 2, 3, seed=22), -1).requires_grad_()
+    t_logp = F.log_softmax(random_logits(1, 2, 3, seed=23), -1)
+    short_K, ids_short = t_logp.topk(2, -1)
+    padded_K = torch.cat([short_K, torch.full((1, 2, 2), -INF, dtype=short_K.dtype)], -1)
+    ids_padded = torch.cat([ids_short, torch.zeros(1, 2, 2, dtype=torch.long)], -1)
+    for name, kw in CASES:
+        short = topk_divergence(DIVERGENCES[name], s_logp, ids_short, short_K, **kw)
+        padded = topk_divergence(DIVERGENCES[name], s_logp, ids_padded, padded_K, **kw)
+        torch.testing.assert_close(padded, short)
+        (g_short,) = torch.autograd.grad(short.sum(), s_logp)
+        (g_padded,) = torch.autograd.grad(padded.sum(), s_logp)
+        torch.testing.assert_close(g_padded, g_short)
 
 
 # ---------------------------------------------------------------------------------------------------------------
