@@ -18,7 +18,13 @@ SECTIONS = [
     ("reliability.md", "Reliability: crashes, fuzzing, load, a dying teacher server", "opd bench reliability"),
     ("control.md", "The lineage on control tasks", "opd bench control"),
     ("realdata.md", "Your own data on a real model: instruction following with SmolLM2", "opd bench realdata"),
+    ("remote_hidden.md", "A full-vocabulary remote teacher: hidden states against top-20 log-probs",
+     "opd bench remote_hidden"),
     ("shared_cpu.md", "Training on a CPU that other jobs share", "opd bench shared_cpu"),
+    ("skd.md", "Speculative knowledge distillation (SKD) from a weak and a warm student", "opd bench skd"),
+    ("opd_wins.md", "Where on-policy distillation wins (issue 17)", "opd bench opd_wins"),
+    ("xtok.md", "Distillation across tokenizers", "opd bench xtok"),
+    ("vllm.md", "opd against a real vLLM server", "opd bench vllm"),
 ]
 
 HEADER = """# Results

@@ -140,8 +140,8 @@ class ServeArgs:
     """Largest request body accepted (413 above it)."""
     logprobs_mode: LogprobsMode = "raw_logprobs"
     """Log-probs reported for generated tokens: `raw_logprobs` (the model's, temperature 1, vLLM's default) or
-    `processed_logprobs` (the tempered, top-p-truncated distribution actually sampled from; vLLM's
-    `--logprobs-mode processed_logprobs`)."""
+    `processed_logprobs` (the distribution actually sampled from: after logit bias, penalties, temperature, min_p,
+    top-k and top-p; vLLM's `--logprobs-mode processed_logprobs`). Raw log-probs ignore all of these."""
 
 
 @dataclass(frozen=True)

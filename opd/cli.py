@@ -126,7 +126,12 @@ BENCHMARKS = {
     "reliability": "reliability.py",
     "perf": "perf/run.py",
     "realdata": "realdata.py",
+    "remote_hidden": "remote_hidden.py",
     "shared_cpu": "shared_cpu.py",
+    "skd": "skd.py",
+    "opd_wins": "opd_wins.py",
+    "xtok": "xtok.py",
+    "vllm": "vllm.py",
 }
 """`opd bench NAME [flags]` runs benchmarks/<file> of the source checkout (benchmarks are not installed)."""
 

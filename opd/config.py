@@ -81,13 +81,26 @@ class DistillConfig:
     student: str
     """The student: a Hugging Face hub id or local directory (e.g. Qwen/Qwen3-0.6B, or runs/x/checkpoint)."""
     teacher: str | None = None
-    """The teacher: hub id, local directory, or http(s)://host:port/v1 for an OpenAI-compatible server
-    (vLLM or `opd serve`). Not needed for source=data with loss=sft."""
+    """The teacher: hub id, local directory, http(s)://host:port/v1 for an OpenAI-compatible server (vLLM or
+    `opd serve`), or `self`: the student's own starting weights, frozen (self-distillation; a full student is copied
+    in memory before its first update, a LoRA student's base is used with the adapters off; --resume loads the start
+    again from --student). Not needed for source=data with loss=sft. See also --teachers."""
+    teachers: str | None = None
+    """Several teachers instead of --teacher: NAME=MODEL pairs, e.g. math=runs/math-teacher,code=http://host:8000/v1
+    (each MODEL as --teacher takes it). --teacher-column names the data column whose value routes each prompt to
+    one of them; metrics are logged per teacher (loss/teacher=NAME). See `opd.lm.teachers`."""
+    teacher_column: str | None = None
+    """With --teachers: the --data column that names each row's teacher (every value must be one of the names)."""
     teacher_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Precision of a local teacher's weights and forward pass. bfloat16 halves its memory and, on CPUs with bf16
     instructions and on GPUs, speeds up scoring, at the price of a slightly different teacher (SmolLM2-135M: its
     log-probs moved by 0.05 nats on average, 0.64 at most; `benchmarks/results/perf_levers.md`). The losses run in
     float32 either way."""
+    cross_tokenizer: bool = False
+    """Distil from a local --teacher whose tokenizer differs from the student's: each student completion is decoded,
+    re-tokenized by the teacher after the prompt row rendered with the teacher's own chat template, and the two
+    tokenizations are compared span by span (aligned by text; `opd.lm.xtok` says which parts are exact). For the
+    divergence losses (not sampled or sft) with source student, data or mixture."""
     task: str = "arithmetic"
     """A built-in task (see `opd.tasks`): its prompts, reference completions and answer checker. --data replaces its
     training prompts, --eval-data its held-out ones."""
@@ -106,12 +119,17 @@ class DistillConfig:
     checker: str | None = None
     """How a held-out completion is scored: exact | numeric | regex:PATTERN | ifeval | task:NAME | module:function
     (your `(row, completion) -> float`). Default: the task's own checker, or none (no accuracy) with --data."""
-    source: Literal["student", "teacher", "data", "mixture"] = "student"
+    source: Literal["student", "teacher", "data", "mixture", "speculative"] = "student"
     """Who acts. student: on-policy distillation; teacher: the teacher generates and the student learns on those
     samples (sequence-level KD / SFT on teacher samples); data: the task's reference completions; mixture: GKD,
-    each batch is on-policy with probability `lmbda`, else reference completions."""
+    each batch is on-policy with probability `lmbda`, else reference completions; speculative: SKD, the student
+    proposes each token and a local teacher keeps it if it is in the teacher's top --skd-top-k, else samples its own
+    (`opd.lm.speculative`)."""
     lmbda: float = 0.5
     """GKD's λ: fraction of batches sampled by the student when source=mixture."""
+    skd_top_k: int = 25
+    """source=speculative: a student proposal is kept when it is among the teacher's this many most likely tokens
+    at its position (25 in the SKD paper); at or above the vocabulary size every proposal is kept (on-policy)."""
     loss: LossName = "reverse_kl"
     """reverse_kl | forward_kl | jsd | skew_forward_kl | skew_reverse_kl | tvd (full vocabulary, or the teacher's
     top-k plus a tail bucket for a remote teacher), sampled (per-token reverse-KL estimate used as a negative
@@ -144,6 +162,11 @@ class DistillConfig:
     (`opd.chunked.auto_chunk_size`: 64 positions at a 49k vocabulary, all of them at a small one)."""
     top_k: int = 20
     """Top-k log-probs requested from a remote teacher."""
+    teacher_payload: Literal["topk", "hidden"] = "topk"
+    """What a remote teacher sends per token. topk: its --top-k log-probs (any vLLM-compatible server; the
+    divergences see the rest of the vocabulary as one tail bucket). hidden: its final hidden states, plus its LM head
+    once (`opd serve` only, `opd.lm.remote_hidden`): the exact full-vocabulary divergence, as with a local teacher,
+    for D numbers per token instead of a vocabulary's worth."""
     sampler: str | None = None
     """http(s)://host:port/v1 of a completions server that samples the student's completions (source=student, and the
     student's batches of source=mixture): `opd serve STUDENT_DIR`, or any server that also answers opd's
@@ -205,7 +228,7 @@ class DistillConfig:
             ("--eval-examples", self.eval_examples >= 1, ">= 1"),
             ("--eval-every", self.eval_every >= 0, ">= 0 (0: never)"), ("--save-every", self.save_every >= 1, ">= 1"),
             ("--chunk-size", self.chunk_size is None or self.chunk_size >= 1, ">= 1"),
-            ("--top-k", self.top_k >= 1, ">= 1"),
+            ("--top-k", self.top_k >= 1, ">= 1"), ("--skd-top-k", self.skd_top_k >= 1, ">= 1"),
             ("--sync-every", self.sync_every >= 1, ">= 1"), ("--ratio-clip", self.ratio_clip > 0, "> 0"),
             ("--remote-timeout", self.remote_timeout > 0, "> 0"),
             ("--remote-max-retries", self.remote_max_retries >= 0, ">= 0"),
@@ -221,15 +244,76 @@ class DistillConfig:
         if rows % o.grad_accum:
             raise ValueError(f"--optim.grad-accum {o.grad_accum} must divide the {rows} sequences of an update "
                              f"(batch_size × samples_per_prompt)")
-        for flag, model in (("--student", self.student), ("--teacher", self.teacher)):
+        self._check_teachers()
+        for flag, model in (("--student", self.student), ("--teacher", self.teacher),
+                            *((f"--teacher {name}", m) for name, m in teacher_specs(self.teachers).items())):
             if model and Path(model).expanduser().resolve() == Path(self.out_dir).expanduser().resolve():
                 raise ValueError(f"--out-dir {self.out_dir} is the {flag[2:]}'s model directory; its config.json would "
                                  f"be overwritten: pick another --out-dir")
         if self.sampler is not None and not self.sampler.startswith(("http://", "https://")):
             raise ValueError(f"--sampler {self.sampler!r} is not a URL; pass http(s)://host:port/v1 of a sampler server")
+        self._check_speculative()
+        self._check_cross_tokenizer()
         for flag, used in (("--sampler", self.sampler), ("--overlap", self.overlap)):
             if used and self.source not in ("student", "mixture"):
                 raise ValueError(f"{flag} samples the student's completions; source={self.source} has none: drop {flag}")
+
+    def _check_cross_tokenizer(self) -> None:
+        if not self.cross_tokenizer:
+            return
+        remote = (self.teacher or "").startswith(("http://", "https://"))
+        if self.teachers is not None or self.teacher in (None, "self") or remote:
+            raise ValueError("--cross-tokenizer needs one local --teacher model (a directory or hub id): it "
+                             "re-tokenizes every completion for the teacher, which a server or --teachers cannot do "
+                             "yet")
+        if self.loss in ("sampled", "sft") or self.source not in ("student", "data", "mixture"):
+            raise ValueError(f"--cross-tokenizer compares distributions of completions in the student's tokens: use a "
+                             f"divergence loss with source student, data or mixture, not loss={self.loss} "
+                             f"source={self.source}")
+
+    def _check_speculative(self) -> None:
+        if self.source != "speculative":
+            return
+        # SKD's teacher checks every proposed block as it is drafted, through its own KV cache, in this process
+        if self.teachers is not None or self.teacher is None or self.teacher.startswith(("http://", "https://")):
+            raise ValueError("--source speculative needs one local --teacher (a model directory, hub id or self); "
+                             "a teacher server or --teachers cannot check the student's proposals as they are drafted")
+        for flag, used in (("--sampler", self.sampler), ("--overlap", self.overlap)):
+            if used:
+                raise ValueError(f"--source speculative drafts with the student and the teacher in this process; "
+                                 f"drop {flag}")
+
+    def _check_teachers(self) -> None:
+        if self.teachers is None:
+            return
+        if self.teacher is not None:
+            raise ValueError("pass either --teacher or --teachers, not both (--teachers NAME=MODEL,... routes rows "
+                             "by --teacher-column)")
+        teacher_specs(self.teachers)
+        if not self.teacher_column:
+            raise ValueError("--teachers needs --teacher-column COLUMN: the data column that names each row's teacher")
+
+
+def teacher_specs(spec: str | None) -> dict[str, str]:
+    """`--teachers "math=DIR,code=URL"` -> {"math": "DIR", "code": "URL"} in order; one line for a malformed list."""
+    specs: dict[str, str] = {}
+    for item in filter(None, (s.strip() for s in (spec or "").split(","))):
+        name, sep, model = (x.strip() for x in item.partition("="))
+        if not sep or not name or not model:
+            raise ValueError(f"--teachers entry {item!r} is not NAME=MODEL; write e.g. "
+                             f"math=DIR,code=http://host:8000/v1")
+        if name in specs:
+            raise ValueError(f"--teachers names {name!r} twice; give each teacher its own name")
+        specs[name] = model
+    if spec is not None and not specs:
+        raise ValueError("--teachers is empty; write NAME=MODEL pairs, e.g. math=DIR,code=http://host:8000/v1")
+    return specs
+
+
+def remote_teacher(cfg: DistillConfig) -> bool:
+    """Whether a teacher of `cfg` (--teacher, or one of --teachers) is a server URL."""
+    models = [cfg.teacher or "", *teacher_specs(cfg.teachers).values()]
+    return any(m.startswith(("http://", "https://")) for m in models)
 
 
 def unused_flags(cfg: DistillConfig) -> list[str]:
@@ -238,10 +322,16 @@ def unused_flags(cfg: DistillConfig) -> list[str]:
     notes = []
     for name, used, why in (
         ("lmbda", cfg.source == "mixture", "only --source mixture reads it"),
+        ("skd_top_k", cfg.source == "speculative", "only --source speculative reads it"),
         ("beta", cfg.loss == "jsd", "only --loss jsd reads it"),
         ("alpha", cfg.loss.startswith("skew_"), "only the skew KL losses read it"),
         ("discount", cfg.loss == "sampled", "only --loss sampled reads it"),
-        ("top_k", bool(cfg.teacher and cfg.teacher.startswith(("http://", "https://"))), "only a remote teacher reads it"),
+        ("top_k", remote_teacher(cfg) and cfg.teacher_payload == "topk",
+         "only a remote teacher with --teacher-payload topk reads it"),
+        ("teacher_payload", remote_teacher(cfg), "only a remote teacher reads it"),
+        ("teacher_column", cfg.teachers is not None, "only --teachers reads it"),
+        ("teacher_dtype", not (cfg.teacher == "self" and cfg.lora.r > 0),
+         "--teacher self with a LoRA student is its base model, in the student's dtype"),
         ("sync_every", bool(cfg.sampler or cfg.overlap), "only --sampler and --overlap read it"),
         ("ratio_clip", cfg.loss == "sampled" and bool(cfg.sampler or cfg.overlap),
          "only --loss sampled with --sampler or --overlap reads it"),

@@ -58,8 +58,8 @@ class Actor(Protocol):
         ...
 
 
-class _Fixed:
-    """Shared by the actors that always act themselves and hold no copy of the student."""
+class FixedActor:
+    """Shared by the actors that always act themselves and hold no copy of the student (`source` says who acts)."""
 
     source = "student"
 
@@ -73,7 +73,7 @@ class _Fixed:
         pass
 
 
-class DataActor(_Fixed):
+class DataActor(FixedActor):
     """The prompt set's reference completions (source=data; SFT; GKD's data batches)."""
 
     source = "data"
@@ -90,7 +90,7 @@ class DataActor(_Fixed):
                            self.pad_id, self.eos_id)
 
 
-class LocalActor(_Fixed):
+class LocalActor(FixedActor):
     """A model in this process samples (KV cache, `opd.lm.sampler`): the student being trained, or a local teacher."""
 
     def __init__(self, model, prompts: PromptSet, pad_id: int, eos_id: int | None, sampling: SamplingArgs,
@@ -104,7 +104,7 @@ class LocalActor(_Fixed):
                       s.max_new_tokens, s.temperature, s.top_p, s.compile)
 
 
-class SamplerActor(_Fixed):
+class SamplerActor(FixedActor):
     """The student samples elsewhere, from a copy of its weights that `sync` refreshes: a server (`ServerRollouts`)
     or the `--overlap` sampler process (`ProcessRollouts`). Batches carry the sampler's log-probs and weights version."""
 
@@ -123,7 +123,7 @@ class SamplerActor(_Fixed):
         self.sampler.close()
 
 
-class TeacherServerActor(_Fixed):
+class TeacherServerActor(FixedActor):
     """A teacher behind a completions server samples (source=teacher with a remote teacher)."""
 
     source = "teacher"

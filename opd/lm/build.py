@@ -10,30 +10,63 @@ from pathlib import Path
 from typing import Any
 
 from opd import losses
-from opd.config import DistillConfig
-from opd.lm.actors import (Actor, Ahead, DataActor, LocalActor, Mixture, Plans, SamplerActor,
-                           TeacherServerActor)
+from opd.config import DistillConfig, teacher_specs
+from opd.lm.actors import Actor, Ahead, DataActor, LocalActor, Mixture, Plans, SamplerActor
 from opd.lm.data import PromptSet, as_rows, encode, load_rows, task_rows
 from opd.lm.model import load_model, load_tokenizer, unwrap
 from opd.lm.teacher import LocalTeacher, Teacher
 from opd.tasks import get_task
 
 
-def make_teacher(cfg: DistillConfig, student, tokenizer, device="cpu") -> Teacher | None:
-    """The teacher the config names: a local HF model (vocabularies checked) or an OpenAI-compatible server."""
-    if cfg.teacher is None:
+def make_teacher(cfg: DistillConfig, student, tokenizer, device="cpu", resumed: bool = False,
+                 prompts: PromptSet | None = None) -> Teacher | None:
+    """The teacher the config names: a local HF model (vocabularies checked), an OpenAI-compatible server, the
+    student's starting weights (`self`; `resumed`: the student holds a checkpoint's weights, not the start), or
+    several of these routed by a data column (--teachers: `opd.lm.teachers.Teachers`). With --cross-tokenizer, a
+    local model with its own tokenizer (`opd.lm.xtok`), which renders each of `prompts` with its own template."""
+    if cfg.teacher is None and cfg.teachers is None:
         if cfg.loss != "sft" or cfg.source not in ("data",):
             raise ValueError(f"source={cfg.source} with loss={cfg.loss} needs a teacher; pass --teacher")
         return None
-    if cfg.teacher.startswith(("http://", "https://")):
+    if cfg.loss == "sft" and cfg.source == "data":
+        return None  # plain SFT: no teacher pass (several teachers still split the metrics by the data's column)
+    if cfg.teachers is not None:
+        from opd.lm.teachers import Teachers
+
+        return Teachers({name: _one_teacher(cfg, spec, student, tokenizer, device, resumed)
+                         for name, spec in teacher_specs(cfg.teachers).items()})
+    if cfg.cross_tokenizer:
+        from opd.lm.xtok import cross_tokenizer_teacher
+
+        return cross_tokenizer_teacher(cfg.teacher, cfg, student, tokenizer, prompts, device)
+    return _one_teacher(cfg, cfg.teacher, student, tokenizer, device, resumed)
+
+
+def _one_teacher(cfg: DistillConfig, spec: str, student, tokenizer, device, resumed: bool) -> Teacher:
+    """One teacher from `spec` (--teacher, or one entry of --teachers)."""
+    # only the sampled loss reads the teacher's log-prob of the taken token; the divergences use the hidden states
+    with_taken_logp = cfg.loss not in losses.DIVERGENCES
+    if spec == "self":
+        from opd.lm.teachers import self_teacher
+
+        return self_teacher(cfg, student, device, resumed, with_taken_logp)
+    if spec.startswith(("http://", "https://")) and cfg.teacher_payload == "hidden":
+        from opd.lm.remote_hidden import HiddenStateTeacher
+
+        teacher = HiddenStateTeacher(spec, timeout=cfg.remote_timeout, max_retries=cfg.remote_max_retries,
+                                     chunk_size=cfg.chunk_size, with_taken_logp=with_taken_logp)
+        teacher.check_student(student)  # the served vocabulary, before any step
+        return teacher
+    if spec.startswith(("http://", "https://")):
         from opd.lm.remote import RemoteTeacher
 
-        return RemoteTeacher(cfg.teacher, model=None, top_k=cfg.top_k, timeout=cfg.remote_timeout,
-                             max_retries=cfg.remote_max_retries)
-    model = load_model(cfg.teacher, dtype=cfg.teacher_dtype, device=device)
-    check_same_vocabulary(student, model, tokenizer, load_tokenizer(cfg.teacher))
-    # only the sampled loss reads the teacher's log-prob of the taken token; the divergences use the hidden states
-    return LocalTeacher(model, chunk_size=cfg.chunk_size, with_taken_logp=cfg.loss not in losses.DIVERGENCES)
+        teacher = RemoteTeacher(spec, model=None, top_k=cfg.top_k, timeout=cfg.remote_timeout,
+                                max_retries=cfg.remote_max_retries)
+        teacher.check(tokenizer, student.get_output_embeddings().weight.shape[0])  # before any step
+        return teacher
+    model = load_model(spec, dtype=cfg.teacher_dtype, device=device)
+    check_same_vocabulary(student, model, tokenizer, load_tokenizer(spec))
+    return LocalTeacher(model, chunk_size=cfg.chunk_size, with_taken_logp=with_taken_logp)
 
 
 def check_same_vocabulary(student, teacher, student_tok=None, teacher_tok=None) -> None:
@@ -43,11 +76,12 @@ def check_same_vocabulary(student, teacher, student_tok=None, teacher_tok=None) 
     if vs != vt:
         raise ValueError(
             f"teacher vocabulary size {vt} != student vocabulary size {vs}; distil between models that share a "
-            f"tokenizer (cross-tokenizer alignment is not available yet)"
+            f"tokenizer, or train with --cross-tokenizer, which aligns the two tokenizations by text"
         )
     if student_tok is not None and teacher_tok is not None and student_tok.get_vocab() != teacher_tok.get_vocab():
         raise ValueError(
-            "teacher and student tokenizers map tokens to different ids; distil between models that share a tokenizer"
+            "teacher and student tokenizers map tokens to different ids; distil between models that share a tokenizer, "
+            "or train with --cross-tokenizer, which aligns the two tokenizations by text"
         )
 
 
@@ -92,6 +126,11 @@ def prompt_sets(cfg: DistillConfig, tokenizer, max_prompt_len: int, prompts: Any
             raise ValueError(f"checker must be a spec string or a callable (row, completion) -> float, "
                              f"not {type(spec).__name__}")
     train = encode(tokenizer, train_rows, max_prompt_len, "--data" if cfg.data and prompts is None else "prompts")
+    if cfg.teachers is not None:  # each row's teacher, checked before any model loads
+        from opd.lm.teachers import check_routes
+
+        train.routes = check_routes(train, cfg.teacher_column, list(teacher_specs(cfg.teachers)),
+                                    "--data" if cfg.data and prompts is None else "prompts")
     if getattr(cfg, "source", None) in ("data", "mixture") and train.completion_ids is None:
         raise ValueError(f"source={cfg.source} trains on reference completions, and these rows have no 'completion' "
                          f"(or a final assistant message); add them, map one with --data-fields completion=COLUMN, "
@@ -107,17 +146,19 @@ def make_actor(cfg: DistillConfig, student, teacher, prompts: PromptSet, tokeniz
     if cfg.source == "data":
         return DataActor(prompts, pad, eos)
     if cfg.source == "teacher":
-        if isinstance(teacher, LocalTeacher):
-            return LocalActor(teacher.model, prompts, pad, eos, s, source="teacher")
-        from opd.lm.remote import RemoteSampler
+        from opd.lm.teachers import teacher_actor
 
-        client = RemoteSampler(cfg.teacher, timeout=cfg.remote_timeout, max_retries=cfg.remote_max_retries)
-        return TeacherServerActor(client, prompts, pad, s)
+        return teacher_actor(cfg, teacher, prompts, pad, eos)
+    if cfg.source == "speculative":
+        from opd.lm.speculative import speculative_actor
+
+        return speculative_actor(cfg, unwrap(student), teacher, prompts, pad, eos)
     sampler = None
     if cfg.sampler:
         from opd.lm.server_rollouts import ServerRollouts
 
         sampler = ServerRollouts(cfg.sampler, out, cfg.remote_timeout, cfg.remote_max_retries)
+        sampler.check(tokenizer, unwrap(student).get_output_embeddings().weight.shape[0])  # before any step
     elif cfg.overlap:  # no server: a second process on this machine samples (opd.lm.process_rollouts)
         from opd.lm.process_rollouts import ProcessRollouts
 

@@ -103,6 +103,9 @@ class PromptSet:
     """Each row's reference completion (no end-of-sequence token; the batch adds it), or None without completions."""
     rows: list[dict]
     """The rows as plain dicts, with `prompt` set to the prompt's text (a chat's last user message) for checkers."""
+    routes: list[str] | None = None
+    """With several teachers (--teachers): the name of each row's teacher, from its --teacher-column
+    (`opd.lm.teachers.check_routes`); None with one teacher."""
 
     def __len__(self) -> int:
         return len(self.prompt_ids)

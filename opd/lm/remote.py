@@ -21,6 +21,12 @@ import torch
 from opd.lm.teacher import TeacherSignal, TeacherUnreachable
 
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+NEUTRAL_SAMPLING = {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
+                    "frequency_penalty": 0.0}
+"""Sent with every sampling request: vLLM fills each field a request leaves out from the model's
+generation_config.json (`--generation-config auto`, its default), and a top_k or repetition penalty there would make
+the samples follow another distribution than the log-probs used for the loss and the importance ratios. top_k=-1 is
+vLLM's "no top-k" in every version (0 only in recent ones)."""
 
 
 class ServerRefused(RuntimeError):
@@ -76,12 +82,26 @@ class CompletionsClient:
         with ThreadPoolExecutor(max_workers=min(max_concurrency, len(bodies))) as pool:
             return list(pool.map(lambda b: self.post(path, b), bodies))
 
+    def model_card(self) -> dict:
+        """The first model the server lists at /v1/models; a one-line ValueError when the URL answers but is not an
+        OpenAI-compatible server (an HTML page, a 404, a JSON without a model list)."""
+        def refuse(why: str) -> ValueError:
+            return ValueError(f"{self.base_url} is not an OpenAI-compatible server (GET /v1/models: {why}); pass the "
+                              "base URL of vLLM or `opd serve`, e.g. http://127.0.0.1:8000/v1")
+        try:
+            answer = self.post("/v1/models", None)
+        except ServerRefused as e:
+            raise refuse(f"HTTP {e.status}") from None
+        except ValueError:  # a 200 that is not JSON
+            raise refuse("the answer is not JSON") from None
+        data = answer.get("data") if isinstance(answer, dict) else None
+        if not isinstance(data, list) or not data or not isinstance(data[0], dict) or "id" not in data[0]:
+            raise refuse("no model list")
+        return data[0]
+
     def served_model(self) -> str:
         """The first model the server lists at /v1/models (what `model=None` resolves to)."""
-        data = self.post("/v1/models", None).get("data") or []
-        if not data:
-            raise RuntimeError(f"{self.base_url}/v1/models lists no model; pass the served model name explicitly")
-        return data[0]["id"]
+        return self.model_card()["id"]
 
     def close(self) -> None:
         self._http.close()
@@ -96,6 +116,63 @@ def _message(response: httpx.Response) -> str:
     if isinstance(err, dict):
         return str(err.get("message") or err.get("detail") or err)
     return str(err)
+
+
+def server_kind(card: dict) -> str:
+    """Which server a /v1/models card comes from: 'vllm', 'opd' (opd serve), or whatever its owned_by says."""
+    return str(card.get("owned_by") or "unknown")
+
+
+_PROBE_TEXT = "Hello, world! 4827+596=5423\n"
+
+
+def check_served_vocabulary(client: CompletionsClient, model: str, tokenizer, vocab_size: int,
+                            top_k: int = 1) -> None:
+    """Before training: one scoring request with prompt_logprobs=top_k, and (where the server has vLLM's /tokenize)
+    the server's tokenization of a probe text, against the student's tokenizer and output vocabulary `vocab_size`.
+
+    Each problem is a one-line ValueError naming the fix: a limit below top_k (vLLM's --max-logprobs), a vocabulary
+    smaller (the student's last token id refused) or larger (an id >= vocab_size in the answer) than the student's,
+    a tokenizer that splits text differently, a server without vLLM's prompt_logprobs.
+    """
+    url = client.base_url
+    text = _PROBE_TEXT + tokenizer.decode(list(range(min(len(tokenizer), 200))), skip_special_tokens=True)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    last = len(tokenizer) - 1
+    seq = (ids[:16] or [0]) + [last]
+    body = {"model": model, "prompt": [seq], "max_tokens": 0, "echo": True, "prompt_logprobs": top_k,
+            "return_token_ids": True}
+    try:
+        answer = client.post("/v1/completions", body)
+    except ServerRefused as e:
+        if "vocabulary" in str(e):
+            raise ValueError(f"{url} serves a model with a smaller vocabulary than the student's (it refused the "
+                             f"student's token id {last}: {e}); serve a model that shares the student's "
+                             "tokenizer") from None
+        if "logprobs" in str(e):
+            raise ValueError(f"{url} refused prompt_logprobs={top_k} ({e}); restart it with --max-logprobs {top_k} "
+                             f"or more, or lower --top-k to its limit") from None
+        raise ValueError(f"{url} refused opd's scoring request ({e}); opd needs vLLM's prompt_logprobs: point it at "
+                         f"vLLM or `opd serve`") from None
+    choices = answer.get("choices") if isinstance(answer, dict) else None
+    entries = (choices[0].get("prompt_logprobs") if choices and isinstance(choices[0], dict) else None) or []
+    if len(entries) != len(seq) or not all(isinstance(e, dict) for e in entries[1:]):
+        raise ValueError(f"{url} answered a scoring request without vLLM's prompt_logprobs (one per prompt token); "
+                         f"point opd at vLLM or `opd serve`")
+    served_ids = {int(t) for e in entries[1:] for t in e}
+    if max(served_ids) >= vocab_size:
+        raise ValueError(f"{url} serves a model with a larger vocabulary than the student's (token id "
+                         f"{max(served_ids)} >= {vocab_size}); serve a model that shares the student's tokenizer")
+    if (got := min(len(e) for e in entries[1:])) < min(top_k, vocab_size):
+        raise ValueError(f"{url} returned {got} log-probs per position for prompt_logprobs={top_k}; raise its "
+                         f"limit (vLLM: --max-logprobs {top_k}) or lower --top-k to {got}")
+    try:
+        served = client.post("/tokenize", {"model": model, "prompt": text, "add_special_tokens": False})
+    except ServerRefused:
+        return  # no /tokenize (opd serve): the id probe above is what can be checked
+    if served.get("tokens") != ids:
+        raise ValueError(f"{url} tokenizes text differently from the student's tokenizer (vocabulary of "
+                         f"{len(tokenizer)} tokens); serve a model that shares the student's tokenizer")
 
 
 def _position_entries(entries: dict, taken_id: int, k: int) -> tuple[list[int], list[float], float]:
@@ -129,6 +206,20 @@ class RemoteTeacher:
         self.model, self.top_k = model, top_k
         self.seqs_per_request, self.max_concurrency = seqs_per_request, max_concurrency
         self.client = CompletionsClient(base_url, api_key, timeout, max_retries, backoff, transport)
+        self.vocab_size: int | None = None
+        """The student's vocabulary, once `check` ran: `score` refuses top-k ids outside it."""
+
+    def check(self, tokenizer, vocab_size: int) -> None:
+        """Before training: the URL is an OpenAI-compatible server that scores with prompt_logprobs=top_k over the
+        student's vocabulary (`check_served_vocabulary`); a one-line ValueError naming the fix otherwise. A server
+        that does not answer is left to the first step, which stops with a resumable checkpoint."""
+        try:
+            card = self.client.model_card()
+        except TeacherUnreachable:
+            return
+        self.model = self.model or card["id"]
+        check_served_vocabulary(self.client, self.model, tokenizer, vocab_size, self.top_k)
+        self.vocab_size = vocab_size
 
     def close(self) -> None:
         """Close the connection pool to the server."""
@@ -189,6 +280,9 @@ class RemoteTeacher:
             taken_BT[b, span] = torch.tensor(row_taken)
             top_ids_BTK[b, span] = torch.tensor(row_ids, dtype=torch.long)
             top_logp_BTK[b, span] = torch.tensor(row_logp)
+        if self.vocab_size is not None and int(top_ids_BTK.max()) >= self.vocab_size:
+            raise ValueError(f"{self.client.base_url} sent token id {int(top_ids_BTK.max())}, outside the student's "
+                             f"vocabulary of {self.vocab_size}; serve a model that shares the student's tokenizer")
         if bool((mask_BT.cpu().bool() & taken_BT.isinf()).any()):
             raise ValueError("mask_BT marks a target without context (padding or a row's first token); fix the mask")
         device = input_ids_BL.device
@@ -224,8 +318,8 @@ class RemoteSampler:
             self.model = self.client.served_model()
         bodies = [
             {"model": self.model, "prompt": ids, "max_tokens": max_new_tokens, "temperature": temperature,
-             "top_p": top_p, "seed": None if seed is None else seed + i, "logprobs": 0, "return_token_ids": True,
-             "return_tokens_as_token_ids": True}
+             "top_p": top_p, **NEUTRAL_SAMPLING, "seed": None if seed is None else seed + i, "logprobs": 0,
+             "return_token_ids": True, "return_tokens_as_token_ids": True}
             for i, ids in enumerate(prompt_ids)
         ]
         completion_ids, sampling_logp = [], []

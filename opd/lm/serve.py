@@ -3,10 +3,21 @@
 It serves the subset of vLLM's OpenAI-compatible API that opd's remote teacher and sampler use (`opd.lm.remote`), so
 the same client code talks to this server on a laptop and to vLLM on a GPU box:
 
-- `POST /v1/completions`: text or token-id prompts (single or batch), `max_tokens` (0 = score only), `temperature`,
-  `top_p`, `seed`, `n`, `logprobs`, `echo`, vLLM's `prompt_logprobs`, `return_token_ids`,
-  `return_tokens_as_token_ids`, `ignore_eos`, `stop_token_ids` (shapes in `opd.lm.serve_protocol`).
+- `POST /v1/completions`: text or token-id prompts (single or batch), `max_tokens` (0 = score only), `echo`,
+  `logprobs`, vLLM's `prompt_logprobs`, and the sampling fields of `opd.lm.serve_protocol.SamplingRequest`:
+  `temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty`, `presence_penalty`, `frequency_penalty`,
+  `logit_bias`, `seed`, `n`, `stop` strings, `stop_token_ids`, `min_tokens`, `ignore_eos`, ... An explicit null is
+  the field's default, as in vLLM; vLLM fields opd does not implement (beam search, guided decoding, ...) are
+  refused with a 400 unless neutral, never ignored.
+- `POST /v1/chat/completions`: messages through the tokenizer's chat template (`opd.lm.serve_chat`), the same
+  sampling fields, OpenAI's chat `logprobs` / `top_logprobs`.
+- `POST /opd/hidden_states`, `GET /opd/lm_head`: final hidden states and the LM head, for a full-vocabulary remote
+  teacher (`opd.lm.serve_hidden`, client `opd.lm.remote_hidden`).
 - `GET /v1/models`, `GET /health`.
+
+Generated-token log-probs follow `--logprobs-mode`: `raw_logprobs` (default, as vLLM) are the model's own
+distribution, before temperature, penalties, logit bias, min_p, top-k and top-p; `processed_logprobs` are those of the
+distribution actually sampled from, after all of them. The sampled tokens always follow all of them.
 - `POST /opd/update_weights {"path": ...}`: load a safetensors file (or a directory of them) from the server's disk
   into the served model, for server-side rollouts with the latest student weights. vLLM has no such endpoint under
   this name; there the same job is done by its weight-update hooks (collective RPC / `update_weights` in RL
@@ -39,7 +50,10 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from opd.args import ServeArgs  # noqa: F401 (re-exported)
+from opd.lm.serve_chat import ChatRequest, chat_response, chat_rows
 from opd.lm.serve_engine import BatchingEngine
+from opd.lm.serve_hidden import (HiddenStatesRequest, WireDtype, check_hidden_request, head_piece, head_spec,
+                                 hidden_response, hidden_states)
 from opd.lm.serve_protocol import BadRequest, CompletionRequest, completion_response, rows_for_request
 
 
@@ -168,10 +182,15 @@ def build_app(model: torch.nn.Module, tokenizer: Any, args: ServeArgs) -> fastap
                 "max_model_len": max_model_len}
         return {"object": "list", "data": [card]}
 
+    def wrong_model(requested: str | None) -> JSONResponse | None:
+        if requested is not None and requested != name:
+            return _error(404, f"The model `{requested}` does not exist; this server serves `{name}`")
+        return None
+
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest) -> JSONResponse:
-        if req.model is not None and req.model != name:
-            return _error(404, f"The model `{req.model}` does not exist; this server serves `{name}`")
+        if (refused := wrong_model(req.model)) is not None:
+            return refused
         try:
             prompts, texts, rows = rows_for_request(req, tokenizer, vocab_size, max_model_len, args)
         except BadRequest as e:
@@ -182,6 +201,53 @@ def build_app(model: torch.nn.Module, tokenizer: Any, args: ServeArgs) -> fastap
         )
         return JSONResponse(body)
 
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest) -> JSONResponse:
+        if (refused := wrong_model(req.model)) is not None:
+            return refused
+        try:
+            prompt_ids, rows = chat_rows(req, tokenizer, vocab_size, max_model_len, args)
+        except BadRequest as e:
+            return _error(400, str(e))
+        await engine.run(rows)
+        return JSONResponse(chat_response(req, prompt_ids, rows, tokenizer, name, f"chatcmpl-{uuid.uuid4().hex}",
+                                          int(time.time())))
+
+    head_cache: dict[str, dict] = {}
+
+    async def head() -> dict:
+        """The head spec, checked once (under the engine's lock: the check runs the model); a refusal is kept too."""
+        if not head_cache:
+            async with engine.lock:
+                try:
+                    head_cache["spec"] = await asyncio.to_thread(head_spec, model)
+                except BadRequest as e:
+                    head_cache["refused"] = e
+        if "refused" in head_cache:
+            raise head_cache["refused"]
+        return head_cache["spec"]
+
+    @app.post("/opd/hidden_states")
+    async def hidden(req: HiddenStatesRequest) -> JSONResponse:
+        if (refused := wrong_model(req.model)) is not None:
+            return refused
+        try:
+            await head()  # a model whose logits are not its head of these states is refused up front
+            starts = check_hidden_request(req, vocab_size, max_model_len, args)
+            async with engine.lock:
+                states = await asyncio.to_thread(hidden_states, model, req.sequences, starts, args.max_batch_size)
+            # base64 of megabytes: in a thread, so the event loop keeps answering
+            return JSONResponse(await asyncio.to_thread(hidden_response, req, starts, states, name))
+        except BadRequest as e:
+            return _error(400, str(e))
+
+    @app.get("/opd/lm_head")
+    async def lm_head(start: int = 0, stop: int | None = None, dtype: WireDtype = "float32") -> JSONResponse:
+        try:
+            return JSONResponse(await asyncio.to_thread(head_piece, await head(), start, stop, dtype))
+        except BadRequest as e:
+            return _error(400, str(e))
+
     @app.post("/opd/update_weights")
     async def update_weights(req: UpdateWeightsRequest) -> JSONResponse:
         nonlocal weights_version
@@ -191,6 +257,7 @@ def build_app(model: torch.nn.Module, tokenizer: Any, args: ServeArgs) -> fastap
             except (ValueError, OSError, SafetensorError) as e:  # a bad path or file is the client's mistake
                 return _error(400, str(e))
             weights_version += 1
+            head_cache.clear()  # new weights, new head (and the check runs again)
         return JSONResponse({"status": "ok", "path": req.path, "num_tensors": count,
                              "weights_version": weights_version})
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -37,7 +38,9 @@ class PromptScores:
 
 @dataclass(eq=False)
 class Row:
-    """One sequence to run: a prompt, how to continue it, and (after `run_rows`) what came out."""
+    """One sequence to run: a prompt, how to continue it, and (after `run_rows`) what came out.
+
+    The sampling fields follow vLLM's `SamplingParams`; the neutral value of each turns it off."""
 
     prompt_ids: list[int]
     max_tokens: int
@@ -49,11 +52,40 @@ class Row:
     prompt_topk: int | None = None
     """Top-k wanted for each prompt token; None: the prompt is not scored."""
     stop_ids: frozenset[int] = frozenset()
+    top_k: int = 0
+    """Sample among the k most likely tokens only; 0 = off (vLLM's -1 is mapped to 0 by the protocol)."""
+    min_p: float = 0.0
+    """Drop tokens whose probability is below min_p times the most likely one's (after temperature)."""
+    repetition_penalty: float = 1.0
+    """HF/vLLM: a token seen in the prompt or the output has its logit divided by this when positive, multiplied
+    when negative."""
+    presence_penalty: float = 0.0
+    """OpenAI/vLLM: subtracted from the logit of every token already generated (output tokens only)."""
+    frequency_penalty: float = 0.0
+    """OpenAI/vLLM: subtracted once per earlier occurrence in the output."""
+    logit_bias: dict[int, float] | None = None
+    """Added to the logits of these token ids before anything else."""
+    min_tokens: int = 0
+    """Stop tokens are masked out (and stop strings not checked) until this many tokens are generated."""
+    stop_strings: tuple[str, ...] = ()
+    detokenize: Callable[[list[int]], str] | None = None
+    """Generated ids -> text, to find `stop_strings` (set whenever they are)."""
+    include_stop_str: bool = False
+    """Keep the stop string at the end of the text (vLLM's include_stop_str_in_output)."""
     token_ids: list[int] = field(default_factory=list)
     token_logp: list[float] = field(default_factory=list)
     token_top: list[tuple[list[int], list[float]]] = field(default_factory=list)
     prompt_scores: PromptScores | None = None
     finish_reason: str = "length"
+    stop_reason: int | str | None = None
+    """The stop token id or stop string that ended the row (None: the EOS token, or no stop)."""
+    text_end: int | None = None
+    """Where the text is cut when a stop string ended the row (characters of `detokenize(token_ids)`)."""
+
+    def processes_logits(self) -> bool:
+        """Whether anything changes the logits before temperature (so greedy is not the raw argmax)."""
+        return bool(self.repetition_penalty != 1.0 or self.presence_penalty or self.frequency_penalty
+                    or self.logit_bias or len(self.token_ids) < self.min_tokens)
 
 
 def _prompt_scores(logits_LV: torch.Tensor, ids_L: torch.Tensor, k: int) -> PromptScores:
@@ -64,10 +96,53 @@ def _prompt_scores(logits_LV: torch.Tensor, ids_L: torch.Tensor, k: int) -> Prom
     return PromptScores(taken_L.cpu(), rank_L.cpu(), top_ids.cpu(), top_logp.cpu())
 
 
+class _History:
+    """What the penalties read: which tokens each row has seen (prompt and output) and how often it generated each.
+    Built only when some row of the chunk has a penalty: two [B, V] buffers."""
+
+    def __init__(self, rows: list[Row], vocab: int, device: torch.device):
+        self.seen_BV = torch.zeros(len(rows), vocab, dtype=torch.bool, device=device)
+        for b, r in enumerate(rows):
+            self.seen_BV[b, torch.tensor(r.prompt_ids, device=device)] = True
+        self.counts_BV = torch.zeros(len(rows), vocab, device=device)
+
+    def add(self, next_B: torch.Tensor) -> None:
+        self.seen_BV.scatter_(1, next_B[:, None], True)
+        self.counts_BV.scatter_add_(1, next_B[:, None], torch.ones_like(next_B[:, None], dtype=torch.float))
+
+
+def _penalised(logits_BV: torch.Tensor, rows: list[Row], history: _History | None) -> torch.Tensor:
+    """The logits after logit bias, min_tokens and the penalties, in vLLM's order (bias and min_tokens first)."""
+    if not any(r.processes_logits() for r in rows):
+        return logits_BV
+    logits_BV = logits_BV.clone()
+    for b, r in enumerate(rows):
+        if r.logit_bias:
+            ids = torch.tensor(list(r.logit_bias), device=logits_BV.device)
+            logits_BV[b, ids] += torch.tensor(list(r.logit_bias.values()), device=logits_BV.device)
+        if len(r.token_ids) < r.min_tokens and r.stop_ids:
+            logits_BV[b, torch.tensor(sorted(r.stop_ids), device=logits_BV.device)] = float("-inf")
+    if history is not None:
+        rep_B1 = torch.tensor([r.repetition_penalty for r in rows], device=logits_BV.device)[:, None]
+        penalised_BV = torch.where(logits_BV > 0, logits_BV / rep_B1, logits_BV * rep_B1)
+        logits_BV = torch.where(history.seen_BV, penalised_BV, logits_BV)
+        freq_B1 = torch.tensor([r.frequency_penalty for r in rows], device=logits_BV.device)[:, None]
+        pres_B1 = torch.tensor([r.presence_penalty for r in rows], device=logits_BV.device)[:, None]
+        logits_BV = logits_BV - freq_B1 * history.counts_BV - pres_B1 * (history.counts_BV > 0)
+    # A penalty far from 1 can push a logit past float32's range; an infinite one would make the softmax NaN.
+    finite = torch.finfo(logits_BV.dtype)
+    return logits_BV.clamp(finite.min, finite.max)
+
+
 def _sample_step(
-    logits_BV: torch.Tensor, rows: list[Row], gens: list[torch.Generator], mode: LogprobsMode
+    logits_BV: torch.Tensor, rows: list[Row], gens: list[torch.Generator], mode: LogprobsMode,
+    history: _History | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick each row's next token; return (token ids [B], the log-probs to report [B, V])."""
+    """Pick each row's next token; return (token ids [B], the log-probs to report [B, V]).
+
+    The order is vLLM's: logit bias, min_tokens and penalties; greedy takes the argmax there; otherwise temperature,
+    min_p, top-k, then top-p on what top-k left (renormalised). `raw_logprobs` reports the model's own distribution,
+    before all of it; `processed_logprobs` the one actually sampled from (for a greedy row: after the penalties)."""
     device = logits_BV.device
     temps_B = torch.tensor([r.temperature for r in rows], device=device)
     top_p_B = torch.tensor([r.top_p for r in rows], device=device)
@@ -75,11 +150,21 @@ def _sample_step(
     # can overflow them to inf and the softmax to nan.
     greedy_B = temps_B < 1e-5
     raw_logp_BV = logits_BV.log_softmax(-1)
+    logits_BV = _penalised(logits_BV, rows, history)
     probs_BV = (logits_BV / torch.where(greedy_B, 1.0, temps_B)[:, None]).softmax(-1)
+    min_p_B = torch.tensor([r.min_p for r in rows], device=device)
+    if bool((min_p_B > 0).any()):
+        probs_BV = probs_BV * (probs_BV >= min_p_B[:, None] * probs_BV.amax(-1, keepdim=True))
     sorted_p_BV, order_BV = probs_BV.sort(-1, descending=True)
-    # A token stays in the nucleus while the mass strictly before it is < top_p; the first one always stays.
-    keep_sorted_BV = (sorted_p_BV.cumsum(-1) - sorted_p_BV) < top_p_B[:, None]
-    keep_sorted_BV[:, 0] = True  # even when a tiny top_p rounds to 0 in float32
+    V = logits_BV.shape[-1]
+    top_k_B = torch.tensor([r.top_k if 0 < r.top_k < V else V for r in rows], device=device)
+    keep_sorted_BV = torch.arange(V, device=device)[None, :] < top_k_B[:, None]
+    kept_p_BV = sorted_p_BV * keep_sorted_BV
+    # A token stays in the nucleus while the mass strictly before it is < top_p of what min_p and top-k left; the
+    # first one always stays, even when a tiny top_p rounds to 0 in float32.
+    limit_B1 = top_p_B[:, None] * kept_p_BV.sum(-1, keepdim=True)
+    keep_sorted_BV &= (kept_p_BV.cumsum(-1) - kept_p_BV) < limit_B1
+    keep_sorted_BV[:, 0] = True
     kept_p_BV = sorted_p_BV * keep_sorted_BV
     cdf_BV = kept_p_BV.cumsum(-1)
     # Inverse-CDF sampling with one uniform per row from that row's own generator: batch-independent.
@@ -89,9 +174,21 @@ def _sample_step(
     next_B = torch.where(greedy_B, logits_BV.argmax(-1), order_BV.gather(-1, pick_B[:, None])[:, 0])
     if mode == "raw_logprobs":
         return next_B, raw_logp_BV
-    # The distribution actually sampled from: tempered, cut to the nucleus (-inf outside), renormalised.
+    # The distribution actually sampled from: processed, tempered, cut (-inf outside), renormalised.
     processed_BV = torch.empty_like(logits_BV).scatter(-1, order_BV, (kept_p_BV / cdf_BV[:, -1:]).log())
-    return next_B, torch.where(greedy_B[:, None], raw_logp_BV, processed_BV)
+    return next_B, torch.where(greedy_B[:, None], logits_BV.log_softmax(-1), processed_BV)
+
+
+def _find_stop(row: Row, scanned: int) -> tuple[tuple[str, int] | None, int]:
+    """((the stop string, where it starts in the row's text) or None, the text's length). Only the text after
+    character `scanned` minus the string's length is searched (a stop string may straddle earlier tokens); the
+    earliest occurrence wins."""
+    text = row.detokenize(row.token_ids)
+    found = [(i, s) for s in row.stop_strings if (i := text.find(s, max(0, scanned - len(s) + 1))) >= 0]
+    if not found:
+        return None, len(text)
+    start, stop = min(found)
+    return (stop, start), len(text)
 
 
 @torch.inference_mode()
@@ -119,10 +216,15 @@ def _run_chunk(model: torch.nn.Module, rows: list[Row], score_prompts: bool, mod
     logits_BV, pos_B1 = out.logits[:, -1].float(), pos_BL[:, -1:]
     # decoding steps through the trunk and a plain head as weight @ hidden.T where the model allows (opd.lm.sampler)
     decode = next_token_logits(model, out.cache) if steps > 0 else None
+    penalties = any(r.repetition_penalty != 1.0 or r.presence_penalty or r.frequency_penalty for r in rows)
+    history = _History(rows, logits_BV.shape[-1], logits_BV.device) if penalties and steps > 0 else None
+    scanned = [0] * B  # characters of each row's text already searched for stop strings
     for _ in range(steps):
         if all(done):
             break
-        next_B, logp_BV = _sample_step(logits_BV, rows, gens, mode)
+        next_B, logp_BV = _sample_step(logits_BV, rows, gens, mode, history)
+        if history is not None:
+            history.add(next_B)
         kmax = max((r.logprobs or 0) for r in rows)
         top_logp_BK, top_ids_BK = logp_BV.topk(min(kmax, logp_BV.shape[-1]), dim=-1)
         taken_B = logp_BV.gather(-1, next_B[:, None])[:, 0]
@@ -135,8 +237,15 @@ def _run_chunk(model: torch.nn.Module, rows: list[Row], score_prompts: bool, mod
             r.token_logp.append(taken_list[b])
             if r.logprobs is not None:
                 r.token_top.append((top_ids_list[b][: r.logprobs], top_logp_list[b][: r.logprobs]))
+            hit = None
+            if r.stop_strings and next_list[b] not in r.stop_ids:
+                hit, scanned[b] = _find_stop(r, scanned[b])
+                hit = hit if len(r.token_ids) >= r.min_tokens else None  # vLLM checks none before min_tokens
             if next_list[b] in r.stop_ids:
                 r.finish_reason, done[b] = "stop", True
+            elif hit is not None:
+                r.finish_reason, r.stop_reason, done[b] = "stop", hit[0], True
+                r.text_end = hit[1] + (len(hit[0]) if r.include_stop_str else 0)
             elif len(r.token_ids) == r.max_tokens:
                 done[b] = True
         if all(done):

@@ -1,9 +1,10 @@
 """Student rollouts from an inference server: push the student's weights there, sample there, align the log-probs.
 
 `distill` uses this when `--sampler URL` is set: generation, the slow part of on-policy distillation, runs on a
-server built for it (`opd serve`, or vLLM with a weight-update hook) while training stays here. The server's weights
-lag the trained ones by up to `sync_every - 1` updates (and differ by float rounding even right after a push), so
-each batch carries the sampler's log-prob of every sampled token, and `ratio_metrics` reports how large the gap is.
+server built for it (`opd serve`, or vLLM started with VLLM_SERVER_DEV_MODE=1, `opd.lm.vllm_server`) while training
+stays here. The server's weights lag the trained ones by up to `sync_every - 1` updates (and differ by float rounding
+even right after a push), so each batch carries the sampler's log-prob of every sampled token, and `ratio_metrics`
+reports how large the gap is.
 
 How the gap is corrected. With r_t = π_student(x_t | x_<t) / π_sampler(x_t | x_<t) at each sampled token:
 - loss=sampled (policy gradient) weights token t's gradient by min(r_t, ratio_clip), detached: truncated importance
@@ -30,7 +31,7 @@ from accelerate.utils import DistributedType
 
 from opd.config import SamplingArgs
 from opd.lm.model import hf_model, is_peft_model
-from opd.lm.remote import RemoteSampler
+from opd.lm.remote import RemoteSampler, ServerRefused, check_served_vocabulary, server_kind
 from opd.lm.rollout import Batch, layout
 from opd.lm.teacher import TeacherUnreachable
 
@@ -48,7 +49,8 @@ class ServerRollouts:
     """The student's sampler behind a completions server, and the weight pushes that keep it on the student.
 
     Weights are written as safetensors under `out_dir/sampler_weights/` and the server is told to load them, so the
-    server must see that path (same machine, or a shared filesystem mounted at the same place).
+    server must see that path (same machine, or a shared filesystem mounted at the same place): `opd serve` through
+    its /opd/update_weights, vLLM through its dev-mode /collective_rpc (`opd.lm.vllm_server.reload_weights`).
     """
 
     def __init__(self, url: str, out_dir: str | Path, timeout: float = 60.0, max_retries: int = 5):
@@ -57,6 +59,32 @@ class ServerRollouts:
         self.root = Path(out_dir).resolve() / "sampler_weights"
         self.version: int | None = None
         """The server's weights version after the last push (counts every load since the server started)."""
+        self.kind: str | None = None
+        """'opd' (opd serve) or 'vllm', from the server's /v1/models; asked once, by `check` or the first push."""
+
+    def check(self, tokenizer, vocab_size: int) -> None:
+        """Before training: the server can take the student's weights and serves the student's vocabulary; a one-line
+        ValueError naming the fix otherwise. A server that does not answer is left to the first step, which stops
+        with a resumable checkpoint. opd serve's vocabulary is not probed: its first push (before the first step)
+        refuses weights of another shape with a clear 400, where vLLM's reload fails with an opaque 500."""
+        try:
+            card = self.client.client.model_card()
+        except TeacherUnreachable:
+            return
+        self.kind = server_kind(card)
+        self.client.model = self.client.model or card["id"]
+        if self.kind == "vllm":
+            try:
+                self.client.client.post("/is_paused", None)  # one of the routes VLLM_SERVER_DEV_MODE=1 opens
+            except ServerRefused:
+                raise ValueError(f"{self.url} is vLLM without its weight-reload routes, so it cannot sample from the "
+                                 "student being trained; restart it with VLLM_SERVER_DEV_MODE=1 in its environment "
+                                 "(opd reloads the weights through its /collective_rpc)") from None
+            check_served_vocabulary(self.client.client, self.client.model, tokenizer, vocab_size)
+        elif self.kind != "opd":
+            raise ValueError(f"{self.url} cannot receive the student's weights (/v1/models says owned_by "
+                             f"{self.kind!r}); for --sampler serve the student with `opd serve STUDENT_DIR`, or with "
+                             f"vLLM started with VLLM_SERVER_DEV_MODE=1")
 
     def push(self, student, accelerator, step: int) -> None:
         """Make the server sample from `student`'s current weights. Every process must call this (collectively).
@@ -81,7 +109,7 @@ class ServerRollouts:
 
                     state = merged_state_dict(student)
                 path = self._write(hf_model(student), state, step)
-                self.version = self.client.update_weights(str(path))
+                self.version = self._load(str(path))
                 for old in self.root.iterdir():  # the server has copied the weights: older versions can go
                     if old != path:
                         shutil.rmtree(old, ignore_errors=True)
@@ -93,6 +121,21 @@ class ServerRollouts:
                 raise TeacherUnreachable(f"{self.url} did not take the student's weights (the main process says why)")
         if error is not None:
             raise error
+
+    def _load(self, path: str) -> int:
+        """Make the server load the weights in `path`; its new weights version."""
+        if self.kind is None:
+            self.kind = server_kind(self.client.client.model_card())
+        if self.kind == "vllm":
+            from opd.lm.vllm_server import reload_weights
+
+            try:
+                return reload_weights(self.client.client, path)
+            except ServerRefused as e:
+                raise ValueError(f"{self.url} did not reload the student's weights ({e}); start vLLM with "
+                                 f"VLLM_SERVER_DEV_MODE=1, on this machine or with {path} on a shared "
+                                 "filesystem") from None
+        return self.client.update_weights(path)
 
     def _write(self, model, state: dict, step: int) -> Path:
         # Written under a temporary name and renamed into place: the server never reads a half-written file, and a

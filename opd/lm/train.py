@@ -38,7 +38,9 @@ from opd.lm.model import final_hidden, lm_head, load_tokenizer, unwrap
 from opd.lm.rollout import Batch, scatter_targets
 from opd.lm.runs import drop_logged_after, flat_config, free_cores, library_bars
 from opd.lm.server_rollouts import ratio_metrics, rollout_seed
-from opd.lm.teacher import TeacherSignal, TeacherUnreachable, score_batch
+from opd.lm.teacher import TeacherSignal, TeacherUnreachable
+from opd.lm.teachers import SUMMED, RoutedSignal, batch_routes, grade, per_teacher_means
+from opd.lm.xtok import CrossTokenizerSignal
 
 Callback = Callable[[int, Any, dict], Any]
 """`callback(step, student, metrics)` after every update; return True to stop the run (a checkpoint is saved)."""
@@ -49,8 +51,10 @@ class TrainingError(RuntimeError):
     """A run stopped for a reason the user must act on; the message says what happened and what to do."""
 
 
-def student_loss(student, batch: Batch, signal: TeacherSignal | None, cfg: DistillConfig) -> tuple[torch.Tensor, dict]:
-    """Mean per-token loss over the batch's completion tokens, and the metrics to log."""
+def student_loss(student, batch: Batch, signal: TeacherSignal | RoutedSignal | None,
+                 cfg: DistillConfig) -> tuple[torch.Tensor, dict]:
+    """Mean per-token loss over the batch's completion tokens, and the metrics to log (per teacher too, for a batch
+    graded by several: `opd.lm.teachers`)."""
     mask_BT = batch.mask_BT.bool()
     hidden_ND = final_hidden(student, batch.input_ids_BL, batch.attention_mask_BL)[:, :-1][mask_BT]
     head = lm_head(student)
@@ -73,15 +77,10 @@ def student_loss(student, batch: Batch, signal: TeacherSignal | None, cfg: Disti
             metrics["sampled_reverse_kl"] = (sampling_BT - signal.taken_logp_BT)[mask_BT].mean().item()
         if signal is not None and signal.taken_logp_BT is not None:
             metrics["teacher_logp"] = signal.taken_logp_BT[mask_BT].mean().item()
+    elif isinstance(signal, CrossTokenizerSignal):  # a teacher with its own tokenizer: span by span (opd.lm.xtok)
+        per_token = signal.per_token(divergence_from_config(cfg), hidden_ND, head, targets_N, cfg.chunk_size)
     else:
-        divergence = divergence_from_config(cfg)
-        if signal.hidden_BTD is not None:  # a local teacher: the written-out gradient where it applies (opd.fused)
-            per_token = fused_divergence(divergence, hidden_ND, head, teacher_hidden_ND=signal.hidden_BTD[mask_BT],
-                                         teacher_head=signal.head, chunk_size=cfg.chunk_size)
-        else:
-            per_token = chunked_divergence(divergence, hidden_ND, head, chunk_size=cfg.chunk_size,
-                                           teacher_ids_NK=signal.topk_ids_BTK[mask_BT],
-                                           teacher_logp_NK=signal.topk_logp_BTK[mask_BT])
+        per_token = teacher_divergence(divergence_from_config(cfg), hidden_ND, head, signal, mask_BT, cfg.chunk_size)
     if batch.sampling_logp_BT is not None:
         # Samples from a sampler server whose weights may lag: how far (the divergences are not reweighted; why in
         # opd.lm.server_rollouts).
@@ -92,7 +91,23 @@ def student_loss(student, batch: Batch, signal: TeacherSignal | None, cfg: Disti
     loss = per_token.mean() if per_token.numel() else hidden_ND.sum() * 0.0
     metrics["loss"] = loss.item()
     metrics["completion_tokens"] = int(mask_BT.sum())
+    if isinstance(signal, RoutedSignal):
+        metrics.update(signal.metrics(per_token.detach(), mask_BT))
     return loss, metrics
+
+
+def teacher_divergence(divergence, hidden_ND: torch.Tensor, head, signal: TeacherSignal | RoutedSignal,
+                       mask_BT: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
+    """Per completion token [N]: the divergence of the student (`hidden_ND`, `head`) from the teacher's signal."""
+    if isinstance(signal, RoutedSignal):  # several teachers: each one's rows against its own signal
+        return signal.per_token(lambda part, mask_RT, select_N: teacher_divergence(
+            divergence, hidden_ND[select_N], head, part, mask_RT, chunk_size), mask_BT)
+    if signal.hidden_BTD is not None:  # a local teacher: the written-out gradient where it applies (opd.fused)
+        return fused_divergence(divergence, hidden_ND, head, teacher_hidden_ND=signal.hidden_BTD[mask_BT],
+                                teacher_head=signal.head, chunk_size=chunk_size)
+    return chunked_divergence(divergence, hidden_ND, head, chunk_size=chunk_size,
+                              teacher_ids_NK=signal.topk_ids_BTK[mask_BT],
+                              teacher_logp_NK=signal.topk_logp_BTK[mask_BT])
 
 
 def adamw(model, optim: OptimArgs) -> torch.optim.AdamW:
@@ -176,7 +191,7 @@ def distill(cfg: DistillConfig, prompts: Any = None, eval_prompts: Any = None, c
     from opd.lm.lora import load_student
 
     student = load_student(cfg.student, cfg.lora, ckpt, accelerator.device)
-    teacher = make_teacher(cfg, student, tokenizer, accelerator.device)
+    teacher = make_teacher(cfg, student, tokenizer, accelerator.device, resumed=ckpt is not None, prompts=train)
 
     opt = adamw(student, cfg.optim)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.optim, cfg.steps))
@@ -239,7 +254,7 @@ def distill(cfg: DistillConfig, prompts: Any = None, eval_prompts: Any = None, c
                 batch = actor.rollouts(draw).to(accelerator.device)
                 t_act = time.perf_counter()
                 # What the teacher gives, and the loss's gradient, micro-batch by micro-batch.
-                m = accumulate(student, teacher, batch, cfg, accelerator, step)
+                m = accumulate(student, teacher, batch, cfg, accelerator, step, batch_routes(train, draw.rows))
             except TeacherUnreachable as e:
                 if world > 1:  # the other processes cannot join a save from here; the last periodic one stands
                     raise TrainingError(f"{e} Last checkpoint: {find_checkpoint(out / 'checkpoint') or 'none'}") from None
@@ -267,6 +282,9 @@ def distill(cfg: DistillConfig, prompts: Any = None, eval_prompts: Any = None, c
                 m["sampler_teacher_rows"] = batch.teacher_prefix.rows()
             m.update(flops.step_flops(*costs, batch.attention_mask_BL, batch.mask_BT, draw.source,
                                       scored=cfg.loss != "sft"))
+            if hasattr(actor, "step_metrics"):  # the actor's own account (SKD: acceptance, both models' sampling FLOPs)
+                m.update(actor.step_metrics())
+                m["flops"] = sum(m[k] for k in flops.FLOP_KINDS if m[k] is not None)
             total_flops = m["total_flops"] = total_flops + m["flops"] * world
             if main and held_out is not None and cfg.eval_every and (
                     (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
@@ -302,8 +320,10 @@ def distill(cfg: DistillConfig, prompts: Any = None, eval_prompts: Any = None, c
     return last
 
 
-def accumulate(student, teacher, batch: Batch, cfg: DistillConfig, accelerator, step: int) -> dict:
+def accumulate(student, teacher, batch: Batch, cfg: DistillConfig, accelerator, step: int,
+               routes: list[str] | None = None) -> dict:
     """Grade the batch and back-propagate its loss in `cfg.optim.grad_accum` micro-batches; returns the metrics.
+    `routes`: each row's teacher, with several (--teachers).
 
     Each micro-batch's mean per-token loss is weighted by its share of the batch's completion tokens, so the summed
     gradient is the one a single pass over the whole batch gives (up to float rounding); gradients are synchronised
@@ -315,7 +335,8 @@ def accumulate(student, teacher, batch: Batch, cfg: DistillConfig, accelerator, 
     merged: dict = {}
     for j in range(k):
         micro = batch if k == 1 else batch.select(j * rows, (j + 1) * rows)
-        signal = None if cfg.loss == "sft" else score_batch(teacher, micro)
+        micro_routes = None if routes is None else routes[j * rows:(j + 1) * rows]
+        signal = grade(teacher, micro, micro_routes, score=cfg.loss != "sft")
         loss, m = student_loss(student, micro, signal, cfg)
         if not _all_finite(accelerator, loss):
             raise TrainingError(
@@ -327,8 +348,9 @@ def accumulate(student, teacher, batch: Batch, cfg: DistillConfig, accelerator, 
         with accelerator.no_sync(student) if j < k - 1 else nullcontext():
             accelerator.backward(loss * weight)
         for key, value in m.items():
-            merged[key] = merged.get(key, 0) + (value if key == "completion_tokens" else value * weight)
-    return merged
+            summed = key == "completion_tokens" or key.startswith(SUMMED)
+            merged[key] = merged.get(key, 0) + (value if summed else value * weight)
+    return per_teacher_means(merged)
 
 
 def _all_finite(accelerator, loss: torch.Tensor) -> bool:

@@ -5,10 +5,13 @@ in-process, where an unhandled server exception fails the test with its tracebac
 found answered with a 500 before the fixes, pinned as regressions.
 """
 
+import copy
+
 import pytest
 import torch
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from benchmarks.reliability_fuzz import Target, cases, judge
 from opd.lm.serve import ServeArgs, build_app
@@ -91,3 +94,49 @@ def test_a_prompt_with_a_lone_surrogate_is_a_400(client):
     assert r.status_code == 400
     assert r.json()["error"]["message"] == (
         "prompt 1 is not valid Unicode text (surrogates not allowed at character 1); send UTF-8 text")
+
+
+def _sampling_fields(vocab: int) -> dict:
+    """The sampling fields beyond the reliability fuzzer's, within their schema and at their edges."""
+    return {
+        "top_k": st.integers(-1, vocab + 2), "min_p": st.floats(0, 1),
+        "repetition_penalty": st.floats(1e-3, 10) | st.sampled_from([1e-40, 1e-30, 1e30, 1e300]),
+        "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2),
+        "logit_bias": st.dictionaries(st.integers(0, vocab - 1).map(str), st.floats(-1e3, 1e3), max_size=4),
+        "stop": st.none() | st.text(min_size=1, max_size=3) | st.lists(st.text(min_size=1, max_size=3), max_size=3),
+        "min_tokens": st.integers(0, 10), "include_stop_str_in_output": st.booleans(),
+        "skip_special_tokens": st.booleans(), "temperature": st.floats(0, 5), "seed": st.integers(0, 2**32),
+        "n": st.integers(1, 2), "max_tokens": st.integers(0, 8), "ignore_eos": st.booleans(),
+    }
+
+
+_MESSAGES = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]),
+                                            "content": st.text(max_size=6)}), min_size=1, max_size=3)
+
+
+def test_fuzzed_sampling_fields_and_chats_never_get_a_5xx(model, tokenizer):
+    chat_tokenizer = copy.deepcopy(tokenizer)
+    chat_tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}={% endfor %}"
+    vocab = model.get_input_embeddings().num_embeddings
+    seen = []
+    with TestClient(build_app(model, chat_tokenizer, ARGS)) as c:
+        @settings(max_examples=100, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+        @given(fields=st.fixed_dictionaries({}, optional=_sampling_fields(vocab)), chat=st.booleans(),
+               messages=_MESSAGES)
+        def one(fields, chat, messages):
+            path, body = ("/v1/chat/completions", {"messages": messages}) if chat else ("/v1/completions",
+                                                                                       {"prompt": "1+1="})
+            r = c.post(path, json={**body, **fields, "logprobs": True if chat else 2})
+            seen.append(r.status_code)
+            assert r.status_code == 200 or (400 <= r.status_code < 500 and "\n" not in r.json()["error"]["message"]), \
+                (path, fields, r.status_code, r.text[:300])
+            if r.status_code == 200:
+                choices = r.json()["choices"]
+                assert len(choices) == fields.get("n", 1)
+                for ch in choices:
+                    steps = ch["logprobs"]["content"] if chat else ch["logprobs"]["token_logprobs"]
+                    assert all((s["logprob"] if chat else s) <= 0 for s in steps)  # finite log-probs, never NaN
+
+        one()
+    assert seen.count(200) > len(seen) // 2
