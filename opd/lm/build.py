@@ -126,7 +126,8 @@ def prompt_sets(cfg: DistillConfig, tokenizer, max_prompt_len: int, prompts: Any
             raise ValueError(f"checker must be a spec string or a callable (row, completion) -> float, "
                              f"not {type(spec).__name__}")
     train = encode(tokenizer, train_rows, max_prompt_len, "--data" if cfg.data and prompts is None else "prompts")
-    if cfg.teachers is not None:  # each row's teacher, checked before any model loads
+    # each row's teacher, checked before any model loads (the RL baseline's config has no teachers)
+    if getattr(cfg, "teachers", None) is not None:
         from opd.lm.teachers import check_routes
 
         train.routes = check_routes(train, cfg.teacher_column, list(teacher_specs(cfg.teachers)),

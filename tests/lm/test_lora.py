@@ -159,6 +159,7 @@ def test_target_modules_that_match_nothing_name_the_layers_that_exist(model_dirs
 def test_a_sampler_server_is_pushed_plain_merged_weights(model_dirs, tokenizer, tmp_path, monkeypatch):
     model = _trained_lora(model_dirs)
     rollouts = ServerRollouts("http://127.0.0.1:9/v1", tmp_path)
+    rollouts.kind = "opd"  # no server runs here: as if `check` had found an opd serve, whose weight update is stubbed
     pushed = []
     monkeypatch.setattr(rollouts.client, "update_weights", lambda path: pushed.append(path) or len(pushed))
     accelerator = SimpleNamespace(is_main_process=True, num_processes=1, distributed_type=DistributedType.NO,
