@@ -11,7 +11,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from safetensors.torch import load_file
 
 from opd.checkpoint import STATE_JSON, STATE_PT, find_checkpoint
 from opd.lm.model import load_model
+from opd.lm.vllm_server import free_port  # noqa: F401 (re-exported: the benchmarks start servers on it)
 
 # One intra-op thread per process (the machine is shared); no hub look-ups; errors as the user sees them.
 ENV = {k: v for k, v in os.environ.items() if k != "OPD_DEBUG"} | {
@@ -227,13 +227,6 @@ def _timed_run(spec: TrainSpec, run: Path) -> dict:
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     return {"wall_s": round(time.monotonic() - t0, 2), "startup_s": round(stamps[0], 2),
             "step_s": round(statistics.median(gaps), 4)}
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

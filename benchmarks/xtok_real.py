@@ -28,6 +28,7 @@ from opd.losses import reverse_kl
 def gemma3_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """Directory of Gemma 3 270M in safetensors (dequantised from the Q4_K_M GGUF), with `GEMMA_TEMPLATE`."""
     from benchmarks.xtok import GEMMA_TEMPLATE
+    from opd.lm.offline import save_dequantised
     from opd.lm.task_teacher import cache_root
 
     out = cache_root(cache_dir) / "gemma-3-270m"
@@ -44,14 +45,7 @@ def gemma3_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tokenizer.chat_template = GEMMA_TEMPLATE
-    model.hf_quantizer = None  # dequantised already: save plain weights
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, out)
-    return out
+    return save_dequantised(model, tokenizer, out)
 
 
 def prompt_rows(split: str) -> list[dict]:

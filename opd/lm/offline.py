@@ -32,6 +32,12 @@ def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_NAME, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_NAME)
+    return save_dequantised(model, tokenizer, out)
+
+
+def save_dequantised(model, tokenizer, out: Path) -> Path:
+    """Write a model loaded from a GGUF (`from_pretrained(..., gguf_file=...)`) as a plain safetensors directory at
+    `out`, written under a temporary name and renamed, so a crash never leaves a half-written model there."""
     # The GGUF loader marks the model as quantised; the weights are already dequantised, so save them plainly.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
