@@ -190,6 +190,17 @@ def _position_entries(entries: dict, taken_id: int, k: int) -> tuple[list[int], 
     return [t for t, _, _ in items[:k]], [lp for _, lp, _ in items[:k]], entries[str(taken_id)]["logprob"]
 
 
+def score_shapes(input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor, mask_BT: torch.Tensor) -> tuple[int, int]:
+    """(B, L) of a batch a remote teacher scores; a ValueError naming all three shapes when they do not fit."""
+    B, L = input_ids_BL.shape
+    if mask_BT.shape != (B, L - 1) or attention_mask_BL.shape != (B, L):
+        raise ValueError(
+            f"shapes: input_ids {tuple(input_ids_BL.shape)}, attention_mask {tuple(attention_mask_BL.shape)}, "
+            f"mask {tuple(mask_BT.shape)}; need [B, L], [B, L], [B, L-1]"
+        )
+    return B, L
+
+
 class RemoteTeacher:
     """A teacher behind a vLLM-compatible completions server; `score` returns top-k log-probs per target.
 
@@ -232,12 +243,7 @@ class RemoteTeacher:
 
         Padding (left or right) is stripped using `attention_mask_BL`; rows with no completion target are not sent.
         """
-        B, L = input_ids_BL.shape
-        if mask_BT.shape != (B, L - 1) or attention_mask_BL.shape != (B, L):
-            raise ValueError(
-                f"shapes: input_ids {tuple(input_ids_BL.shape)}, attention_mask {tuple(attention_mask_BL.shape)}, "
-                f"mask {tuple(mask_BT.shape)}; need [B, L], [B, L], [B, L-1]"
-            )
+        B, L = score_shapes(input_ids_BL, attention_mask_BL, mask_BT)
         K = self.top_k
         taken_BT = torch.full((B, L - 1), float("-inf"))
         top_ids_BTK = torch.zeros(B, L - 1, K, dtype=torch.long)

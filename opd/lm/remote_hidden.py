@@ -20,7 +20,7 @@ import httpx
 import torch
 
 from opd.lm.model import taken_logp
-from opd.lm.remote import CompletionsClient, ServerRefused
+from opd.lm.remote import CompletionsClient, ServerRefused, score_shapes
 from opd.lm.serve_hidden import WireDtype, apply_head, decode_array
 from opd.lm.teacher import TeacherSignal
 
@@ -112,12 +112,7 @@ class HiddenStateTeacher:
     ) -> TeacherSignal:
         """Final hidden states [B, T, D] at every graded position (0 elsewhere), the head, and the taken tokens'
         log-probs when `with_taken_logp`. Padding (left or right) is stripped using `attention_mask_BL`."""
-        B, L = input_ids_BL.shape
-        if mask_BT.shape != (B, L - 1) or attention_mask_BL.shape != (B, L):
-            raise ValueError(
-                f"shapes: input_ids {tuple(input_ids_BL.shape)}, attention_mask {tuple(attention_mask_BL.shape)}, "
-                f"mask {tuple(mask_BT.shape)}; need [B, L], [B, L], [B, L-1]"
-            )
+        B, L = score_shapes(input_ids_BL, attention_mask_BL, mask_BT)
         device = input_ids_BL.device
         head = self.head(device)
         rows, seqs, starts, offsets = self._graded_spans(input_ids_BL, attention_mask_BL, mask_BT)

@@ -40,6 +40,17 @@ STATIC_CACHE_MULTIPLE = 64
 recompilation) for all batches whose longest prompt falls in the same bucket."""
 
 
+def left_pad(prompt_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths as one left-padded batch: (ids [B, P], attention mask [B, P]), P the longest."""
+    B, P = len(prompt_ids), max(len(p) for p in prompt_ids)
+    ids_BP = torch.full((B, P), pad_id, dtype=torch.long)
+    attn_BP = torch.zeros((B, P), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        ids_BP[i, P - len(p) :] = torch.tensor(p, dtype=torch.long)
+        attn_BP[i, P - len(p) :] = 1
+    return ids_BP, attn_BP
+
+
 def _check(prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, top_p: float) -> None:
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise ValueError("every prompt needs at least one token; got an empty batch or an empty prompt")
@@ -164,13 +175,7 @@ def sample_completions(
     """
     _check(prompt_ids, max_new_tokens, temperature, top_p)
     device = next(model.parameters()).device
-    B, P = len(prompt_ids), max(len(p) for p in prompt_ids)
-    ids_BP = torch.full((B, P), pad_id, dtype=torch.long)
-    attn_BP = torch.zeros((B, P), dtype=torch.long)
-    for i, p in enumerate(prompt_ids):
-        ids_BP[i, P - len(p) :] = torch.tensor(p, dtype=torch.long)
-        attn_BP[i, P - len(p) :] = 1
-    ids_BP, attn_BP = ids_BP.to(device), attn_BP.to(device)
+    ids_BP, attn_BP = (t.to(device) for t in left_pad(prompt_ids, pad_id))
     was_training = model.training
     model.eval()
     try:

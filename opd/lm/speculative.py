@@ -31,7 +31,7 @@ from opd.config import DistillConfig, SamplingArgs
 from opd.lm.data import PromptSet
 from opd.lm.model import hf_model, position_ids
 from opd.lm.rollout import Batch, layout
-from opd.lm.sampler import _check, _pick, next_token_logits
+from opd.lm.sampler import _check, _pick, left_pad, next_token_logits
 from opd.lm.teacher import LocalTeacher
 
 BLOCK = 4
@@ -131,12 +131,7 @@ def speculative_completions(
         if not ok:
             raise ValueError(f"{name} must be {'>= 0' if name == 'teacher_temperature' else '>= 1'}, got {value}")
     device = next(student.parameters()).device
-    B, P = len(prompt_ids), max(len(p) for p in prompt_ids)
-    ids_BP = torch.full((B, P), pad_id, dtype=torch.long)
-    attn_BP = torch.zeros((B, P), dtype=torch.long)
-    for i, p in enumerate(prompt_ids):
-        ids_BP[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
-        attn_BP[i, P - len(p):] = 1
+    ids_BP, attn_BP = left_pad(prompt_ids, pad_id)
     was_training, teacher_was_training = student.training, teacher.training
     student.eval()
     teacher.eval()
