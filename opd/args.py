@@ -93,7 +93,8 @@ class EvalArgs:
     data_fields: str = ""
     """Map your column names to opd's, e.g. prompt=question,answer=final."""
     checker: str | None = None
-    """exact | numeric | regex:PATTERN | ifeval | task:NAME | module:function; default: the task's checker."""
+    """exact | contains | numeric | regex:PATTERN | ifeval | task:NAME | module:function; default: the task's
+    checker."""
     examples: int = 500
     """Number of held-out prompts (the first this many rows of --data)."""
     max_new_tokens: int = 64
@@ -154,3 +155,13 @@ class MergeArgs:
     """Where the merged model and its tokenizer go; must not exist yet (or be empty)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Data type of the written weights (float32, bfloat16, float16); the merge itself is done in float32."""
+
+
+@dataclass(frozen=True)
+class InterpretArgs:
+    """Print the interpretable policies saved in a directory: the tree as if/else rules, the linear policy and the
+    formula as equations."""
+
+    policy: Annotated[str, tyro.conf.arg(metavar="DIR")]
+    """Directory holding interpretable.json (written by `opd.control.interpretable.save_interpretable` or by
+    `opd bench robotics`: benchmarks/results/robotics_interpretable/TASK)."""

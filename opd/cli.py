@@ -16,7 +16,7 @@ from tyro.constructors import ConstructorRegistry, StructConstructorSpec
 
 # Only settings here: each command imports what it runs (torch, transformers, fastapi) when it runs, so that
 # `opd --help` and `opd train --help` answer in well under a second.
-from opd.args import EvalArgs, MergeArgs, QuickstartArgs, ServeArgs, TeacherArgs
+from opd.args import EvalArgs, InterpretArgs, MergeArgs, QuickstartArgs, ServeArgs, TeacherArgs
 from opd.config import DistillConfig
 
 # Flags without the argument's name in front: `opd train --student X`, not `--cfg.student X`.
@@ -107,8 +107,14 @@ def _commands() -> dict:
 
         merge_main(args)
 
+    def interpret(args: Annotated[InterpretArgs, _NO_PREFIX]) -> None:
+        """Print a distilled decision tree as if/else rules, and a linear policy and a formula as equations."""
+        from opd.control.interpretable import interpret_main
+
+        interpret_main(args)
+
     return {"quickstart": quickstart, "train": train, "teacher": teacher, "eval": evaluate, "serve": serve,
-            "merge": merge}
+            "merge": merge, "interpret": interpret}
 
 
 def _is_user_error(e: Exception) -> bool:
@@ -132,6 +138,8 @@ BENCHMARKS = {
     "opd_wins": "opd_wins.py",
     "xtok": "xtok.py",
     "vllm": "vllm.py",
+    "robotics": "robotics.py",
+    "continual": "continual.py",
 }
 """`opd bench NAME [flags]` runs benchmarks/<file> of the source checkout (benchmarks are not installed)."""
 
