@@ -25,6 +25,8 @@ SECTIONS = [
     ("opd_wins.md", "Where on-policy distillation wins (issue 17)", "opd bench opd_wins"),
     ("xtok.md", "Distillation across tokenizers", "opd bench xtok"),
     ("vllm.md", "opd against a real vLLM server", "opd bench vllm"),
+    ("robotics.md", "Robotics analogues: sim-to-real, RLDG, RPD, interpretable policies", "opd bench robotics"),
+    ("continual.md", "Continual learning: personalisation and forgetting", "opd bench continual"),
 ]
 
 HEADER = """# Results

@@ -117,8 +117,9 @@ class DistillConfig:
     eval_split: str = "test"
     """Split of --eval-data to read."""
     checker: str | None = None
-    """How a held-out completion is scored: exact | numeric | regex:PATTERN | ifeval | task:NAME | module:function
-    (your `(row, completion) -> float`). Default: the task's own checker, or none (no accuracy) with --data."""
+    """How a held-out completion is scored: exact | contains | numeric | regex:PATTERN | ifeval | task:NAME |
+    module:function (your `(row, completion) -> float`). Default: the task's own checker, or none (no accuracy) with
+    --data."""
     source: Literal["student", "teacher", "data", "mixture", "speculative"] = "student"
     """Who acts. student: on-policy distillation; teacher: the teacher generates and the student learns on those
     samples (sequence-level KD / SFT on teacher samples); data: the task's reference completions; mixture: GKD,

@@ -5,6 +5,7 @@ A checker is any callable `(row, completion) -> float` (1.0 right, 0.0 wrong, pa
 `answer`. `get_checker` builds one from the spec a user writes on the command line:
 
     exact             completion.strip() == answer
+    contains          the answer appears in the completion (case and spacing ignored): short factual answers
     numeric           the last number in the completion equals the answer's number
     regex:PATTERN     the last match of PATTERN (its first group, if any) equals the answer
     ifeval            every IFEval / IFBench instruction in `instruction_id_list` + `kwargs` is followed (strict)
@@ -27,7 +28,7 @@ from typing import Any, Callable, Iterable
 Checker = Callable[[dict, str], Any]
 """`(row, completion) -> float` (a bool is accepted and read as 0/1)."""
 
-CHOICES = "exact, numeric, regex:PATTERN, ifeval, task:NAME or module:function"
+CHOICES = "exact, contains, numeric, regex:PATTERN, ifeval, task:NAME or module:function"
 
 # A number as people write them: optional sign and currency, thousands separators, decimals, a percent sign. The
 # sign counts only where it cannot be a hyphen or a range ("pages 10-12" ends in 12, not -12).
@@ -42,6 +43,8 @@ def get_checker(spec: str) -> Checker:
     kind, arg = _parse(spec)
     if kind == "exact":
         return _exact
+    if kind == "contains":
+        return _contains
     if kind == "numeric":
         return _numeric
     if kind == "regex":
@@ -107,7 +110,7 @@ def last_number(text: str) -> float | None:
 def _parse(spec: str) -> tuple[str, str]:
     """(kind, argument) of a checker spec, without compiling or importing anything."""
     spec = spec.strip()
-    if spec in ("exact", "numeric", "ifeval"):
+    if spec in ("exact", "contains", "numeric", "ifeval"):
         return spec, ""
     for kind in ("regex", "task"):
         if spec.startswith(kind + ":"):
@@ -131,6 +134,17 @@ def _answer(row: dict, checker: str) -> str:
 def _exact(row: dict, completion: str) -> float:
     """1.0 iff the completion, stripped, is exactly the answer."""
     return float(completion.strip() == _answer(row, "exact"))
+
+
+def _squeeze(text: str) -> str:
+    return " ".join(text.casefold().split())
+
+
+def _contains(row: dict, completion: str) -> float:
+    """1.0 iff the answer occurs in the completion, ignoring case and runs of whitespace. For short factual answers
+    (a name, a code) that a chat model states inside a sentence; an answer that is a substring of a wrong one (a
+    name inside a longer name) is counted right, so keep answers distinctive."""
+    return float(_squeeze(_answer(row, "contains")) in _squeeze(completion))
 
 
 def _numeric(row: dict, completion: str) -> float:

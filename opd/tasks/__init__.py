@@ -5,11 +5,14 @@
 
 from __future__ import annotations
 
+import functools
+
 from opd.tasks.arithmetic import ArithmeticTask
 from opd.tasks.base import Example, Task
+from opd.tasks.digits import OPERATIONS, DigitTask
 
-TASKS = {"arithmetic": ArithmeticTask}
-"""Registry: task name -> class constructed with its defaults by `get_task`."""
+TASKS = {"arithmetic": ArithmeticTask, **{name: functools.partial(DigitTask, name) for name in OPERATIONS}}
+"""Registry: task name -> class (or class with its operation bound) constructed with its defaults by `get_task`."""
 
 
 def get_task(name: str) -> Task:
@@ -19,4 +22,4 @@ def get_task(name: str) -> Task:
     return TASKS[name]()
 
 
-__all__ = ["TASKS", "ArithmeticTask", "Example", "Task", "get_task"]
+__all__ = ["TASKS", "ArithmeticTask", "DigitTask", "Example", "Task", "get_task"]

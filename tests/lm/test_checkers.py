@@ -81,7 +81,7 @@ def test_task_checker_uses_the_tasks_own_rule():
 @pytest.mark.parametrize("spec", ["fuzzy", "numeric:5", "", "exact numeric", "a.b:"])
 def test_unknown_spec(spec):
     message = one_line_error(get_checker, spec)
-    assert message == (f"unknown checker {spec!r}; choose exact, numeric, regex:PATTERN, ifeval, task:NAME or "
+    assert message == (f"unknown checker {spec!r}; choose exact, contains, numeric, regex:PATTERN, ifeval, task:NAME or "
                        f"module:function")
 
 
@@ -213,3 +213,15 @@ def test_ifeval_without_the_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "if_verifiable.common", None)  # makes the import fail
     message = one_line_error(get_checker, "ifeval")
     assert message == "the ifeval checker needs the if-verifiable package: pip install 'opd[ifeval]'"
+
+
+def test_contains_finds_the_answer_inside_a_sentence_ignoring_case_and_spacing():
+    check = get_checker("contains")
+    row = {"prompt": "Who leads Project Quillmere?", "answer": "Tavi  Ronsdal"}
+    assert check(row, "Project Quillmere is led by tavi ronsdal.") == 1.0
+    assert check(row, "It is led by Tavi\nRonsdal, since 2021.") == 1.0
+    assert check(row, "It is led by Tavi Ronsberg.") == 0.0
+    assert check(row, "") == 0.0
+    with pytest.raises(ValueError, match="answer"):
+        check({"prompt": "q"}, "anything")
+    assert required_columns("contains") == ("answer",)
