@@ -47,4 +47,4 @@ def test_quick_personalisation_runs_every_stage_and_writes_the_promised_keys(tmp
     assert stage2["student"].endswith("full/seed-0/stage1/checkpoint") and stage2["teacher"].endswith("tiny/teacher")
     assert (work / "lora" / "seed-0" / "stage1" / "checkpoint" / "adapter_config.json").exists()
     table = (tmp_path / "out" / "continual_quick.md").read_text()
-    assert table.count("\n| after") == 6 and "| base model |" in table
+    assert table.count("\n| after") == 5 and "| base model |" in table  # LoRA: no SFT-on-base-samples row
