@@ -184,6 +184,13 @@ def _train(args: ContinualArgs, variant: str, out: Path, seed: int, **fields) ->
     return str(merged)
 
 
+def train_seconds(run_dir: Path) -> float:
+    """Seconds the run's updates took, from its metrics.jsonl (so a run reused from an earlier process keeps its
+    own time; the scoring is not included)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return sum(r.get("step_s", 0.0) for r in rows)
+
+
 def personalisation(args: ContinualArgs) -> dict:
     """Stages 0-2 for every variant and seed; returns the json section."""
     torch.set_num_threads(args.threads)
@@ -218,22 +225,20 @@ def personalisation(args: ContinualArgs) -> dict:
         lr2 = args.lora_lr if variant == "lora" else args.distill_lr
         for seed in args.lora_seeds if variant == "lora" else args.seeds:
             run_dir = work / variant / f"seed-{seed}"
-            t0 = time.perf_counter()
             stage1 = _train(args, variant, run_dir / "stage1", seed, student=base_dir, data=stage1_file,
                             source="data", loss="sft", steps=args.finetune_steps,
                             optim=OptimArgs(lr=lr1, warmup_steps=3, schedule="cosine"))  # fmt: skip
-            run = {"after_finetune": score(stage1), "seconds": {"stage1": time.perf_counter() - t0}}
+            run = {"after_finetune": score(stage1), "train_seconds": {"stage1": train_seconds(run_dir / "stage1")}}
             print(variant, seed, "after_finetune", run["after_finetune"], flush=True)
             for method, choice in STAGE2.items():
                 if variant == "lora" and method != "self_distillation":
                     continue
-                t1 = time.perf_counter()
                 final = _train(args, variant, run_dir / method, seed, student=stage1, teacher=base_dir,
                                data=stage2_file, steps=args.distill_steps,
                                optim=OptimArgs(lr=lr2, warmup_steps=2, schedule="cosine"), **choice)  # fmt: skip
                 run[f"after_{method}"] = score(final)
                 print(variant, seed, f"after_{method}", run[f"after_{method}"], flush=True)
-                run["seconds"][method] = time.perf_counter() - t1
+                run["train_seconds"][method] = train_seconds(run_dir / method)
             out["runs"].setdefault(variant, []).append(run)
             print(variant, seed, run, flush=True)
     return out
@@ -280,6 +285,11 @@ def personalisation_markdown(section: dict, args: ContinualArgs) -> str:
             if stage in runs[0]:
                 lines.append(f"| {name} | {variant} ({len(runs)} seed{'s' * (len(runs) > 1)}) | "
                              f"{_cell(runs, stage, 'knowledge')} | {_cell(runs, stage, 'instruction_following')} |")
+    full = section["runs"].get("full", [])
+    if full:
+        minutes = {k: statistics.mean(r["train_seconds"][k] for r in full) / 60 for k in full[0]["train_seconds"]}
+        lines += ["", "Training time per full-weight seed (updates only, one torch thread): "
+                  + ", ".join(f"{k.replace('_', ' ')} {v:.1f} min" for k, v in minutes.items()) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -307,7 +317,7 @@ def continual_main(args: ContinualArgs) -> dict:
         plot = "" if args.quick else "\n![forgetting](benchmarks/results/continual_forgetting.png)\n"
         data["forgetting"] = {**section, "markdown": f"{heading}\n\n{markdown}{plot}"}
     data["meta"] = {"args": asdict(run_args), "date": time.strftime("%Y-%m-%d"), "other_load": args.other_load,
-                    "machine": f"{platform.machine()} CPU, {run_args.threads} torch threads",
+                    "machine": f"{platform.machine()} CPU, {run_args.threads} torch thread{'s' * (run_args.threads > 1)}",
                     "wall_seconds": time.perf_counter() - t0}  # fmt: skip
     path.write_text(json.dumps(data, indent=1) + "\n")
     parts = ["## Continual learning: personalisation and forgetting", "",
