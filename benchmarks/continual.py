@@ -41,7 +41,7 @@ from benchmarks.realdata_prompts import instruction_rows
 from opd.config import DistillConfig, LoraArgs, OptimArgs, SamplingArgs
 from opd.lm.build import context_length
 from opd.lm.checkers import get_checker
-from opd.lm.data import encode, load_rows
+from opd.lm.data import as_rows, encode, load_rows
 from opd.lm.eval import checked_accuracy, greedy_completions
 from opd.lm.model import load_model, load_tokenizer
 from opd.lm.train import distill
@@ -152,17 +152,13 @@ def write_once(path: Path, content) -> str:
 def chat_mix(base_dir: str, tokenizer, rows: list[dict], max_new_tokens: int, room: int) -> list[dict]:
     """The base model's own greedy replies to general prompts, as chat SFT rows (stage 1's "some chat data")."""
     model = load_model(base_dir).eval()
-    prompts = encode(tokenizer, load_rows_from(rows), room, "chat mix")
+    # messages and prompt only: the IFEval columns (`kwargs`) vary in shape from row to row
+    prompts = encode(tokenizer, as_rows([{"messages": r["messages"], "prompt": r["prompt"]} for r in rows]), room,
+                     "chat mix")
     replies = []
     for start in range(0, len(rows), 16):
         replies += greedy_completions(model, tokenizer, prompts.prompt_ids[start:start + 16], max_new_tokens)
     return [{"messages": r["messages"], "completion": reply.strip()} for r, reply in zip(rows, replies)]
-
-
-def load_rows_from(rows: list[dict]):
-    import datasets
-
-    return datasets.Dataset.from_list([{"messages": r["messages"], "prompt": r["prompt"]} for r in rows])
 
 
 def _train(args: ContinualArgs, variant: str, out: Path, seed: int, **fields) -> str:
