@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from collections.abc import Collection
 
 
@@ -11,6 +12,7 @@ def command_line(module: str, args, skip: Collection[str] = ()) -> str:
 
     Booleans become `--name` / `--no-name`, tuples `--name a b`, nested dataclasses `--name.field value` for the
     fields that differ from the default's; fields named in `skip` are left out (what `--quick` sets by itself).
+    Values are quoted for the shell where they need it (a `--other-load` with spaces).
     """
     flags = []
     for f in dataclasses.fields(args):
@@ -21,10 +23,10 @@ def command_line(module: str, args, skip: Collection[str] = ()) -> str:
         if isinstance(value, bool):
             flags.append(flag if value else "--no-" + f.name.replace("_", "-"))
         elif isinstance(value, tuple):
-            flags += [flag, *map(str, value)]
+            flags += [flag, *(shlex.quote(str(v)) for v in value)]
         elif dataclasses.is_dataclass(value):
             flags += [f"{flag}.{k.replace('_', '-')} {v}" for k, v in dataclasses.asdict(value).items()
                       if v != getattr(default, k)]
         else:
-            flags += [flag, str(value)]
+            flags += [flag, shlex.quote(str(value))]
     return " ".join(["python -m " + module, *flags])

@@ -10,7 +10,10 @@ teacher) over SFT on the teacher's samples, each measured on the same seeds:
 - recovery: OPD and SFT under a teacher fine-tuned on noisy prefixes (DART-style, `opd.lm.recovery`), after
             measuring how often each teacher recovers from a student's wrong prefix;
 - sweep:    a learning-rate (and, for OPD, sampling-temperature) sweep on a validation split, 1 seed;
-- tuned:    the sweep, then both methods at their chosen values on every seed.
+- tuned:    the sweep, then both methods at their chosen values on every seed;
+- harder:   longer chains (5-7-digit addition, `benchmarks.opd_wins_harder`), where compounding errors matter more;
+- noisy:    the same, under a half-trained teacher whose temperature-1 samples are often wrong (and SFT on its greedy
+            outputs as a third arm).
 
 Writes `results_dir`/opd_wins.json (one entry per regime: each method's final test accuracy per seed, the paired
 gap OPD − SFT, the seed spread, the curves), opd_wins.md and opd_wins*.png; the hand-written reading is
@@ -32,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import opd_wins_harder as harder
 from benchmarks import opd_wins_report as report
 from benchmarks import opd_wins_runs as runs
 from benchmarks.command import command_line
@@ -44,7 +48,7 @@ class OpdWinsArgs:
 
     quick: bool = False
     """Plumbing check: overrides the sizes with `QUICK`, runs in `out_dir`-quick, writes opd_wins_quick.*."""
-    parts: tuple[str, ...] = ("long", "plateau", "recovery", "sweep", "tuned")
+    parts: tuple[str, ...] = ("long", "plateau", "recovery", "sweep", "tuned", "harder", "noisy")
     """Which parts to run (leave one out to skip it): the long runs always; sweep: the validation sweep alone;
     tuned: the sweep and then every seed at the chosen settings."""
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -101,6 +105,25 @@ class OpdWinsArgs:
     """OPD sampling temperatures tried besides 1 (at the default learning rate)."""
     tuned_steps: int = 200
     """Updates of the tuned regime's runs (every seed, both methods at their chosen values)."""
+    harder_task: str = "arithmetic-long"
+    """Harder regime: the task (a registered one with the arithmetic task's alphabet, so the tokenizer is shared)."""
+    harder_steps: int = 600
+    """Harder regime: updates of each method."""
+    noisy_steps: int = 300
+    """Noisy regime: updates of each arm."""
+    noisy_teacher_steps: int = 300
+    """Noisy regime: the teacher's fine-tuning steps on the longer problems (a teacher stopped halfway)."""
+    harder_max_new_tokens: int = 96
+    """Harder regime: longest completion (a 7-digit problem's solution is 76 characters)."""
+    harder_teacher_steps: int = 600
+    """Harder regime: fine-tuning steps that extend the task teacher to the longer problems (batch and lr as the
+    recovery teacher's; 300 left it at 0.72 held-out accuracy: the noisy regime's teacher)."""
+    harder_warm_steps: int = 1000
+    """Harder regime: most fine-tuning steps that extend the warm start to the longer problems."""
+    harder_warm_lr: float = 3e-3
+    """Harder regime: peak learning rate of that fine-tuning (warm-up, cosine decay over `harder_warm_steps`)."""
+    harder_warm_target: float = 0.2
+    """Harder regime: the warm start stops once it writes this share of 200 training problems exactly."""
     out_dir: str = "runs/opd_wins"
     """Run directories: teacher/, warm-start/, runs/."""
     results_dir: str = "benchmarks/results"
@@ -114,9 +137,11 @@ class OpdWinsArgs:
 QUICK = dict(seeds=(0, 1), steps=4, plateau_at=2, extra_steps=2, eval_every=2, eval_examples=8, val_examples=8,
              batch_size=4,
              warm_start_steps=3, recovery_steps=2, teacher_steps=2, teacher_batch_size=8, probe_examples=8,
-             sweep_steps=2, sweep_lrs=(1e-3, 3e-3), sweep_temperatures=(), tuned_steps=2, workers=1)
+             sweep_steps=2, sweep_lrs=(1e-3, 3e-3), sweep_temperatures=(), tuned_steps=2, harder_steps=2,
+             noisy_steps=2, harder_max_new_tokens=24, harder_teacher_steps=2, noisy_teacher_steps=1,
+             harder_warm_steps=2, workers=1)
 """What `--quick` overrides."""
-PARTS = ("long", "plateau", "recovery", "sweep", "tuned")
+PARTS = ("long", "plateau", "recovery", "sweep", "tuned", "harder", "noisy")
 
 
 def opd_wins(args: OpdWinsArgs) -> dict:
@@ -136,6 +161,8 @@ def opd_wins(args: OpdWinsArgs) -> dict:
     if "tuned" in args.parts:  # the second round waits for the sweep's validation numbers
         execute(tuned_plan(args, paths, chosen), args.workers, args.threads)
     results = report.summarise(args, paths, chosen)
+    for regime in (r for r in harder.REGIMES if r in args.parts):
+        results["regimes"][regime], results[f"{regime}_setup"] = harder.summarise(args, paths, regime)
     results.update(wall_seconds_total=round(time.perf_counter() - t0, 1), args=dataclasses.asdict(args),
                    command=command, runs_reused=reused)
     report.write_all(results, Path(args.results_dir))
@@ -146,7 +173,8 @@ def _check(args: OpdWinsArgs) -> None:
     unknown = set(args.parts) - set(PARTS)
     if unknown or not args.parts:
         raise ValueError(f"parts must be some of {', '.join(PARTS)}; got {args.parts}")
-    for name in ("steps", "extra_steps", "recovery_steps", "sweep_steps", "tuned_steps"):
+    for name in ("steps", "extra_steps", "recovery_steps", "sweep_steps", "tuned_steps", "harder_steps",
+                 "noisy_steps"):
         if getattr(args, name) % args.eval_every:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be a multiple of --eval-every "
                              f"{args.eval_every} (the regimes compare evaluations)")
@@ -174,6 +202,8 @@ def _prepare(args: OpdWinsArgs, out: Path) -> dict:
                                  use_cache=not args.quick, progress=False)
     student.save_pretrained(paths["warm"])
     tokenizer.save_pretrained(paths["warm"])
+    if set(harder.REGIMES) & set(args.parts):
+        paths |= harder.prepare(args, paths)
     return paths
 
 
@@ -215,6 +245,7 @@ def make_plan(args: OpdWinsArgs, paths: dict) -> dict:
                     teacher=str(paths["recovery_teacher"]), source=runs.METHODS[method]["source"]),
                     val_examples=args.val_examples)
                 plan[("recovery", method, seed)] = (runs.train, (run,), (("recovery_teacher",),))
+    plan |= harder.plan(args, paths)
     if {"sweep", "tuned"} & set(args.parts):
         for method, lr, temperature in sweep_points(args):
             if (lr, temperature) == (args.lr, 1.0):

@@ -56,14 +56,15 @@ def _curve(curves: list[dict], until: int) -> dict:
             "seconds_per_update": statistics.mean(c["seconds_per_update"] for c in curves)}
 
 
-def _starts(args, paths: dict) -> tuple[float, float]:
-    """The warm start's test and validation accuracy (the point every curve from it begins at)."""
-    task = get_task("arithmetic")
-    student, tokenizer = load_model(str(paths["warm"])), load_tokenizer(str(paths["warm"]))
+def start_accuracies(args, student_dir: Path, task_name: str = "arithmetic",
+                     max_new_tokens: int | None = None) -> tuple[float, float]:
+    """A warm start's test and validation accuracy on `task_name` (the point every curve from it begins at)."""
+    task, max_new_tokens = get_task(task_name), max_new_tokens or args.max_new_tokens
+    student, tokenizer = load_model(str(student_dir)), load_tokenizer(str(student_dir))
     test = task.examples(args.eval_examples, seed=0, split="test")  # what distill evaluates on (opd.lm.data)
-    val = runs.validation_examples(args.val_examples, 5000)
-    return (accuracy(student, tokenizer, task, test, max_new_tokens=args.max_new_tokens),
-            accuracy(student, tokenizer, task, val, max_new_tokens=args.max_new_tokens))
+    val = runs.validation_examples(args.val_examples, 5000, task_name)
+    return (accuracy(student, tokenizer, task, test, max_new_tokens=max_new_tokens),
+            accuracy(student, tokenizer, task, val, max_new_tokens=max_new_tokens))
 
 
 def sweep_choice(args, paths: dict) -> dict[str, tuple[float, float]]:
@@ -87,7 +88,7 @@ def _sweep(args, paths: dict) -> dict[str, list[dict]]:
 
 def summarise(args, paths: dict, chosen: dict | None) -> dict:
     """Every regime that ran, as `compare` entries, plus the teachers' recovery probe and the sweep."""
-    start, start_val = _starts(args, paths)
+    start, start_val = start_accuracies(args, paths["warm"])
     label = {k: v["label"] for k, v in runs.METHODS.items()}
 
     def curves(sub: str, name: str, **kw) -> list[dict]:
@@ -190,7 +191,8 @@ def markdown(results: dict) -> str:
             "| regime | at update | OPD (mean ± sd, seeds) | SFT (mean ± sd, seeds) | gap (seeds) | spread | ahead |",
             "|---|---|---|---|---|---|---|"]
     titles = {"long": "long runs", "plateau": "after SFT's plateau", "recovery": "recovery teacher",
-              "tuned": "tuned on validation"}
+              "tuned": "tuned on validation", "harder": "longer chains (5-7 digits)",
+              "noisy": "noisy teacher, longer chains"}
     for key, entry in results["regimes"].items():
         out.append(_row(entry, titles[key]))
         if key == "recovery":
@@ -225,6 +227,9 @@ def markdown(results: dict) -> str:
         out += ["", f"Recovery teacher: the task teacher fine-tuned {r['steps']} steps (batch {r['batch_size']}, lr "
                 f"{r['lr']:g}) on problems of which {r['corrupt_share']:.0%} carry one wrong digit in a step, loss on "
                 f"the true rest only ({p['recovery_teacher_training'].get('train_wall_s', '?')} s)."]
+    for regime, what in (("harder", "Longer chains"), ("noisy", "Noisy teacher")):
+        if f"{regime}_setup" in results:
+            out += ["", _harder_text(results, regime, what, args["probe_examples"])]
     if "sweep" in results:
         s = results["sweep"]
         out += ["", f"Sweep (validation split, seed {s['seed']}, {s['steps']} updates, {s['runs']} settings): "
@@ -235,6 +240,27 @@ def markdown(results: dict) -> str:
     out += ["", f"![curves](benchmarks/results/{names['curves']})", "",
             f"![gaps](benchmarks/results/{names['gaps']})"]
     return "\n".join(out) + "\n"
+
+
+def _harder_text(results: dict, regime: str, what: str, probes: int) -> str:
+    """The paragraph under the table on the harder or the noisy regime's setup and its accuracy by chain length."""
+    t, w = results[f"{regime}_setup"]["teacher"], results[f"{regime}_setup"]["warm_start"]
+    entry = results["regimes"][regime]
+    text = (f"{what}: task `{t['task']}`. The teacher is the task teacher fine-tuned {t['steps']} steps on it "
+            f"(held-out accuracy {t['test_accuracy']:.3f}; temperature-1 samples that are the true solution: "
+            f"{t['sample_is_true_solution']:.3f}), the warm start the quickstart's warm start fine-tuned "
+            f"{w['steps_done']} steps on it (test accuracy {w['test_accuracy']:.3f}). SFT learns from "
+            + ("the true solutions (= the teacher's samples). " if entry["sft_source"] == "data"
+               else "the teacher's own temperature-1 samples. "))
+    if "sft_greedy_same_step" in entry:
+        g = entry["sft_greedy_same_step"]
+        text += (f"{g['label']}, same updates: {g['mean']:.3f} ({', '.join(f'{a:.3f}' for a in g['seeds'])}). ")
+    by = entry["accuracy_by_chain_length"]
+    arms = [a for a in ("opd", "sft", "sft_greedy") if a in by]
+    mean_at = lambda rows, k: statistics.mean(r[k] for r in rows)  # noqa: E731
+    return text + (f"Greedy accuracy by chain length ({probes} test problems; warm start / " + " / ".join(arms)
+                   + ", seed means): " + ", ".join(f"{k} steps {v:.2f} / " + " / ".join(
+                       f"{mean_at(by[a], k):.2f}" for a in arms) for k, v in by["warm start"].items()) + ".")
 
 
 def write_all(results: dict, results_dir: Path) -> None:

@@ -47,23 +47,24 @@ class Run:
 
 
 def method_config(args, method: str, *, student: Path, teacher: Path, seed: int, out_dir: Path, steps: int,
-                  lr: float | None = None, temperature: float = 1.0) -> DistillConfig:
+                  lr: float | None = None, temperature: float = 1.0, task: str = "arithmetic",
+                  max_new_tokens: int | None = None) -> DistillConfig:
     """The config of `method` for this benchmark's settings (the quickstart's, with evaluations along the way)."""
     choice = {k: v for k, v in METHODS[method].items() if k != "label"}
     if method == "sft":  # see OpdWinsArgs.sft_source
         choice["source"] = args.sft_source
     return DistillConfig(
-        student=str(student), teacher=str(teacher), steps=steps, batch_size=args.batch_size,
-        sampling=SamplingArgs(max_new_tokens=args.max_new_tokens, temperature=temperature),
+        student=str(student), teacher=str(teacher), task=task, steps=steps, batch_size=args.batch_size,
+        sampling=SamplingArgs(max_new_tokens=max_new_tokens or args.max_new_tokens, temperature=temperature),
         optim=OptimArgs(lr=args.lr if lr is None else lr), eval_every=args.eval_every,
         eval_examples=args.eval_examples, save_every=steps, seed=seed, out_dir=str(out_dir), progress=False,
         threads=args.threads, **choice)
 
 
-def validation_examples(n: int, train_examples: int) -> list[Example]:
-    """`n` training-split problems that are not among the first `train_examples` training prompts `distill` draws
-    from (`opd.lm.data.task_rows`: seed 0), so that tuning on them never looks at the test split."""
-    task = get_task("arithmetic")
+def validation_examples(n: int, train_examples: int, task: str = "arithmetic") -> list[Example]:
+    """`n` training-split problems of `task` that are not among the first `train_examples` training prompts `distill`
+    draws from (`opd.lm.data.task_rows`: seed 0), so that tuning on them never looks at the test split."""
+    task = get_task(task)
     used = {e.prompt for e in task.examples(train_examples, seed=0, split="train")}
     pool = task.examples(4 * n + 100, seed=VALIDATION_SEED, split="train")
     kept = [e for e in pool if e.prompt not in used][:n]
@@ -120,8 +121,8 @@ def train(run: Run) -> None:
 def _validation_callback(run: Run):
     from opd.lm.model import load_tokenizer
 
-    task = get_task("arithmetic")
-    val = validation_examples(run.val_examples, run.cfg.train_examples)
+    task = get_task(run.cfg.task)
+    val = validation_examples(run.val_examples, run.cfg.train_examples, run.cfg.task)
     tokenizer = load_tokenizer(run.cfg.student)
     every, last = run.cfg.eval_every, run.cfg.steps
 

@@ -48,7 +48,7 @@ def _scale(quick: bool) -> RldgArgs:
 
 
 def _ppo(args: RldgArgs):
-    from opd.control.sim2real import PPOArgs
+    from opd.control.teachers import PPOArgs
 
     # 50-step episodes: a shorter horizon (γ = 0.95) and longer rollouts learn reaching faster
     return PPOArgs(total_steps=args.expert_steps, n_steps=args.expert_rollout, gamma=0.95, seed=0)
@@ -63,7 +63,7 @@ def _init_worker():
 def job_expert(index: int, args: RldgArgs) -> dict:
     """Train (or load) the expert of sub-task `index` and score it."""
     from opd.control.rldg import SUBTASKS, expert_actor, final_distances, train_expert
-    from opd.control.sim2real import ppo_seconds
+    from opd.control.teachers import ppo_seconds
 
     _init_worker()
     task = SUBTASKS[index]

@@ -64,7 +64,8 @@ def _init_worker():
 
 def train_rl(seed: int, args: SimToRealArgs, observation: str):
     """The PPO model of one seed on the privileged ("teacher") or robot ("robot") observation; trained once, cached."""
-    from opd.control.sim2real import PPOArgs, PrivilegedDistillConfig, make_robot_env, train_ppo
+    from opd.control.sim2real import PrivilegedDistillConfig, make_robot_env
+    from opd.control.teachers import PPOArgs, train_ppo
 
     config = PrivilegedDistillConfig()
     obs = None if observation == "teacher" else config.obs
@@ -78,7 +79,8 @@ def job(seed: int, args: SimToRealArgs) -> dict:
     import time
 
     from opd.control.sim2real import (DynamicsShift, PrivilegedDistillConfig, distill_privileged, evaluate_robot,
-                                      make_robot_env, ppo_seconds, sb3_actor)  # fmt: skip
+                                      make_robot_env, sb3_actor)  # fmt: skip
+    from opd.control.teachers import ppo_seconds
 
     _init_worker()
     config = PrivilegedDistillConfig(iterations=args.iterations, steps_per_iteration=args.steps_per_iteration,

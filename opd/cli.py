@@ -136,6 +136,7 @@ BENCHMARKS = {
     "shared_cpu": "shared_cpu.py",
     "skd": "skd.py",
     "opd_wins": "opd_wins.py",
+    "opd_wins_control": "opd_wins_control.py",
     "xtok": "xtok.py",
     "vllm": "vllm.py",
     "robotics": "robotics.py",

@@ -1,7 +1,9 @@
 """Policy distillation (Rusu et al. 2015, MISSION row 4): DQN teachers play, students learn on their states.
 
 The teacher acts (ε-greedy) in its game; every visited state goes into a FIFO replay memory together with the
-teacher's Q-values. The student is trained on minibatches from that memory with one of Rusu's three losses:
+teacher's Q-values (with `collector="student"` the student plays after the warm-up instead and the teacher labels the
+states it visits: DAgger's collection, the on-policy variant of Rusu's off-policy replay). The student is trained on
+minibatches from that memory with one of Rusu's three losses:
 
     kl   KL(softmax(Q_T/τ) ‖ softmax(student))   (the paper's best, with a small τ = sharpened targets)
     nll  −log π_student(argmax Q_T)              (hard labels)
@@ -24,6 +26,10 @@ from opd.control.common import MetricsLog, StateBuffer, check_loss, policy_loss
 from opd.control.envs import MINATAR_MAX_CHANNELS, env_shapes, evaluate, is_minatar, make_vec_env, pad_obs
 from opd.control.policies import Policy, PolicySpec, count_parameters, spec_for_fraction
 from opd.control.teachers import Teacher, as_teacher
+
+
+COLLECTORS = ("teacher", "student")
+"""Who plays the states the student learns on after the warm-up (see `PolicyDistillConfig.collector`)."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,10 @@ class PolicyDistillConfig:
     """Parallel environments per game."""
     teacher_epsilon: float = 0.05
     """The teacher acts ε-greedily, so the memory also holds states slightly off its own path."""
+    collector: str = "teacher"
+    """Who plays after the warm-up (the warm-up is always the teacher's): "teacher" is Rusu's replay of the
+    teacher's ε-greedy play; "student" is DAgger-style, the student acts (greedy, same ε) and the teacher labels
+    every state it visits, aggregated in the same buffer, so the student learns on the states its mistakes lead to."""
     eval_every: int = 2_500
     """Evaluate the student every this many updates (and at the end)."""
     eval_episodes: int = 10
@@ -63,6 +73,10 @@ class PolicyDistillConfig:
     """Seeds envs, student initialisation, ε-greedy and minibatches."""
     progress: bool = True
     """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        if self.collector not in COLLECTORS:
+            raise ValueError(f"unknown collector {self.collector!r}; choose one of {', '.join(COLLECTORS)}")
 
 
 def student_input_size(env_ids: list[str]) -> int:
@@ -127,13 +141,16 @@ def distill_policy(teachers: dict, config: PolicyDistillConfig, student: Policy 
     obs = {e: envs[e].reset(seed=config.seed + 100 * i)[0] for i, e in enumerate(env_ids)}
     for e in env_ids:  # teachers see their own observations; the buffer keeps them unpadded
         obs[e] = collect(teachers[e], envs[e], obs[e], config.warmup_steps, config.teacher_epsilon, rng, buffers[e])
+    # after the warm-up: the teacher plays (actor None), or the student's head for each game on padded observations
+    actors = {e: None if config.collector == "teacher" else (lambda o, h=head: student.act(pad_obs(o, pad_to), h))
+              for head, e in enumerate(env_ids)}  # fmt: skip
     log = MetricsLog(run_dir)
     bar = tqdm(range(1, config.updates + 1), desc=f"distill[{config.loss}]", disable=not config.progress)
     for update in bar:
         if update % config.collect_every == 0:
             for e in env_ids:
                 obs[e] = collect(teachers[e], envs[e], obs[e], config.collect_steps, config.teacher_epsilon, rng,
-                                  buffers[e])  # fmt: skip
+                                  buffers[e], actors[e])  # fmt: skip
         loss = 0.0
         for head, e in enumerate(env_ids):
             obs_b, labels_b = buffers[e].sample(config.batch_size, generator)

@@ -20,7 +20,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from opd.control.sim2real import ContinuousPolicy, PPOArgs, sb3_actor, train_ppo
+from opd.control.sim2real import ContinuousPolicy, sb3_actor
+from opd.control.teachers import PPOArgs, train_ppo
 
 SUCCESS_DISTANCE = 0.03
 """An episode succeeds when the fingertip ends (after Reacher's 50 steps) within 3 cm of the target; the arm reaches

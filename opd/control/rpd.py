@@ -17,10 +17,7 @@ update exactly, which the tests check); `run_rpd` trains it with a greedy-evalua
 from __future__ import annotations
 
 import math
-import os
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -31,7 +28,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 
 from opd.control.common import MetricsLog, policy_loss
-from opd.control.teachers import TeacherConfig, as_teacher, teacher_path
+from opd.control.teachers import TeacherConfig, as_teacher, teacher_path, train_cached
 
 
 def rpd_lambda(step: int, anneal_steps: int, lambda_max: float = 1.0) -> float:
@@ -244,18 +241,10 @@ def train_generalist_teacher(env_id: str, total_steps: int, seed: int = 0, **ppo
     `$OPD_CACHE/teachers` like `train_teacher`; works for Box actions too. Returns the SB3 PPO model."""
     from stable_baselines3.common.env_util import make_vec_env
 
-    path = teacher_path(TeacherConfig(env_id, "ppo", total_steps, seed))
-    if path.exists():
-        return PPO.load(path, device="cpu")
     config = RPDConfig(env_id=env_id, seed=seed)
-    env = make_vec_env(env_id, n_envs=config.n_envs, seed=seed)
-    model = PPO("MlpPolicy", env, **{**ppo_kwargs(config), **ppo_overrides})
-    start = time.time()
-    model.learn(total_steps)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.zip")
-    model.save(tmp)
-    os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
-    Path(path.with_suffix(".seconds")).write_text(f"{time.time() - start:.1f}\n")
-    env.close()
-    return model
+
+    def make():
+        env = make_vec_env(env_id, n_envs=config.n_envs, seed=seed)
+        return PPO("MlpPolicy", env, **{**ppo_kwargs(config), **ppo_overrides}), env
+
+    return train_cached(teacher_path(TeacherConfig(env_id, "ppo", total_steps, seed)), PPO, make, total_steps)

@@ -13,12 +13,8 @@ scale the MuJoCo model (masses, actuator gear, friction, damping); `DynamicsRand
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 import gymnasium as gym
@@ -28,7 +24,6 @@ from torch import nn
 
 from opd.control.common import MetricsLog
 from opd.control.dagger import RunResult, Schedule, beta_schedule
-from opd.control.teachers import cache_dir
 
 # --- observation wrappers -----------------------------------------------------------------------------------------
 
@@ -263,63 +258,6 @@ def evaluate_robot(actor, env_fn: Callable[[], gym.Env], episodes: int, seed: in
     for env in envs:
         env.close()
     return returns
-
-
-@dataclass(frozen=True)
-class PPOArgs:
-    """An SB3 PPO run (privileged teacher, or the RL baseline on the robot observation)."""
-
-    total_steps: int = 100_000
-    """Environment steps."""
-    n_envs: int = 8
-    """Parallel environments."""
-    n_steps: int = 256
-    """Rollout length per env and update."""
-    learning_rate: float = 1e-3
-    """Adam learning rate."""
-    gamma: float = 0.99
-    """Discount factor."""
-    hidden: tuple[int, ...] = (64, 64)
-    """Actor and critic widths."""
-    seed: int = 0
-    """SB3 and environment seed."""
-
-
-def train_ppo(env_fn: Callable[[], gym.Env], args: PPOArgs, name: str, retrain: bool = False):
-    """Train SB3 PPO on `env_fn` envs, cached under `$OPD_CACHE/teachers/<name>-<hash of args>.zip` (training
-    seconds next to it in `.seconds`; `ppo_seconds` reads them)."""
-    from stable_baselines3 import PPO
-    from stable_baselines3.common.vec_env import DummyVecEnv
-
-    path = ppo_path(args, name)
-    if path.exists() and not retrain:
-        return PPO.load(path, device="cpu")
-    start = time.time()
-    env = DummyVecEnv([env_fn for _ in range(args.n_envs)])
-    env.seed(args.seed)
-    model = PPO("MlpPolicy", env, seed=args.seed, device="cpu", verbose=0, n_steps=args.n_steps, batch_size=256,
-                n_epochs=10, learning_rate=args.learning_rate, gamma=args.gamma,
-                policy_kwargs=dict(net_arch=list(args.hidden)))  # fmt: skip
-    model.learn(args.total_steps)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.zip")
-    model.save(tmp)
-    os.replace(tmp, path)  # atomic: a parallel run never loads half a file
-    path.with_suffix(".seconds").write_text(f"{time.time() - start:.1f}\n")  # training time, reported by benchmarks
-    env.close()
-    return model
-
-
-def ppo_path(args: PPOArgs, name: str):
-    """Where `train_ppo` caches this run."""
-    key = hashlib.sha1(json.dumps([name, asdict(args)], sort_keys=True).encode()).hexdigest()[:10]
-    return cache_dir() / "teachers" / f"{name}-{key}.zip"
-
-
-def ppo_seconds(args: PPOArgs, name: str) -> float | None:
-    """Training seconds of a cached `train_ppo` run (None if it was never trained here)."""
-    path = ppo_path(args, name).with_suffix(".seconds")
-    return float(path.read_text()) if path.exists() else None
 
 
 # --- DAgger from a privileged teacher -----------------------------------------------------------------------------

@@ -15,11 +15,15 @@ its last hidden layer (the features Actor-Mimic regresses onto). `as_teacher` tu
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Literal
+
+import gymnasium as gym
 
 import numpy as np
 import torch
@@ -224,28 +228,91 @@ def teacher_path(config: TeacherConfig) -> Path:
     return cache_dir() / "teachers" / name
 
 
+def train_cached(path: Path, algo, make: Callable[[], tuple], total_steps: int, progress: bool = False,
+                 retrain: bool = False):
+    """The SB3 model cached at `path` (loaded with `algo.load`), or a new one: `make()` gives (model, vec env), the
+    model learns `total_steps` and is saved atomically, its training seconds next to it (`train_seconds`)."""
+    if path.exists() and not retrain:
+        return algo.load(path, device="cpu")
+    model, env = make()
+    start = time.time()
+    model.learn(total_steps, progress_bar=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.zip")
+    model.save(tmp)
+    os.replace(tmp, path)  # atomic: a parallel run never loads half a file
+    path.with_suffix(".seconds").write_text(f"{time.time() - start:.1f}\n")  # training time, for the benchmarks
+    env.close()
+    return model
+
+
+def train_seconds(path: Path) -> float | None:
+    """Training seconds of the model `train_cached` saved at `path` (None if it was never trained here)."""
+    seconds = path.with_suffix(".seconds")
+    return float(seconds.read_text()) if seconds.exists() else None
+
+
 def train_teacher(config: TeacherConfig, progress: bool = True, retrain: bool = False):
     """Train an SB3 teacher, or load it from the cache if it was trained before. Returns the SB3 model."""
     from stable_baselines3 import DQN, PPO
     from stable_baselines3.common.env_util import make_vec_env as sb3_vec_env
 
     algo = {"dqn": DQN, "ppo": PPO}[config.algo]
-    path = teacher_path(config)
-    if path.exists() and not retrain:
-        return algo.load(path, device="cpu")
-    hyper = dqn_ppo_hyperparameters(config)
-    n_envs = 8 if config.algo == "ppo" else 1
-    env = sb3_vec_env(lambda: make_env(config.env_id), n_envs=n_envs, seed=config.seed)
-    model = algo("MlpPolicy", env, seed=config.seed, device="cpu", verbose=0, **hyper)
-    start = time.time()
-    model.learn(config.total_steps, progress_bar=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.zip")
-    model.save(tmp)
-    os.replace(tmp, path)
-    path.with_suffix(".seconds").write_text(f"{time.time() - start:.1f}\n")
-    env.close()
-    return model
+
+    def make():
+        env = sb3_vec_env(lambda: make_env(config.env_id), n_envs=8 if config.algo == "ppo" else 1, seed=config.seed)
+        return algo("MlpPolicy", env, seed=config.seed, device="cpu", verbose=0,
+                    **dqn_ppo_hyperparameters(config)), env  # fmt: skip
+
+    return train_cached(teacher_path(config), algo, make, config.total_steps, progress, retrain)
+
+
+@dataclass(frozen=True)
+class PPOArgs:
+    """An SB3 PPO run on any env factory (e.g. a privileged teacher, or an RL baseline on a robot's observation)."""
+
+    total_steps: int = 100_000
+    """Environment steps."""
+    n_envs: int = 8
+    """Parallel environments."""
+    n_steps: int = 256
+    """Rollout length per env and update."""
+    learning_rate: float = 1e-3
+    """Adam learning rate."""
+    gamma: float = 0.99
+    """Discount factor."""
+    hidden: tuple[int, ...] = (64, 64)
+    """Actor and critic widths."""
+    seed: int = 0
+    """SB3 and environment seed."""
+
+
+def train_ppo(env_fn: Callable[[], gym.Env], args: PPOArgs, name: str, retrain: bool = False):
+    """Train SB3 PPO on `env_fn` envs, cached under `$OPD_CACHE/teachers/<name>-<hash of args>.zip` (`train_cached`;
+    `ppo_seconds` reads its training time)."""
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    def make():
+        env = DummyVecEnv([env_fn for _ in range(args.n_envs)])
+        env.seed(args.seed)
+        model = PPO("MlpPolicy", env, seed=args.seed, device="cpu", verbose=0, n_steps=args.n_steps, batch_size=256,
+                    n_epochs=10, learning_rate=args.learning_rate, gamma=args.gamma,
+                    policy_kwargs=dict(net_arch=list(args.hidden)))  # fmt: skip
+        return model, env
+
+    return train_cached(ppo_path(args, name), PPO, make, args.total_steps, retrain=retrain)
+
+
+def ppo_path(args: PPOArgs, name: str) -> Path:
+    """Where `train_ppo` caches this run."""
+    key = hashlib.sha1(json.dumps([name, asdict(args)], sort_keys=True).encode()).hexdigest()[:10]
+    return cache_dir() / "teachers" / f"{name}-{key}.zip"
+
+
+def ppo_seconds(args: PPOArgs, name: str) -> float | None:
+    """Training seconds of a cached `train_ppo` run (None if it was never trained here)."""
+    return train_seconds(ppo_path(args, name))
 
 
 def train_teacher_main(config: TeacherConfig) -> None:

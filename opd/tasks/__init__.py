@@ -11,8 +11,14 @@ from opd.tasks.arithmetic import ArithmeticTask
 from opd.tasks.base import Example, Task
 from opd.tasks.digits import OPERATIONS, DigitTask
 
-TASKS = {"arithmetic": ArithmeticTask, **{name: functools.partial(DigitTask, name) for name in OPERATIONS}}
-"""Registry: task name -> class (or class with its operation bound) constructed with its defaults by `get_task`."""
+TASKS = {
+    "arithmetic": ArithmeticTask,
+    # the same addition with 5-7-digit operands: chains of 5-7 dependent steps instead of 2-4, where a slip early on
+    # has longer to compound (the harder regime of `opd bench opd_wins`)
+    "arithmetic-long": functools.partial(ArithmeticTask, min_digits=5, max_digits=7, name="arithmetic-long"),
+    **{name: functools.partial(DigitTask, name) for name in OPERATIONS},
+}
+"""Registry: task name -> class (or class with its settings bound) constructed with its defaults by `get_task`."""
 
 
 def get_task(name: str) -> Task:

@@ -75,7 +75,7 @@ def test_quick_benchmark_writes_well_formed_results(tmp_path):
     results_dir = tmp_path / "results"
     opd_wins(OpdWinsArgs(quick=True, out_dir=str(tmp_path / "runs"), results_dir=str(results_dir)))
     results = json.loads((results_dir / "opd_wins_quick.json").read_text())
-    assert set(results["regimes"]) == {"long", "plateau", "recovery", "tuned"}
+    assert set(results["regimes"]) == {"long", "plateau", "recovery", "tuned", "harder", "noisy"}
     seeds = results["seeds"]
     for name, entry in results["regimes"].items():
         methods = entry["methods"]
@@ -102,6 +102,28 @@ def test_quick_benchmark_writes_well_formed_results(tmp_path):
     assert set(results["sweep"]["chosen"]) == {"opd", "sft"}
     a = results["args"]
     assert results["sweep"]["runs"] == len(a["sweep_lrs"]) * 2 + len(a["sweep_temperatures"])
+    # the harder regime runs on its own task, from its own warm start, with SFT on the teacher's samples whenever
+    # they are not the true solutions (after two fine-tuning steps they are not)
+    harder, setup = results["regimes"]["harder"], results["harder_setup"]
+    assert harder["student_start_accuracy"] == setup["warm_start"]["test_accuracy"]
+    assert harder["methods"]["opd"]["curve"]["accuracy_seeds"][0][0] == setup["warm_start"]["test_accuracy"]
+    assert setup["teacher"]["task"] == "arithmetic-long" and setup["teacher"]["sample_is_true_solution"] < 0.99
+    assert harder["sft_source"] == "teacher"
+    by_length = harder["accuracy_by_chain_length"]
+    assert len(by_length["opd"]) == len(by_length["sft"]) == len(seeds)
+    for row in [by_length["warm start"], *by_length["opd"], *by_length["sft"]]:
+        assert set(row) <= {"5", "6", "7"} and all(0.0 <= a <= 1.0 for a in row.values())  # 5-7-digit operands
+    run_cfg = json.loads((tmp_path / "runs-quick" / "runs" / "harder" / "seed-0" / "sft" / "config.json").read_text())
+    assert (run_cfg["task"], run_cfg["source"]) == ("arithmetic-long", "teacher")
+    # the noisy regime: its own (shorter-trained) teacher, and a third arm, SFT on that teacher's greedy outputs
+    noisy = results["regimes"]["noisy"]
+    assert results["noisy_setup"]["teacher"]["steps"] < setup["teacher"]["steps"]
+    assert len(noisy["sft_greedy_same_step"]["seeds"]) == len(seeds)
+    assert len(noisy["accuracy_by_chain_length"]["sft_greedy"]) == len(seeds)
+    greedy_cfg = json.loads((tmp_path / "runs-quick" / "runs" / "noisy" / "seed-0" / "sft_greedy" / "config.json")
+                            .read_text())
+    assert (greedy_cfg["source"], greedy_cfg["sampling"]["temperature"]) == ("teacher", 0.0)
+    assert greedy_cfg["teacher"] != run_cfg["teacher"]
     assert (results_dir / "opd_wins_quick.md").read_text().startswith("## Where on-policy distillation wins")
     assert (results_dir / "opd_wins_quick.png").stat().st_size > 0
     assert (results_dir / "opd_wins_gaps_quick.png").stat().st_size > 0

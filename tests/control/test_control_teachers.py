@@ -7,7 +7,8 @@ from stable_baselines3 import DQN, PPO
 
 from opd.control.envs import evaluate, make_env
 from opd.control.teachers import (
-    TeacherConfig, TeacherOutput, as_teacher, cartpole_expert, teacher_logp, teacher_path, train_teacher,
+    PPOArgs, TeacherConfig, TeacherOutput, as_teacher, cartpole_expert, ppo_path, ppo_seconds, teacher_logp,
+    teacher_path, train_ppo, train_seconds, train_teacher,
 )  # fmt: skip
 
 
@@ -73,3 +74,22 @@ def test_train_teacher_caches(tmp_path, monkeypatch):
     assert path.stat().st_mtime_ns == stamp  # loaded, not retrained
     obs = _obs()
     torch.testing.assert_close(as_teacher(again)(obs).values_NA, as_teacher(model)(obs).values_NA)
+    assert train_seconds(path) is not None and train_seconds(path) >= 0
+    assert not list(path.parent.glob("*.tmp.zip"))  # the atomic save left no temporary file
+
+
+def test_train_ppo_caches_by_name_and_settings(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPD_CACHE", str(tmp_path))
+    args = PPOArgs(total_steps=64, n_envs=2, n_steps=32, hidden=(8,))
+    assert ppo_seconds(args, "cartpole") is None  # never trained here
+    model = train_ppo(lambda: make_env("CartPole-v1"), args, "cartpole")
+    path = ppo_path(args, "cartpole")
+    assert path.exists() and ppo_seconds(args, "cartpole") is not None
+    stamp = path.stat().st_mtime_ns
+    again = train_ppo(lambda: make_env("CartPole-v1"), args, "cartpole")
+    assert path.stat().st_mtime_ns == stamp  # loaded, not retrained
+    obs = _obs()
+    torch.testing.assert_close(as_teacher(again)(obs).values_NA, as_teacher(model)(obs).values_NA)
+    # another name or other settings are another run
+    assert ppo_path(args, "other") != path != ppo_path(PPOArgs(total_steps=128, n_envs=2, n_steps=32, hidden=(8,)),
+                                                       "cartpole")
