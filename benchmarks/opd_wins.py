@@ -50,7 +50,7 @@ class OpdWinsArgs:
     """Plumbing check: overrides the sizes with `QUICK`, runs in `out_dir`-quick, writes opd_wins_quick.*."""
     parts: tuple[str, ...] = ("long", "plateau", "recovery", "sweep", "tuned", "harder", "noisy")
     """Which parts to run (leave one out to skip it): the long runs always; sweep: the validation sweep alone;
-    tuned: the sweep and then every seed at the chosen settings."""
+    tuned: the sweep and then every seed at the chosen settings; the others as in the module docstring."""
     seeds: tuple[int, ...] = (0, 1, 2)
     """Seeds (prompt order, sampling) of every regime; all start from the one warm start, as in the quickstart."""
     steps: int = 1000
@@ -106,7 +106,8 @@ class OpdWinsArgs:
     tuned_steps: int = 200
     """Updates of the tuned regime's runs (every seed, both methods at their chosen values)."""
     harder_task: str = "arithmetic-long"
-    """Harder regime: the task (a registered one with the arithmetic task's alphabet, so the tokenizer is shared)."""
+    """Harder and noisy regimes: the task (a registered one with the arithmetic task's alphabet, so the tokenizer is
+    shared)."""
     harder_steps: int = 600
     """Harder regime: updates of each method."""
     noisy_steps: int = 300
@@ -114,16 +115,17 @@ class OpdWinsArgs:
     noisy_teacher_steps: int = 300
     """Noisy regime: the teacher's fine-tuning steps on the longer problems (a teacher stopped halfway)."""
     harder_max_new_tokens: int = 96
-    """Harder regime: longest completion (a 7-digit problem's solution is 76 characters)."""
+    """Harder and noisy regimes: longest completion (a 7-digit problem's solution is 76 characters)."""
     harder_teacher_steps: int = 600
     """Harder regime: fine-tuning steps that extend the task teacher to the longer problems (batch and lr as the
     recovery teacher's; 300 left it at 0.72 held-out accuracy: the noisy regime's teacher)."""
     harder_warm_steps: int = 1000
-    """Harder regime: most fine-tuning steps that extend the warm start to the longer problems."""
+    """Harder and noisy regimes (one shared warm start): most fine-tuning steps that extend the quickstart's warm start
+    to the longer problems."""
     harder_warm_lr: float = 3e-3
-    """Harder regime: peak learning rate of that fine-tuning (warm-up, cosine decay over `harder_warm_steps`)."""
+    """Peak learning rate of that fine-tuning (warm-up, cosine decay over `harder_warm_steps`)."""
     harder_warm_target: float = 0.2
-    """Harder regime: the warm start stops once it writes this share of 200 training problems exactly."""
+    """That fine-tuning stops once the student writes this share of 200 training problems exactly."""
     out_dir: str = "runs/opd_wins"
     """Run directories: teacher/, warm-start/, runs/."""
     results_dir: str = "benchmarks/results"

@@ -1,10 +1,14 @@
-"""The harder regime of `benchmarks.opd_wins`: longer chains, where a student's early slip has longer to compound.
+"""The harder and noisy regimes of `benchmarks.opd_wins`: longer chains, where a student's early slip has longer to
+compound.
 
 The task is `arithmetic-long` (the same column-by-column addition with 5-7-digit operands: 5-7 dependent steps
 instead of 2-4). Its teacher is the arithmetic task teacher fine-tuned on the longer problems, and its warm start
 is the quickstart's warm start fine-tuned on them until it writes `harder_warm_target` of 200 training problems
 exactly (the quickstart's stopping rule, on the new task). Both are cached like the quickstart's (they take minutes);
 a `--quick` run keeps its own under its run directory. Then OPD and SFT run `harder_steps` updates on every seed.
+
+The noisy regime is the same task and warm start under a teacher fine-tuned only `noisy_teacher_steps` (about 3 in 4
+greedy answers right, far fewer temperature-1 samples), with a third arm: SFT on that teacher's greedy outputs.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ its last hidden layer (the features Actor-Mimic regresses onto). `as_teacher` tu
     as_teacher(fn, kind="q")                  # any callable returning [N, A] Q-values / logits / probs
 
 `train_teacher(TeacherConfig(...))` trains an SB3 teacher once and caches it under `$OPD_CACHE/teachers`
-(default `~/.cache/opd/teachers`); nothing is ever downloaded.
+(default `~/.cache/opd/teachers`); nothing is ever downloaded. `train_ppo(env_fn, PPOArgs(...), name)` does the same
+for PPO on any env factory (the robotics teachers), and both go through `train_cached`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import gymnasium as gym
-
 import numpy as np
 import torch
 from torch import nn
