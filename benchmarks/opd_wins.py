@@ -163,8 +163,8 @@ def opd_wins(args: OpdWinsArgs) -> dict:
     if "tuned" in args.parts:  # the second round waits for the sweep's validation numbers
         execute(tuned_plan(args, paths, chosen), args.workers, args.threads)
     results = report.summarise(args, paths, chosen)
-    for regime in (r for r in harder.REGIMES if r in args.parts):
-        results["regimes"][regime], results[f"{regime}_setup"] = harder.summarise(args, paths, regime)
+    for regime, (entry, setup) in harder.summarise(args, paths).items():
+        results["regimes"][regime], results[f"{regime}_setup"] = entry, setup
     results.update(wall_seconds_total=round(time.perf_counter() - t0, 1), args=dataclasses.asdict(args),
                    command=command, runs_reused=reused)
     report.write_all(results, Path(args.results_dir))

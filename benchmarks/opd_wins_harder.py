@@ -20,7 +20,7 @@ from pathlib import Path
 
 from benchmarks import opd_wins_report as report
 from benchmarks import opd_wins_runs as runs
-from opd.lm.task_teacher import cache_root, exact_match_rate, save_teacher, train_supervised
+from opd.lm.task_teacher import cache_root, save_teacher, stop_at_exact_match, train_supervised
 
 VERSION = 1
 """Part of the cache keys: bump it when the preparation below changes."""
@@ -87,16 +87,9 @@ def _extend_student(args, base: Path, out: Path) -> None:
     task, model, tokenizer = get_task(args.harder_task), load_model(str(base)), load_tokenizer(str(base))
     examples = task.examples(args.harder_warm_steps * 64, seed=1, split="train")
     probe = task.examples(200, seed=2, split="train")
-
-    def reached(steps_done: int) -> bool:
-        if steps_done % 20:
-            return False
-        reached = exact_match_rate(model, tokenizer, probe) >= args.harder_warm_target
-        model.train()  # exact_match_rate leaves the model in eval mode; training goes on
-        return reached
-
+    stop = stop_at_exact_match(model, tokenizer, probe, args.harder_warm_target, every=20)
     losses = train_supervised(model, tokenizer, examples, args.harder_warm_steps, 64, args.harder_warm_lr, seed=0,
-                              progress=False, should_stop=reached)
+                              progress=False, should_stop=stop)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "warm_start.json").write_text(json.dumps({"steps_done": len(losses), "final_loss": losses[-1]}) + "\n")
@@ -161,25 +154,30 @@ DESCRIPTIONS = {"harder": "{task} (5-7-digit operands: longer chains), {steps} u
                 "noisy": "{task} under a half-trained teacher (noisy samples), {steps} updates"}
 
 
-def summarise(args, paths: dict, regime: str) -> tuple[dict, dict]:
-    """The regime's `compare` entry (with its warm start's accuracy, accuracy by chain length and, for the noisy
-    regime, SFT on the teacher's greedy outputs), and its teacher's and warm start's info."""
-    teacher, steps = Path(paths[f"{regime}_teacher"]), _steps(args, regime)
+def summarise(args, paths: dict) -> dict[str, tuple[dict, dict]]:
+    """regime -> (its `compare` entry, its teacher's and warm start's info) for the regimes `args.parts` names. An
+    entry adds the warm start's accuracy, accuracy by chain length and, for the noisy regime, SFT on the teacher's
+    greedy outputs. The shared warm start is scored once."""
     start, start_val = report.start_accuracies(args, paths["harder_warm"], args.harder_task, args.harder_max_new_tokens)
-    run_dir = lambda arm, seed: paths["runs"] / regime / f"seed-{seed}" / arm  # noqa: E731
-    curves = {arm: [runs.read_run(run_dir(arm, seed), start, start_val) for seed in args.seeds]
-              for arm in _arms(regime)}
-    label = {k: v["label"] for k, v in runs.METHODS.items()}
-    entry = report.compare(DESCRIPTIONS[regime].format(task=args.harder_task, steps=steps), steps,
-                           {m: {"label": label[m], "curves": curves[m]} for m in runs.METHODS})
-    entry["student_start_accuracy"] = start
-    entry["sft_source"] = sft_source(args, teacher)
-    if "sft_greedy" in curves:
-        seeds = [runs.accuracy_at(c, steps) for c in curves["sft_greedy"]]
-        entry["sft_greedy_same_step"] = {"label": "SFT on the teacher's greedy outputs", "seeds": seeds,
-                                         "mean": sum(seeds) / len(seeds)}
-    entry["accuracy_by_chain_length"] = {"warm start": by_chain_length(args, paths["harder_warm"])} | {
-        arm: [by_chain_length(args, run_dir(arm, seed) / "checkpoint") for seed in args.seeds] for arm in curves}
     warm = json.loads((Path(paths["harder_warm"]) / "warm_start.json").read_text())
-    info = json.loads((teacher / "info.json").read_text())
-    return entry, {"teacher": info, "warm_start": warm | {"test_accuracy": start, "val_accuracy": start_val}}
+    warm |= {"test_accuracy": start, "val_accuracy": start_val}
+    warm_by_length = by_chain_length(args, paths["harder_warm"])
+    label = {k: v["label"] for k, v in runs.METHODS.items()}
+    out = {}
+    for regime in (r for r in REGIMES if r in args.parts):
+        teacher, steps = Path(paths[f"{regime}_teacher"]), _steps(args, regime)
+        run_dir = lambda arm, seed: paths["runs"] / regime / f"seed-{seed}" / arm  # noqa: E731
+        curves = {arm: [runs.read_run(run_dir(arm, seed), start, start_val) for seed in args.seeds]
+                  for arm in _arms(regime)}
+        entry = report.compare(DESCRIPTIONS[regime].format(task=args.harder_task, steps=steps), steps,
+                               {m: {"label": label[m], "curves": curves[m]} for m in runs.METHODS})
+        entry["student_start_accuracy"] = start
+        entry["sft_source"] = sft_source(args, teacher)
+        if "sft_greedy" in curves:
+            seeds = [runs.accuracy_at(c, steps) for c in curves["sft_greedy"]]
+            entry["sft_greedy_same_step"] = {"label": "SFT on the teacher's greedy outputs", "seeds": seeds,
+                                             "mean": sum(seeds) / len(seeds)}
+        entry["accuracy_by_chain_length"] = {"warm start": warm_by_length} | {
+            arm: [by_chain_length(args, run_dir(arm, seed) / "checkpoint") for seed in args.seeds] for arm in curves}
+        out[regime] = entry, {"teacher": json.loads((teacher / "info.json").read_text()), "warm_start": warm}
+    return out

@@ -193,6 +193,22 @@ def get_teacher(
     return model, tokenizer, info
 
 
+def stop_at_exact_match(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    probe: list[Example],
+    target: float | None,
+    every: int,
+) -> Callable[[int], bool]:
+    """A `should_stop` for `train_supervised`: True at the first multiple of `every` steps where `model` writes at
+    least `target` of `probe` exactly (`exact_match_rate`); never when `target` is None."""
+
+    def reached(steps_done: int) -> bool:
+        return target is not None and steps_done % every == 0 and exact_match_rate(model, tokenizer, probe) >= target
+
+    return reached
+
+
 def warm_start_student(
     tokenizer: PreTrainedTokenizerBase,
     size: str = "student",
@@ -230,16 +246,9 @@ def warm_start_student(
     examples = problems.examples(steps * batch_size, seed=seed + 1, split="train")
     probe = problems.examples(200, seed=seed + 2, split="train")
 
-    def reached_target(steps_done: int) -> bool:
-        return (
-            target_accuracy is not None
-            and steps_done % check_every == 0
-            and exact_match_rate(student, tokenizer, probe) >= target_accuracy
-        )
-
     losses = train_supervised(
         student, tokenizer, examples, steps, batch_size, lr, seed, progress=progress, desc="warm start",
-        should_stop=reached_target,
+        should_stop=stop_at_exact_match(student, tokenizer, probe, target_accuracy, check_every),
     )
     if use_cache:
         student.save_pretrained(path)
