@@ -37,7 +37,7 @@ from opd.lm.remote import RemoteSampler, RemoteTeacher
 from opd.lm.teacher import LocalTeacher
 from opd.lm.train import TrainingError, distill
 from opd.lm.vllm_server import VLLM_VERSION, free_port, vllm_server
-from tests.lm.vllm_helpers import MAX_LEN, build_models, replace_teacher, shared_servers
+from tests.lm.vllm_helpers import MAX_LEN, big_vocab_student, build_models, replace_teacher, shared_servers
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -129,7 +129,7 @@ def bad_inputs(dirs, teacher_url: str, sampler_url: str, root: Path) -> dict:
         "a vLLM sampler without dev mode": (dict(teacher=dirs["teacher"], sampler=teacher_url),
                                             "VLLM_SERVER_DEV_MODE=1"),
         "a served vocabulary smaller than the student's": (
-            dict(teacher=teacher_url, student=_big_vocab_student(root)), "smaller vocabulary"),
+            dict(teacher=teacher_url, student=big_vocab_student(root, load_tokenizer(dirs["student"]))), "smaller vocabulary"),
         "a URL that is not an OpenAI server": (dict(teacher=sampler_url.removesuffix("/v1") + "/health/x"),
                                                "not an OpenAI-compatible server"),
     }
@@ -166,19 +166,6 @@ def killed_teacher(dirs, url: str, kill, root: Path) -> dict:
     return {"message": message, "steps": [m["step"] for m in resumed], "max_abs_loss_diff_vs_uninterrupted": diff,
             "passed": "checkpoint at step 2" in message and [m["step"] for m in resumed] == [1, 2, 3, 4]
             and diff < 1e-4}
-
-
-def _big_vocab_student(root: Path) -> str:
-    from transformers import AutoTokenizer
-
-    from opd.lm.offline import smollm2_dir
-    from tests.conftest import tiny_llama
-
-    if not (root / "big").exists():
-        tok = AutoTokenizer.from_pretrained(smollm2_dir())
-        tiny_llama(tok, 64, 1, seed=0, max_pos=MAX_LEN).save_pretrained(root / "big")
-        tok.save_pretrained(root / "big")
-    return str(root / "big")
 
 
 class _opd_serve:

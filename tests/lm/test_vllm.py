@@ -24,7 +24,7 @@ from opd.lm import vllm_server
 from opd.lm.train import TrainingError, distill
 from tests.lm.serve_helpers import live_server, sequence_logp
 from tests.lm.test_remote import left_padded_batch
-from tests.lm.vllm_helpers import GREEDY_DEFAULTS, build_models, replace_teacher, shared_servers
+from tests.lm.vllm_helpers import GREEDY_DEFAULTS, big_vocab_student, build_models, replace_teacher, shared_servers
 
 
 @pytest.fixture(scope="session")
@@ -175,25 +175,12 @@ def _swapped_tokenizer(vllm_dirs, root: Path, which: str = "student") -> str:
     return str(student)
 
 
-def _big_vocab_student(root: Path) -> str:
-    from opd.lm.offline import smollm2_dir
-    from transformers import AutoTokenizer
-
-    from tests.conftest import tiny_llama
-
-    tok = AutoTokenizer.from_pretrained(smollm2_dir())
-    model = tiny_llama(tok, 64, 1, seed=0, max_pos=256)
-    model.save_pretrained(root / "big")
-    tok.save_pretrained(root / "big")
-    return str(root / "big")
-
-
 @pytest.mark.vllm
-def test_bad_vllm_setups_fail_before_training_with_the_fix(vllm, vllm_dirs, tmp_path):
+def test_bad_vllm_setups_fail_before_training_with_the_fix(vllm, vllm_dirs, tmp_path, tokenizer):
     teacher, student = vllm["teacher"].url, vllm["student"].url
     cases = [
         (dict(teacher=teacher, top_k=21), "restart it with --max-logprobs 21 or more"),
-        (dict(teacher=teacher, student=_big_vocab_student(tmp_path)), "smaller vocabulary than the student's"),
+        (dict(teacher=teacher, student=big_vocab_student(tmp_path, tokenizer)), "smaller vocabulary than the student's"),
         (dict(teacher=teacher, student=_swapped_tokenizer(vllm_dirs, tmp_path)),
          "tokenizes text differently from the student's tokenizer"),
         (dict(teacher=vllm_dirs["teacher"], sampler=teacher), "restart it with VLLM_SERVER_DEV_MODE=1"),

@@ -4,6 +4,7 @@ needs head_dim >= 32), each served once per process, since a start costs a minut
 from __future__ import annotations
 
 import atexit
+import copy
 import json
 from pathlib import Path
 
@@ -35,6 +36,18 @@ def build_models(root: Path, tokenizer) -> dict[str, str]:
         (dirs["student"] / "generation_config.json").write_text(json.dumps({**config, **GREEDY_DEFAULTS}))
         (root / "done").touch()
     return {k: str(v) for k, v in dirs.items()}
+
+
+def big_vocab_student(root: Path, tokenizer) -> str:
+    """A tiny student under `root / "big"` (made once) whose tokenizer is `tokenizer` plus 64 added tokens: a
+    vocabulary larger than the servers' models, built locally (no downloaded tokenizer needed)."""
+    out = root / "big"
+    if not out.exists():
+        wide = copy.deepcopy(tokenizer)
+        wide.add_tokens([f"<extra_{i}>" for i in range(64)])
+        tiny_llama(wide, 64, 1, seed=0, max_pos=MAX_LEN).save_pretrained(out)
+        wide.save_pretrained(out)
+    return str(out)
 
 
 _SERVERS: dict[str, VllmServer] = {}
