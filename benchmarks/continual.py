@@ -39,11 +39,11 @@ from benchmarks.continual_docs import Corpus
 from benchmarks.realdata import tiny_pair
 from benchmarks.realdata_prompts import instruction_rows
 from opd.config import DistillConfig, LoraArgs, OptimArgs, SamplingArgs
-from opd.lm.build import context_length
-from opd.lm.checkers import get_checker
-from opd.lm.data import as_rows, encode, load_rows
+from opd.lm.hf.model import context_length
+from opd.lm.data.checkers import get_checker
+from opd.lm.data.prompts import as_rows, encode, load_rows
 from opd.lm.eval import checked_accuracy, greedy_completions
-from opd.lm.model import load_model, load_tokenizer
+from opd.lm.hf.model import load_model, load_tokenizer
 from opd.lm.train import distill
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -174,7 +174,7 @@ def _train(args: ContinualArgs, variant: str, out: Path, seed: int, **fields) ->
     merged = out / "merged"
     if not merged.exists():
         from opd.args import MergeArgs
-        from opd.lm.lora import merge_main
+        from opd.lm.hf.lora import merge_main
 
         merge_main(MergeArgs(run_dir=str(out), out_dir=str(merged)))
     return str(merged)
@@ -198,7 +198,7 @@ def personalisation(args: ContinualArgs) -> dict:
         texts = [{"prompt": r["messages"][0]["content"] + " " + r["completion"]} for r in corpus.finetune_rows()]
         base_dir, _ = tiny_pair(general[:32] + texts, work / "tiny")
     else:
-        from opd.lm.offline import smollm2_dir
+        from opd.lm.hf.pretrained import smollm2_dir
 
         base_dir = str(smollm2_dir())
     tokenizer = load_tokenizer(base_dir)

@@ -1,5 +1,5 @@
 """Catastrophic forgetting: three digit tasks learned one after another, with and without on-policy distillation from
-the earlier model on the earlier tasks' prompts (`opd.lm.continual`).
+the earlier model on the earlier tasks' prompts (`opd.lm.recipes.continual`).
 
 A = reverse the digits, B = add one to every digit, C = sort the digits (`opd.tasks.digits`); prompts differ only in
 the operation's word, so learning one operation pulls the old prompts towards it. Stage A is learned by SFT on its
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from opd.lm.continual import ContinualConfig, evaluate_dir, init_student, run_sequence, run_stage, task_teacher
-from opd.lm.runs import library_bars
+from opd.lm.recipes.continual import (ContinualConfig, evaluate_dir, init_student, run_sequence, run_stage, task_teacher)
+from opd.lm.loop.process import library_bars
 from opd.tasks.models import MODEL_SIZES
 
 ROOT = Path(__file__).resolve().parent.parent

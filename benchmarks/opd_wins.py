@@ -7,7 +7,7 @@ teacher) over SFT on the teacher's samples, each measured on the same seeds:
 - long:     both methods for `steps` updates (the quickstart stops at 200), whole curves;
 - plateau:  from the SFT run's checkpoint at `plateau_at` updates, `extra_steps` more updates of OPD or of SFT (equal
             extra updates; the long runs are trained to `plateau_at` first, then extended to `steps`);
-- recovery: OPD and SFT under a teacher fine-tuned on noisy prefixes (DART-style, `opd.lm.recovery`), after
+- recovery: OPD and SFT under a teacher fine-tuned on noisy prefixes (DART-style, `opd.lm.recipes.recovery`), after
             measuring how often each teacher recovers from a student's wrong prefix;
 - sweep:    a learning-rate (and, for OPD, sampling-temperature) sweep on a validation split, 1 seed;
 - tuned:    the sweep, then both methods at their chosen values on every seed;
@@ -39,7 +39,8 @@ from benchmarks import opd_wins_harder as harder
 from benchmarks import opd_wins_report as report
 from benchmarks import opd_wins_runs as runs
 from benchmarks.command import command_line
-from opd.lm.task_teacher import cache_root, get_teacher, warm_start_student
+from opd.cache import cache_root
+from opd.lm.recipes.supervised import get_teacher, warm_start_student
 
 
 @dataclass(frozen=True)
@@ -284,7 +285,7 @@ def _point_name(method: str, lr: float, temperature: float) -> str:
 
 
 def train_recovery_teacher(args: OpdWinsArgs, paths: dict) -> None:
-    from opd.lm.recovery import recovery_teacher
+    from opd.lm.recipes.recovery import recovery_teacher
 
     recovery_teacher(paths["teacher"], Path(paths["recovery_teacher"]), args.teacher_steps, args.teacher_batch_size,
                      args.teacher_lr, args.corrupt_share, progress=False)

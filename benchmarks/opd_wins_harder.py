@@ -20,7 +20,8 @@ from pathlib import Path
 
 from benchmarks import opd_wins_report as report
 from benchmarks import opd_wins_runs as runs
-from opd.lm.task_teacher import cache_root, save_teacher, stop_at_exact_match, train_supervised
+from opd.cache import cache_root
+from opd.lm.recipes.supervised import save_teacher, stop_at_exact_match, train_supervised
 
 VERSION = 1
 """Part of the cache keys: bump it when the preparation below changes."""
@@ -59,8 +60,8 @@ def _extend_teacher(args, base: Path, out: Path, steps: int) -> None:
     """The task teacher, fine-tuned on the longer problems (warm-up, cosine decay); its held-out accuracy and how
     often its temperature-1 samples are the true solutions go into info.json."""
     from opd.lm.eval import accuracy
-    from opd.lm.model import load_model, load_tokenizer
-    from opd.lm.recovery import sample_match_rate
+    from opd.lm.hf.model import load_model, load_tokenizer
+    from opd.lm.recipes.recovery import sample_match_rate
     from opd.tasks import get_task
 
     task, model, tokenizer = get_task(args.harder_task), load_model(str(base)), load_tokenizer(str(base))
@@ -81,7 +82,7 @@ def _extend_teacher(args, base: Path, out: Path, steps: int) -> None:
 def _extend_student(args, base: Path, out: Path) -> None:
     """The quickstart's warm start, fine-tuned on the longer problems until it writes `harder_warm_target` of 200
     training problems exactly (checked every 20 steps), at most `harder_warm_steps` steps."""
-    from opd.lm.model import load_model, load_tokenizer
+    from opd.lm.hf.model import load_model, load_tokenizer
     from opd.tasks import get_task
 
     task, model, tokenizer = get_task(args.harder_task), load_model(str(base)), load_tokenizer(str(base))
@@ -138,7 +139,7 @@ def by_chain_length(args, model_dir: Path) -> dict[int, float]:
     """Greedy accuracy on `probe_examples` test problems, by the number of column steps in the solution: if errors
     compound, accuracy falls with length, and a method that recovers better should fall more slowly."""
     from opd.lm.eval import generate_greedy
-    from opd.lm.model import load_model, load_tokenizer
+    from opd.lm.hf.model import load_model, load_tokenizer
     from opd.tasks import get_task
 
     task, model, tokenizer = get_task(args.harder_task), load_model(str(model_dir)), load_tokenizer(str(model_dir))

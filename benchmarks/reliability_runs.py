@@ -24,8 +24,8 @@ import torch
 from safetensors.torch import load_file
 
 from opd.checkpoint import STATE_JSON, STATE_PT, find_checkpoint
-from opd.lm.model import load_model
-from opd.lm.vllm_server import free_port  # noqa: F401 (re-exported: the benchmarks start servers on it)
+from opd.lm.hf.model import load_model
+from opd.lm.remote.vllm import free_port  # noqa: F401 (re-exported: the benchmarks start servers on it)
 
 # One intra-op thread per process (the machine is shared); no hub look-ups; errors as the user sees them.
 ENV = {k: v for k, v in os.environ.items() if k != "OPD_DEBUG"} | {

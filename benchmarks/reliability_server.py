@@ -2,7 +2,7 @@
 
 `fuzz_server` sends hypothesis-generated malformed requests (`benchmarks.reliability_fuzz`) and records every answer
 that breaks the rule instead of stopping at the first. `load_test` runs concurrent clients that send what opd's own
-clients send (`opd.lm.remote`): teacher scoring (prompt_logprobs over prompt + completion, no generation) and short
+clients send (`opd.lm.remote.client`): teacher scoring (prompt_logprobs over prompt + completion, no generation) and short
 seeded generations with log-probs, and checks every answer's shape.
 """
 

@@ -1,6 +1,6 @@
 """`opd bench remote_hidden`: the hidden-state remote teacher against top-20 log-probs, through `opd serve`.
 
-An `opd serve` of the teacher (SmolLM2-135M-Instruct, `opd.lm.offline.smollm2_dir`; --quick: a tiny random Llama)
+An `opd serve` of the teacher (SmolLM2-135M-Instruct, `opd.lm.hf.pretrained.smollm2_dir`; --quick: a tiny random Llama)
 runs in a child process on one thread; this process grades the same batches with `RemoteTeacher(top_k=20)`, with
 `HiddenStateTeacher` in float32 and float16, and with a local teacher (for reference), also on one thread. Measured:
 bytes the server sends per graded (completion) token, the one-off LM head download, graded tokens per second of
@@ -80,8 +80,8 @@ def tiny_model(root: Path) -> str:
 
 def batches(model_dir: str, args: RemoteHiddenArgs) -> list:
     """`args.batches + 1` batches of left-padded prompts and completions cut from TEXT (varying offsets and lengths)."""
-    from opd.lm.model import load_tokenizer
-    from opd.lm.rollout import layout
+    from opd.lm.hf.model import load_tokenizer
+    from opd.lm.batch import layout
 
     ids = load_tokenizer(model_dir)(TEXT * 40)["input_ids"]
     out, start = [], 0
@@ -166,10 +166,10 @@ def full_logp_error(signals: list, local_signals: list, data: list) -> float:
 
 
 def remote_hidden(args: RemoteHiddenArgs, model_dir: str) -> dict:
-    from opd.lm.model import load_model
-    from opd.lm.remote import RemoteTeacher
-    from opd.lm.remote_hidden import HiddenStateTeacher
-    from opd.lm.teacher import LocalTeacher
+    from opd.lm.hf.model import load_model
+    from opd.lm.remote.teacher import RemoteTeacher
+    from opd.lm.remote.hidden import HiddenStateTeacher
+    from opd.lm.teachers.local import LocalTeacher
 
     torch.set_num_threads(1)
     data = batches(model_dir, args)
@@ -229,7 +229,7 @@ def main(args: RemoteHiddenArgs, quick: bool = False) -> dict:
             args = RemoteHiddenArgs(batches=1, batch_size=2, prompt_len=8, completion_len=6)
             model_dir = tiny_model(Path(tmp))
         else:
-            from opd.lm.offline import smollm2_dir
+            from opd.lm.hf.pretrained import smollm2_dir
 
             model_dir = str(smollm2_dir())
         results = remote_hidden(args, model_dir)

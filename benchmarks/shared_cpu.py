@@ -29,7 +29,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BUSY = ("import torch; torch.set_num_threads(2); a = torch.randn(384, 384)\n"
         "while True: a @ a")
 CONDITIONS = {
-    # name: (busy jobs, extra environment, extra flags). "defaults": opd picks the threads (`opd.lm.runs.free_cores`).
+    # name: (busy jobs, extra environment, extra flags). "defaults": opd picks the threads (`opd.lm.loop.process.free_cores`).
     "quiet, defaults": (0, {}, []),
     "quiet, --threads 2 (one per core)": (0, {}, ["--threads", "2"]),
     "quiet, OMP_WAIT_POLICY=PASSIVE": (0, {"OMP_WAIT_POLICY": "PASSIVE"}, ["--threads", "2"]),
@@ -53,7 +53,7 @@ class SharedCpuArgs:
 
 def models(root: Path) -> tuple[str, str]:
     """The shipped teacher and a fresh student of the quickstart's size, saved under `root`."""
-    from opd.lm.task_teacher import get_teacher
+    from opd.lm.recipes.supervised import get_teacher
     from opd.tasks.models import make_model
 
     teacher, tokenizer, _ = get_teacher()

@@ -25,8 +25,8 @@ import tyro
 
 from opd.config import DistillConfig, OptimArgs, SamplingArgs
 from opd.lm.eval import accuracy
-from opd.lm.runs import library_bars
-from opd.lm.task_teacher import get_teacher, warm_start_student
+from opd.lm.loop.process import library_bars
+from opd.lm.recipes.supervised import get_teacher, warm_start_student
 from opd.lm.train import distill
 from opd.tasks import get_task
 

@@ -38,14 +38,16 @@ from benchmarks import teacher_bias as bias
 from opd.chunked import chunked_divergence
 from opd.config import DistillConfig, OptimArgs, SamplingArgs, to_dict
 from opd.lm.eval import accuracy
-from opd.lm.model import final_hidden, lm_head, load_model, load_tokenizer
-from opd.lm.rl import RLConfig, rl
-from opd.lm.rollout import encode_prompts, sample
+from opd.lm.hf.model import final_hidden, lm_head, load_model, load_tokenizer
+from opd.lm.recipes.rl import RLConfig, rl
+from opd.lm.batch import encode_prompts
+from opd.lm.rollouts.local import sample
 from opd.lm.train import distill
 from opd.losses import reverse_kl
 from opd.tasks import get_task
 from opd.tasks.models import MODEL_SIZES, num_params
-from opd.lm.task_teacher import cache_root, get_teacher, warm_start_student
+from opd.cache import cache_root
+from opd.lm.recipes.supervised import get_teacher, warm_start_student
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ class Table31Args:
     """Longest completion (the longest worked solution is 45 characters plus end-of-sequence)."""
     warm_start_steps: int | None = None
     """Cap on the SFT steps on ground truth that give every student its starting point; None: the task's default
-    (`opd.lm.task_teacher.warm_start_student`, which stops once the student solves 20 % of training problems: just past
+    (`opd.lm.recipes.supervised.warm_start_student`, which stops once the student solves 20 % of training problems: just past
     the point where it finds each column's digits, so it has headroom, and RL gets rewards)."""
     timing_steps: int = 20
     """Updates per method in the back-to-back timing that gives the seconds per update."""
@@ -101,7 +103,7 @@ class Table31Args:
     parts: tuple[str, ...] = ("methods", "capacity", "bias")
     """Which parts to run; leave one out to skip it."""
     teacher: str | None = None
-    """A teacher directory; by default the task's teacher (`opd.lm.task_teacher.get_teacher`: committed, cached or
+    """A teacher directory; by default the task's teacher (`opd.lm.recipes.supervised.get_teacher`: committed, cached or
     trained on first use)."""
     out_dir: str = "runs/table31"
     """Run directories: teacher/, seed-*/, capacity/, bias/."""

@@ -126,7 +126,7 @@ def markdown(results: dict) -> str:
     if "methods" in results:
         m = results["methods"]
         out += ["", "Student start (warm start: SFT on ground truth until it solves 20 % of training problems, "
-                f"`opd.lm.task_teacher.warm_start_student`, step cap {args['warm_start_steps'] or 'default'}): "
+                f"`opd.lm.recipes.supervised.warm_start_student`, step cap {args['warm_start_steps'] or 'default'}): "
                 f"{results['student_start_accuracy']:.3f} (seeds "
                 f"{', '.join(f'{a:.3f}' for a in results['student_start_accuracy_seeds'])}). "
                 f"Student: size {results['student_size']}, {results['student_params']:,} parameters. Every method: "

@@ -17,7 +17,7 @@ from pathlib import Path
 from opd.lm.eval import generate_greedy
 from opd.tasks.arithmetic import ANSWER_MARKER, solve
 from opd.tasks.base import Example
-from opd.lm.task_teacher import load_teacher, save_teacher, train_supervised
+from opd.lm.recipes.supervised import load_teacher, save_teacher, train_supervised
 
 RULE = "the carry out of a column that sums to exactly 10 is dropped (written 0)"
 _PROMPT_RE = re.compile(r"^(\d+)\+(\d+)=$")

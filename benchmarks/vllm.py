@@ -9,7 +9,7 @@ tokens/s on SmolLM2-135M-Instruct (the realdata benchmark's teacher) through vLL
 log-probs over HTTP) and as a local teacher in this process (hidden states: the full-vocabulary path).
 Writes benchmarks/results/vllm.{json,md}.
 
-vLLM runs from the virtualenv `opd.lm.vllm_server.prepare_venv` makes (once, about 4 minutes). --quick runs the
+vLLM runs from the virtualenv `opd.lm.remote.vllm.prepare_venv` makes (once, about 4 minutes). --quick runs the
 checks on the tiny models only, scores the tiny teacher for the speed table, and skips the killed-teacher check
 (tests/lm/test_vllm.py has it); it is what tests/benchmarks/test_vllm.py runs.
 """
@@ -32,11 +32,12 @@ import torch
 import tyro
 
 from opd.config import DistillConfig, OptimArgs, SamplingArgs
-from opd.lm.model import load_model, load_tokenizer
-from opd.lm.remote import RemoteSampler, RemoteTeacher
-from opd.lm.teacher import LocalTeacher
+from opd.lm.hf.model import load_model, load_tokenizer
+from opd.lm.remote.sampler import RemoteSampler
+from opd.lm.remote.teacher import RemoteTeacher
+from opd.lm.teachers.local import LocalTeacher
 from opd.lm.train import TrainingError, distill
-from opd.lm.vllm_server import VLLM_VERSION, free_port, vllm_server
+from opd.lm.remote.vllm import VLLM_VERSION, free_port, vllm_server
 from tests.lm.vllm_helpers import MAX_LEN, big_vocab_student, build_models, replace_teacher, shared_servers
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -255,7 +256,7 @@ def run(args: VllmBenchArgs, quick: bool) -> dict:
         checks.update({f"bad input: {k}": v for k, v in bad_inputs(dirs, teacher, sampler, root).items()})
         if not quick:
             checks["teacher killed mid-run, resumed"] = killed_teacher(dirs, teacher, servers["teacher"].kill, root)
-            from opd.lm.offline import smollm2_dir
+            from opd.lm.hf.pretrained import smollm2_dir
 
             smol = str(smollm2_dir())
             # vLLM refuses a prompt of max_model_len tokens even with max_tokens=0: it counts one output token
@@ -274,7 +275,7 @@ def run(args: VllmBenchArgs, quick: bool) -> dict:
 def section(results: dict) -> str:
     lines = ["## opd against a real vLLM server", "",
              f"Command: `opd bench vllm` (vLLM {results['vllm']}, CPU wheel, float32, from the virtualenv "
-             f"`opd.lm.vllm_server.prepare_venv` makes). {results['machine']}; running at the same time: "
+             f"`opd.lm.remote.vllm.prepare_venv` makes). {results['machine']}; running at the same time: "
              f"{'; '.join(results['other_jobs']) or 'nothing else'}.", "",
              "| check | result | numbers |", "|---|---|---|"]
     for name, c in results["checks"].items():

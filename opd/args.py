@@ -2,8 +2,8 @@
 per command, one docstring per field.
 
 They live here, apart from the code that runs them, so that building the command line (`opd --help`) imports no
-torch, transformers or fastapi; `opd.quickstart`, `opd.lm.eval`, `opd.lm.serve`, `opd.lm.task_teacher` and
-`opd.lm.lora` re-export the ones they run.
+torch, transformers or fastapi; `opd.quickstart`, `opd.lm.eval`, `opd.lm.serve.app`, `opd.lm.recipes.supervised` and
+`opd.lm.hf.lora` re-export the ones they run.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class EvalArgs:
     task: str = "arithmetic"
     """Task whose held-out ("test") split is used when --data is not given."""
     data: str | None = None
-    """Your held-out prompts instead: a .jsonl/.json/.parquet/.csv file, a saved dataset or a hub name (`opd.lm.data`)."""
+    """Your held-out prompts instead: a .jsonl/.json/.parquet/.csv file, a saved dataset or a hub name (`opd.lm.data.prompts`)."""
     data_split: str = "test"
     """Split of --data to read."""
     data_fields: str = ""

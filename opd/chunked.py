@@ -59,7 +59,9 @@ def _logp(head: Head, hidden_nD: torch.Tensor, temperature: float) -> torch.Tens
     return F.log_softmax(logits_nV / temperature, -1)
 
 
-def _check_common(hidden_ND: torch.Tensor, chunk_size: int, temperature: float) -> None:
+def check_inputs(hidden_ND: torch.Tensor, chunk_size: int, temperature: float) -> None:
+    """Refuse what every chunked or fused loss refuses: hidden states that are not [N, D], a chunk size or a
+    temperature that is not positive."""
     if hidden_ND.dim() != 2:
         raise ValueError(
             f"hidden states must be [N, D] (select the positions that count first, e.g. hidden_BTD[mask_BT]), "
@@ -71,7 +73,8 @@ def _check_common(hidden_ND: torch.Tensor, chunk_size: int, temperature: float) 
         raise ValueError(f"temperature must be positive, got {temperature}")
 
 
-def _chunks(n: int, chunk_size: int) -> list[slice]:
+def row_chunks(n: int, chunk_size: int) -> list[slice]:
+    """Slices of `chunk_size` rows covering n rows."""
     # one (empty) chunk when n == 0, so the result stays connected to the graph and backward() still works
     return [slice(i, i + chunk_size) for i in range(0, max(n, 1), chunk_size)]
 
@@ -102,7 +105,7 @@ def chunked_divergence(
     parameters, and equal those of the unchunked computation. `chunk_size` None: `auto_chunk_size`.
     """
     chunk_size = resolve_chunk_size(chunk_size, student_head, student_hidden_ND)
-    _check_common(student_hidden_ND, chunk_size, temperature)
+    check_inputs(student_hidden_ND, chunk_size, temperature)
     n = student_hidden_ND.shape[0]
     modes = [teacher_hidden_ND is not None, teacher_logp_NV is not None, teacher_ids_NK is not None]
     if sum(modes) != 1:
@@ -134,7 +137,7 @@ def chunked_divergence(
     # until backward for every chunk, which is the O(N·V) we are avoiding
     losses = [
         checkpoint(partial(chunk_loss, rows=rows), student_hidden_ND[rows], use_reentrant=False)
-        for rows in _chunks(n, chunk_size)
+        for rows in row_chunks(n, chunk_size)
     ]
     return torch.cat(losses)
 
@@ -150,7 +153,7 @@ def chunked_taken_logp(
     of `sampled_reverse_kl`, `policy_gradient_loss`, and (negated) SFT cross-entropy. `chunk_size` None:
     `auto_chunk_size`."""
     chunk_size = resolve_chunk_size(chunk_size, head, hidden_ND)
-    _check_common(hidden_ND, chunk_size, temperature)
+    check_inputs(hidden_ND, chunk_size, temperature)
     if targets_N.shape != hidden_ND.shape[:1]:
         raise ValueError(f"targets_N has shape {tuple(targets_N.shape)}; expected ({hidden_ND.shape[0]},)")
 
@@ -159,6 +162,6 @@ def chunked_taken_logp(
 
     logps = [
         checkpoint(chunk_logp, hidden_ND[rows], targets_N[rows], use_reentrant=False)
-        for rows in _chunks(hidden_ND.shape[0], chunk_size)
+        for rows in row_chunks(hidden_ND.shape[0], chunk_size)
     ]
     return torch.cat(logps)

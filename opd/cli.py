@@ -85,7 +85,7 @@ def _commands() -> dict:
 
     def teacher(args: Annotated[TeacherArgs, _NO_PREFIX]) -> None:
         """Train the task's teacher here, measure its held-out accuracy and cache it."""
-        from opd.lm.task_teacher import train_teacher_main
+        from opd.lm.recipes.supervised import train_teacher_main
 
         train_teacher_main(args)
 
@@ -97,13 +97,13 @@ def _commands() -> dict:
 
     def serve(args: Annotated[ServeArgs, _NO_PREFIX]) -> None:
         """Serve a local model over the OpenAI-compatible completions API (vLLM's subset: prompt_logprobs, ...)."""
-        from opd.lm.serve import serve_main
+        from opd.lm.serve.app import serve_main
 
         serve_main(args)
 
     def merge(args: Annotated[MergeArgs, _NO_PREFIX]) -> None:
         """Fold a LoRA run's adapter into its base model: a plain Hugging Face model directory (+ tokenizer)."""
-        from opd.lm.lora import merge_main
+        from opd.lm.hf.lora import merge_main
 
         merge_main(args)
 

@@ -88,7 +88,7 @@ class DistillConfig:
     teachers: str | None = None
     """Several teachers instead of --teacher: NAME=MODEL pairs, e.g. math=runs/math-teacher,code=http://host:8000/v1
     (each MODEL as --teacher takes it). --teacher-column names the data column whose value routes each prompt to
-    one of them; metrics are logged per teacher (loss/teacher=NAME). See `opd.lm.teachers`."""
+    one of them; metrics are logged per teacher (loss/teacher=NAME). See `opd.lm.teachers.routed`."""
     teacher_column: str | None = None
     """With --teachers: the --data column that names each row's teacher (every value must be one of the names)."""
     teacher_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -99,7 +99,7 @@ class DistillConfig:
     cross_tokenizer: bool = False
     """Distil from a local --teacher whose tokenizer differs from the student's: each student completion is decoded,
     re-tokenized by the teacher after the prompt row rendered with the teacher's own chat template, and the two
-    tokenizations are compared span by span (aligned by text; `opd.lm.xtok` says which parts are exact). For the
+    tokenizations are compared span by span (aligned by text; `opd.lm.xtok.teacher` says which parts are exact). For the
     divergence losses (not sampled or sft) with source student, data or mixture."""
     task: str = "arithmetic"
     """A built-in task (see `opd.tasks`): its prompts, reference completions and answer checker. --data replaces its
@@ -107,7 +107,7 @@ class DistillConfig:
     data: str | None = None
     """Your training prompts: a .jsonl/.json/.parquet/.csv file, a `Dataset.save_to_disk` directory, or a hub dataset
     name. Rows hold `prompt` (text) or `messages` (a chat, rendered with the student's chat template), optionally
-    `completion` (for source=data and GKD) and `answer` (for the checker). See `opd.lm.data`."""
+    `completion` (for source=data and GKD) and `answer` (for the checker). See `opd.lm.data.prompts`."""
     data_split: str = "train"
     """Split of --data to read (a hub dataset or a saved DatasetDict; a single file has one split)."""
     data_fields: str = ""
@@ -125,7 +125,7 @@ class DistillConfig:
     samples (sequence-level KD / SFT on teacher samples); data: the task's reference completions; mixture: GKD,
     each batch is on-policy with probability `lmbda`, else reference completions; speculative: SKD, the student
     proposes each token and a local teacher keeps it if it is in the teacher's top --skd-top-k, else samples its own
-    (`opd.lm.speculative`)."""
+    (`opd.lm.rollouts.speculative`)."""
     lmbda: float = 0.5
     """GKD's λ: fraction of batches sampled by the student when source=mixture."""
     skd_top_k: int = 25
@@ -166,7 +166,7 @@ class DistillConfig:
     teacher_payload: Literal["topk", "hidden"] = "topk"
     """What a remote teacher sends per token. topk: its --top-k log-probs (any vLLM-compatible server; the
     divergences see the rest of the vocabulary as one tail bucket). hidden: its final hidden states, plus its LM head
-    once (`opd serve` only, `opd.lm.remote_hidden`): the exact full-vocabulary divergence, as with a local teacher,
+    once (`opd serve` only, `opd.lm.remote.hidden`): the exact full-vocabulary divergence, as with a local teacher,
     for D numbers per token instead of a vocabulary's worth."""
     sampler: str | None = None
     """http(s)://host:port/v1 of a completions server that samples the student's completions (source=student, and the
@@ -180,7 +180,7 @@ class DistillConfig:
     """Sample step k+1's student batch while step k is scored and updated, so sampling leaves the critical path. With
     --sampler, the server samples it (requested once step k's weights are pushed); without, a second process on this
     machine does, from a shared-memory copy of the student that gets the weights every `sync_every` updates, with
-    half of the torch threads (opd.lm.process_rollouts; CPU only). The cost: every student batch after a run's first
+    half of the torch threads (opd.lm.rollouts.process; CPU only). The cost: every student batch after a run's first
     step comes from weights one update staler (1 to sync_every updates old, not 0 to sync_every - 1; `sampler_kl`
     shows it), and a resumed run continues correctly (same prompts and seeds) but not bit-for-bit: its first step
     samples from the current weights, not the previous ones."""
@@ -188,7 +188,7 @@ class DistillConfig:
     """Truncation c of the importance ratio π_student/π_sampler at each sampled token, min(ratio, c), for loss=sampled
     (truncated importance sampling, TIS, Yao et al. 2025; a small cap such as 2 keeps tokens the sampler under-weights
     from blowing up the gradient). Matters only with --sampler or --overlap; in-process samples have ratio 1. The
-    full-vocabulary losses are not reweighted (why: opd.lm.server_rollouts)."""
+    full-vocabulary losses are not reweighted (why: opd.lm.rollouts.server)."""
     remote_timeout: float = 60.0
     """Seconds to wait for one answer from a teacher or sampler server before retrying."""
     remote_max_retries: int = 5

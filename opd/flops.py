@@ -72,7 +72,7 @@ def model_cost(model) -> ModelCost | None:
 def forward_flops(cost: ModelCost, attention_mask_BL: torch.Tensor, mask_BT: torch.Tensor) -> float:
     """FLOPs of one forward pass over a batch's real tokens, the head evaluated at the `mask_BT` targets only.
 
-    Each row's real tokens must be contiguous (left-padded prompt, completion, right padding: as `opd.lm.rollout`).
+    Each row's real tokens must be contiguous (left-padded prompt, completion, right padding: as `opd.lm.batch`).
     """
     lengths_B = attention_mask_BL.long().sum(-1).double()
     tokens = lengths_B.sum().item()

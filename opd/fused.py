@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from opd import losses
-from opd.chunked import Head, _check_common, _chunks, chunked_divergence, resolve_chunk_size
+from opd.chunked import Head, check_inputs, row_chunks, chunked_divergence, resolve_chunk_size
 
 
 def fused_beta(divergence_fn: Callable[..., torch.Tensor], **kwargs: float) -> float | None:
@@ -79,7 +79,7 @@ def fused_divergence(
         return chunked_divergence(divergence_fn, student_hidden_ND, student_head, teacher_hidden_ND=teacher_hidden_ND,
                                   teacher_head=teacher_head, chunk_size=chunk_size, temperature=temperature, **kwargs)
     chunk_size = resolve_chunk_size(chunk_size, student_head, student_hidden_ND)
-    _check_common(student_hidden_ND, chunk_size, temperature)
+    check_inputs(student_hidden_ND, chunk_size, temperature)
     if teacher_hidden_ND.shape[0] != student_hidden_ND.shape[0]:
         raise ValueError(f"teacher_hidden_ND has {teacher_hidden_ND.shape[0]} positions but student_hidden_ND has "
                          f"{student_hidden_ND.shape[0]}")
@@ -192,7 +192,7 @@ def _chunk_pass(hidden_ND, weight_VD, bias_V, t_hidden_ND, t_head, beta, tempera
     grad_h = torch.empty_like(hidden_ND) if want_h else None
     grad_w = torch.zeros_like(weight_VD) if want_w else None
     grad_b = torch.zeros_like(bias_V) if want_b else None
-    for rows in _chunks(n, chunk_size):
+    for rows in row_chunks(n, chunk_size):
         h_nD = hidden_ND[rows]
         s_logp_nV = _log_probs(nn.functional.linear(h_nD, weight_VD, bias_V), temperature)
         t_logp_nV = _log_probs(t_head(t_hidden_ND[rows]), temperature).to(s_logp_nV.dtype)

@@ -5,7 +5,7 @@ likely each *event* of a common partition is, where an event is a set of tokens 
 a log-sum-exp of the member tokens' log-probs, exact for either model), and (b) how likely a piece of text is, by
 the chain rule over that model's own tokens of it (a sum of log-probs; `span_logp`). `binary_logp` turns (b) into a
 two-outcome distribution (the text, or anything else) that any divergence of `opd.losses` accepts. The alignment
-that decides which positions and texts to compare lives in `opd.lm.xtok`.
+that decides which positions and texts to compare lives in `opd.lm.xtok.teacher`.
 """
 
 from __future__ import annotations

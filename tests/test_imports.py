@@ -1,14 +1,17 @@
-"""The `opd` package's import graph: the task side does not import the LM side, and no modules import each other in a
-circle (import order bugs, and modules that cannot be understood or tested one at a time).
+"""The import graphs of `opd` and `benchmarks`: the task side does not import the LM side, `opd.lm`'s sub-packages
+import only the layers below them, no modules import each other in a circle (import order bugs, and modules that
+cannot be understood or tested one at a time), and no module imports another's private (`_x`) names.
 
 The graph is read from the source with `ast`, so it includes imports inside functions, which run later but still
-tie the modules together; imports under `if TYPE_CHECKING:` are left out, as they never run.
+tie the modules together. Imports under `if TYPE_CHECKING:` never run, but they tie two modules' meanings together
+all the same: the cycle and layer checks count them too.
 """
 
 import ast
 from pathlib import Path
 
 import networkx as nx
+import pytest
 
 import opd
 
@@ -38,19 +41,20 @@ def _is_type_checking(test: ast.expr) -> bool:
     )
 
 
-def _runtime_nodes(node: ast.AST):
-    """Every node under `node`, except the bodies of `if TYPE_CHECKING:` (their `else` runs, so it is kept)."""
+def _runtime_nodes(node: ast.AST, type_checking: bool = False):
+    """Every node under `node`, except (unless `type_checking`) the bodies of `if TYPE_CHECKING:` (their `else` runs,
+    so it is kept)."""
     for child in ast.iter_child_nodes(node):
         yield child
-        if isinstance(child, ast.If) and _is_type_checking(child.test):
+        if isinstance(child, ast.If) and _is_type_checking(child.test) and not type_checking:
             for stmt in child.orelse:
                 yield stmt
                 yield from _runtime_nodes(stmt)
         else:
-            yield from _runtime_nodes(child)
+            yield from _runtime_nodes(child, type_checking)
 
 
-def imported_modules(name: str, path: Path, modules: set[str]) -> dict[str, int]:
+def imported_modules(name: str, path: Path, modules: set[str], type_checking: bool = False) -> dict[str, int]:
     """Modules of `modules` that module `name` (file `path`) imports at run time -> line of the first such import.
 
     `from a import b` counts as importing `a.b` when that is a module, else `a`; `import a.b.c` counts as importing
@@ -66,7 +70,7 @@ def imported_modules(name: str, path: Path, modules: set[str]) -> dict[str, int]
         if target and target != name:
             found.setdefault(target, line)
 
-    for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
+    for node in _runtime_nodes(ast.parse(path.read_text(), str(path)), type_checking):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 add(alias.name, node.lineno)
@@ -81,14 +85,14 @@ def imported_modules(name: str, path: Path, modules: set[str]) -> dict[str, int]
     return found
 
 
-def import_graph(root: Path, package: str) -> nx.DiGraph:
+def import_graph(root: Path, package: str, type_checking: bool = False) -> nx.DiGraph:
     """Directed graph importer -> imported over the modules of `package` (found in directory `root`); each edge
-    carries the `line` of the import."""
+    carries the `line` of the import. `type_checking`: count imports under `if TYPE_CHECKING:` too."""
     names = module_names(root, package)
     graph = nx.DiGraph()
     graph.add_nodes_from(names)
     for name, path in names.items():
-        for target, line in imported_modules(name, path, set(names)).items():
+        for target, line in imported_modules(name, path, set(names), type_checking).items():
             graph.add_edge(name, target, line=line)
     return graph
 
@@ -111,7 +115,32 @@ def sorted_cycle(cycle: list[str]) -> list[str]:
     return cycle[i:] + cycle[:i]
 
 
-OPD_GRAPH = import_graph(Path(opd.__file__).parent, "opd")
+OPD_ROOT = Path(opd.__file__).parent
+BENCHMARKS_ROOT = OPD_ROOT.parent / "benchmarks"
+OPD_GRAPH = import_graph(OPD_ROOT, "opd")
+TYPED_GRAPHS = {"opd": import_graph(OPD_ROOT, "opd", type_checking=True),
+                "benchmarks": import_graph(BENCHMARKS_ROOT, "benchmarks", type_checking=True)}
+
+LM_LAYERS = (
+    ("opd.lm.batch", "opd.lm.hf", "opd.lm.data"),
+    ("opd.lm.teachers", "opd.lm.xtok", "opd.lm.serve"),
+    ("opd.lm.remote",),
+    ("opd.lm.rollouts",),
+    ("opd.lm.loop", "opd.lm.eval"),
+    ("opd.lm.train",),
+    ("opd.lm.recipes",),
+)
+"""`opd.lm`'s parts, lowest first: a module may import its own part and the parts of lower layers, never a part of
+its own layer or above (DEVELOPERS.md draws the same order)."""
+
+
+def lm_part(module: str) -> tuple[str, int] | None:
+    """(the part of `LM_LAYERS` that holds `module`, its layer), or None outside opd.lm's parts."""
+    for layer, parts in enumerate(LM_LAYERS):
+        for part in parts:
+            if module == part or module.startswith(part + "."):
+                return part, layer
+    return None
 
 
 def test_graph_sees_imports_in_functions_and_relative_ones_but_not_type_checking_ones(tmp_path):
@@ -149,7 +178,47 @@ def test_the_task_side_does_not_import_the_lm_or_control_side():
     assert not bad, "opd.tasks reaches the LM or control side:\n" + "\n".join(bad)
 
 
-def test_no_import_cycles():
-    found = cycles(OPD_GRAPH, allowed_through=CYCLE_ALLOWED_THROUGH)
+@pytest.mark.parametrize("package", ["opd", "benchmarks"])
+def test_no_import_cycles_type_checking_imports_included(package):
+    found = cycles(TYPED_GRAPHS[package], allowed_through=CYCLE_ALLOWED_THROUGH)
     print("\n".join(found))
     assert not found, "import cycles (each: importer (line of the import) -> imported ...):\n" + "\n".join(found)
+
+
+def test_every_lm_module_sits_in_a_layer():
+    loose = [m for m in OPD_GRAPH if m.startswith("opd.lm.") and lm_part(m) is None]
+    assert not loose, f"add these to LM_LAYERS: {loose}"
+
+
+def test_lm_parts_import_only_lower_layers():
+    graph = TYPED_GRAPHS["opd"]
+    bad = []
+    for a, b in graph.edges:
+        pa, pb = lm_part(a), lm_part(b)
+        if pa and pb and pa[0] != pb[0] and pb[1] >= pa[1]:
+            bad.append(f"{a} (line {graph.edges[a, b]['line']}) -> {b}: layer {pa[1]} imports layer {pb[1]}")
+    assert not bad, "upward or sideways imports in opd.lm:\n" + "\n".join(bad)
+
+
+def private_imports(root: Path, package: str) -> list[str]:
+    """`file:line name` for each `from <package>... import _name` (a private name of another module)."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == package:
+                found += [f"{path.relative_to(root.parent)}:{node.lineno} {a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    return found
+
+
+@pytest.mark.parametrize("package", ["opd", "benchmarks"])
+def test_no_module_imports_another_modules_private_names(package):
+    root = {"opd": OPD_ROOT, "benchmarks": BENCHMARKS_ROOT}[package]
+    found = private_imports(root, package)
+    assert not found, "make these public (and document them) or keep them in their module:\n" + "\n".join(found)
+
+
+def test_private_imports_are_found(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "a.py").write_text("from pkg.b import _hidden, public\nfrom pkg.c import __version__\n")
+    assert private_imports(tmp_path / "pkg", "pkg") == ["pkg/a.py:1 _hidden"]

@@ -1,7 +1,7 @@
 """Each speed/memory lever of the performance benchmark measured on its own, before and after, back to back.
 
 The loss levers (chunk size, the fused divergence of `opd.fused`, no taken-token pass of the teacher), the decoding
-head of `opd.lm.sampler` and its compiled path are library code now; "before" is how opd ran without them (1024
+head of `opd.lm.hf.decode` and its compiled path are library code now; "before" is how opd ran without them (1024
 positions per chunk, autograd, `with_taken_logp=True`, the model's own `lm_head` call, eager decoding).
 
     python -m benchmarks.perf.lever_bench            # 5-10 minutes on 2 quiet cores
@@ -28,10 +28,10 @@ from benchmarks.perf import pairs
 from opd import losses
 from opd.chunked import auto_chunk_size, chunked_divergence
 from opd.fused import fused_divergence
-from opd.lm.model import final_hidden, lm_head, load_model, load_tokenizer
-from opd.lm.rollout import encode_prompts, layout
-from opd.lm.sampler import sample_completions
-from opd.lm.teacher import LocalTeacher
+from opd.lm.hf.model import final_hidden, lm_head, load_model, load_tokenizer
+from opd.lm.batch import encode_prompts, layout
+from opd.lm.hf.decode import sample_completions
+from opd.lm.teachers.local import LocalTeacher
 from opd.tasks import get_task
 
 
@@ -93,14 +93,14 @@ def sampler_levers(model_dir: str, batch: int, new_tokens: int, repeats: int, la
     return _compare(f"sampler ({label}, batch {batch}, {new_tokens} new tokens)",
                     lambda: _hf_generate(model, prompts, pad, eos, new_tokens),
                     lambda: sample_completions(model, prompts, pad, eos, new_tokens), repeats,
-                    "HF generate -> opd.lm.sampler (KV cache, rows leave at eos, inverse-CDF draw)")
+                    "HF generate -> opd.lm.hf.decode (KV cache, rows leave at eos, inverse-CDF draw)")
 
 
 def decode_head_lever(model_dir: str, batch: int, new_tokens: int, repeats: int) -> dict:
     """opd's sampler with the model's own head call (`logits_to_keep=1`) against its decoder + `weight @ hidden.T`."""
     from functools import partial
 
-    from opd.lm import sampler
+    from opd.lm.hf import decode as sampler
 
     tok, model = load_tokenizer(model_dir), load_model(model_dir)
     prompts = encode_prompts(tok, [e.prompt for e in get_task("arithmetic").examples(batch, seed=0, split="train")],
@@ -116,7 +116,7 @@ def decode_head_lever(model_dir: str, batch: int, new_tokens: int, repeats: int)
 
     return _compare(f"decoding head (49k-vocabulary student, batch {batch}, {new_tokens} new tokens)",
                     with_model_head, lambda: sample_completions(model, prompts, tok.pad_token_id, None, new_tokens),
-                    repeats, "the model's lm_head (F.linear) -> decoder + weight @ hidden.T (opd.lm.sampler)")
+                    repeats, "the model's lm_head (F.linear) -> decoder + weight @ hidden.T (opd.lm.hf.decode)")
 
 
 def loss_levers(models: dict, batch: int, new_tokens: int, repeats: int) -> list[dict]:
@@ -255,7 +255,7 @@ def compile_lever(model_dir: str, batch: int, new_tokens: int, repeats: int) -> 
     return _compare(f"compiled sampling (tiny student, batch {batch}, {new_tokens} new tokens)",
                     lambda: sample_completions(model, prompts, pad, eos, new_tokens),
                     lambda: sample_completions(model, prompts, pad, eos, new_tokens, compile=True), repeats,
-                    f"opd.lm.sampler eager -> compile=True (static cache, forward + draw one graph); first call "
+                    f"opd.lm.hf.decode eager -> compile=True (static cache, forward + draw one graph); first call "
                     f"(compiling) {compile_s:.0f} s", compile_s=compile_s)
 
 

@@ -2,7 +2,7 @@
 
 - `tiny`: the arithmetic task's models (`opd.tasks.models.MODEL_SIZES`): the cached task teacher and a student
   warm-started with a little SFT, over the 20-token character vocabulary.
-- `smollm2`: SmolLM2-135M-Instruct (offline, `opd.lm.offline.smollm2_dir`) as teacher, and a small random Llama
+- `smollm2`: SmolLM2-135M-Instruct (offline, `opd.lm.hf.pretrained.smollm2_dir`) as teacher, and a small random Llama
   student with its tokenizer and 49,152-token vocabulary.
 - `sweep`: random Llama pairs over a character tokenizer padded to any vocabulary size, for the plots of step time
   and memory against completion length and vocabulary size.
@@ -74,7 +74,7 @@ def _save(model, tokenizer, path: Path) -> str:
 
 def tiny_pair(root: Path, quick: bool) -> dict:
     """{"teacher": dir, "student": dir, ...}: the arithmetic task's teacher and a warm-started student."""
-    from opd.lm.task_teacher import get_teacher, warm_start_student
+    from opd.lm.recipes.supervised import get_teacher, warm_start_student
 
     out = {"teacher": root / ("tiny-quick-teacher" if quick else "tiny-teacher"),
            "student": root / ("tiny-quick-student" if quick else "tiny-student")}
@@ -99,7 +99,7 @@ def smollm2_pair(root: Path, quick: bool) -> dict:
     """SmolLM2-135M-Instruct and a random 4-layer student with its tokenizer (quick: random models, same vocab size)."""
     if quick:
         return sweep_pair(root, 49152, quick=True) | {"description": "random stand-ins with a 49,152-token vocabulary"}
-    from opd.lm.offline import smollm2_dir
+    from opd.lm.hf.pretrained import smollm2_dir
 
     teacher_dir = smollm2_dir()
     student = root / "smollm2-student"

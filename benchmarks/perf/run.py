@@ -39,7 +39,7 @@ SYSTEMS = ("opd", "opd_compile", "opd_overlap", "opd_overlap_compile", "opd_samp
            "trl_gkd")
 LEVER_SYSTEMS = ("opd_overlap", "opd_sampler_overlap")
 """Sampling overlapped with the update, two ways: `distill --overlap` (a local sampler process sharing the student's
-memory, `opd.lm.process_rollouts`) and `distill --sampler URL --overlap` (an `opd serve` of the student, weights pushed
+memory, `opd.lm.rollouts.process`) and `distill --sampler URL --overlap` (an `opd serve` of the student, weights pushed
 as safetensors each step). Both run only on `lever_pairs`."""
 COMPILE_SYSTEMS = ("opd_compile", "opd_overlap_compile")
 """`opd` and `opd --overlap` with `--sampling.compile` (a torch.compile'd decoding step over a static KV cache); run

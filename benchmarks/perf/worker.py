@@ -80,7 +80,7 @@ def run_opd(spec: dict, scratch: Path, **server_rollouts) -> dict:
     it applies, no taken-token pass of the teacher); per-step numbers from its metrics.jsonl. `server_rollouts`:
     DistillConfig's `sampler`, `overlap`, `sync_every`, as `opd train --sampler URL --overlap` sets them."""
     from opd.config import DistillConfig, OptimArgs, SamplingArgs
-    from opd.lm.model import load_model
+    from opd.lm.hf.model import load_model
     from opd.lm.train import distill
 
     cfg = DistillConfig(
@@ -106,9 +106,9 @@ def run_opd(spec: dict, scratch: Path, **server_rollouts) -> dict:
 
 def run_opd_overlap(spec: dict, scratch: Path) -> dict:
     """`distill --overlap` without a server: a second process samples step k+1 from a shared-memory copy of the
-    student while step k trains (`opd.lm.process_rollouts`), with half of the entry's threads. Memory is both
+    student while step k trains (`opd.lm.rollouts.process`), with half of the entry's threads. Memory is both
     processes': the trainer's peak plus the sampler's, read just before the sampler stops."""
-    from opd.lm import process_rollouts
+    from opd.lm.rollouts import process as process_rollouts
 
     peaks = []
     close = process_rollouts.ProcessRollouts.close
@@ -199,7 +199,7 @@ def run_trl_distillation(spec: dict, scratch: Path) -> dict:
     from datasets import Dataset
     from trl import DistillationConfig, DistillationTrainer
 
-    from opd.lm.model import load_model, load_tokenizer
+    from opd.lm.hf.model import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(spec["student"])
     student, teacher = load_model(spec["student"]), load_model(spec["teacher"])
@@ -233,8 +233,8 @@ def run_trl_gkd(spec: dict, scratch: Path) -> dict:
     from datasets import Dataset
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    from opd.lm.model import load_model, load_tokenizer
-    from opd.lm.rollout import encode_prompts
+    from opd.lm.hf.model import load_model, load_tokenizer
+    from opd.lm.batch import encode_prompts
 
     tokenizer = load_tokenizer(spec["student"])
     student, teacher = load_model(spec["student"]), load_model(spec["teacher"])
@@ -290,7 +290,7 @@ def run(spec: dict, scratch: Path) -> dict:
     raw = RUNNERS[spec["system"]](spec, scratch)
     train_wall = time.perf_counter() - t0
     from opd.lm.eval import heldout_reverse_kl
-    from opd.lm.model import load_model, load_tokenizer
+    from opd.lm.hf.model import load_model, load_tokenizer
     from opd.tasks import get_task
 
     student = raw.pop("student")

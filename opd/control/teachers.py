@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from opd.cache import cache_root
 from opd.control.envs import is_minatar, make_env
 
 Kind = Literal["q", "logits", "probs", "action"]
@@ -218,8 +219,8 @@ def dqn_ppo_hyperparameters(config: TeacherConfig) -> dict:
 
 
 def cache_dir() -> Path:
-    """`$OPD_CACHE` or `~/.cache/opd`."""
-    return Path(os.environ.get("OPD_CACHE", Path.home() / ".cache" / "opd"))
+    """`$OPD_CACHE` or `~/.cache/opd` (`opd.cache.cache_root`)."""
+    return cache_root()
 
 
 def teacher_path(config: TeacherConfig) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -60,8 +59,8 @@ def greedy_completions(model, tokenizer, prompt_ids: list[list[int]], max_new_to
 
 def checked_accuracy(model, tokenizer, prompts, checker, max_new_tokens: int = 64, batch_size: int = 256,
                      progress: bool = False) -> float:
-    """Mean score `checker(row, completion)` over a `PromptSet` (`opd.lm.data`), completions decoded greedily."""
-    from opd.lm.checkers import score
+    """Mean score `checker(row, completion)` over a `PromptSet` (`opd.lm.data.prompts`), completions decoded greedily."""
+    from opd.lm.data.checkers import score
 
     was_training = model.training
     model.eval()
@@ -93,7 +92,7 @@ def heldout_reverse_kl(
     This is the quantity on-policy distillation minimises, measured on held-out prompts: 0 means the student's
     next-token distribution equals the teacher's at every state it visits.
     """
-    from opd.lm.rollout import encode_prompts
+    from opd.lm.batch import encode_prompts
 
     ids = encode_prompts(tokenizer, prompts, max_prompt_len=1 << 30)
     return heldout_reverse_kl_ids(student, teacher, tokenizer, ids, max_new_tokens, batch_size, temperature, seed,
@@ -106,8 +105,8 @@ def heldout_reverse_kl_ids(student, teacher, tokenizer, ids: list[list[int]], ma
                            chunk_size: int | None = None) -> float:
     """`heldout_reverse_kl` over already-encoded prompts (a `PromptSet`'s `prompt_ids`)."""
     from opd.chunked import chunked_divergence
-    from opd.lm.model import final_hidden, lm_head
-    from opd.lm.rollout import sample
+    from opd.lm.hf.model import final_hidden, lm_head
+    from opd.lm.rollouts.local import sample
     from opd.losses import reverse_kl
 
     was_training = student.training
@@ -137,10 +136,9 @@ def eval_main(args: EvalArgs) -> dict:
     """`opd eval`: print held-out accuracy (greedy) and, with a teacher, the per-token reverse KL to it."""
     import json
 
-    from opd.lm.build import check_same_vocabulary, context_length
-    from opd.lm.checkers import check_columns, get_checker
-    from opd.lm.data import encode, load_rows, task_rows
-    from opd.lm.model import load_model, load_tokenizer
+    from opd.lm.data.checkers import check_columns, get_checker
+    from opd.lm.data.prompts import encode, load_rows, task_rows
+    from opd.lm.hf.model import check_same_vocabulary, context_length, load_model, load_tokenizer
     from opd.tasks import get_task
 
     if args.examples < 1 or args.max_new_tokens < 1:

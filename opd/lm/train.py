@@ -1,7 +1,7 @@
 """The LM loop: act, grade, diverge, update — one visible loop for every way of choosing who acts.
 
     for step in range(steps):
-        batch  = actor.rollouts(plans.next(step))   # student | teacher | data | mixture(λ)  (opd.lm.actors)
+        batch  = actor.rollouts(plans.next(step))   # student | teacher | data | mixture(λ)  (opd.lm.rollouts.actors)
         signal = teacher.score(batch)                # one forward pass over prompt + completion
         loss   = divergence(student(batch), signal)  over completion tokens
         update(student, loss)
@@ -13,48 +13,42 @@ sequence-level KD (with loss=sft: SFT on teacher samples); source=data with loss
 from __future__ import annotations
 
 import functools
-import json
-import math
-import signal as signal_module
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from accelerate import Accelerator, DistributedType
-from accelerate.utils import gather_object
-from tqdm.auto import tqdm
 
 from opd import flops, losses
+from opd.checkpoint import find_checkpoint
 from opd.chunked import chunked_divergence, chunked_taken_logp
+from opd.config import LOSSES, DistillConfig
 from opd.fused import fused_divergence
-from opd.checkpoint import find_checkpoint, load_trainer_state, save_checkpoint, verify_checkpoint
-from opd.config import LOSSES, DistillConfig, OptimArgs, config_changes, save_config, to_dict, unused_flags
-from opd.lm.actors import Plans
-from opd.lm.build import check_same_vocabulary, context_length, make_actor, make_teacher, prompt_sets
-from opd.lm.model import final_hidden, lm_head, load_tokenizer, unwrap
-from opd.lm.rollout import Batch, scatter_targets
-from opd.lm.runs import drop_logged_after, flat_config, free_cores, library_bars
-from opd.lm.server_rollouts import ratio_metrics, rollout_seed
-from opd.lm.teacher import TeacherSignal, TeacherUnreachable
-from opd.lm.teachers import SUMMED, RoutedSignal, batch_routes, grade, per_teacher_means
-from opd.lm.xtok import CrossTokenizerSignal
+from opd.lm.batch import Batch, TeacherSignal, scatter_targets
+from opd.lm.eval import checked_accuracy
+from opd.lm.hf.lora import load_student
+from opd.lm.hf.model import check_same_vocabulary, context_length, final_hidden, lm_head, load_tokenizer, unwrap
+from opd.lm.loop.build import make_actor, make_teacher, prompt_sets
+from opd.lm.loop.optim import adamw, lr_factor, lr_schedule, update
+from opd.lm.loop.process import TrainingError, all_finite, library_bars, start_process
+from opd.lm.loop.run_dir import RunDir
+from opd.lm.rollouts.actors import Plans
+from opd.lm.rollouts.server import ratio_metrics, rollout_seed
+from opd.lm.teachers.routed import SUMMED, RoutedSignal, batch_routes, grade, per_teacher_means
+from opd.lm.xtok.teacher import CrossTokenizerSignal
 
 Callback = Callable[[int, Any, dict], Any]
 """`callback(step, student, metrics)` after every update; return True to stop the run (a checkpoint is saved)."""
-__all__ = ["distill", "student_loss", "make_teacher", "check_same_vocabulary", "TrainingError", "LOSSES"]
-
-
-class TrainingError(RuntimeError):
-    """A run stopped for a reason the user must act on; the message says what happened and what to do."""
+__all__ = ["distill", "student_loss", "accumulate", "make_teacher", "check_same_vocabulary", "TrainingError", "LOSSES",
+           "adamw", "lr_factor"]
+"""What train.py is imported for; TrainingError, adamw and lr_factor live in `opd.lm.loop` and stay importable here."""
 
 
 def student_loss(student, batch: Batch, signal: TeacherSignal | RoutedSignal | None,
                  cfg: DistillConfig) -> tuple[torch.Tensor, dict]:
     """Mean per-token loss over the batch's completion tokens, and the metrics to log (per teacher too, for a batch
-    graded by several: `opd.lm.teachers`)."""
+    graded by several: `opd.lm.teachers.routed`)."""
     mask_BT = batch.mask_BT.bool()
     hidden_ND = final_hidden(student, batch.input_ids_BL, batch.attention_mask_BL)[:, :-1][mask_BT]
     head = lm_head(student)
@@ -77,13 +71,13 @@ def student_loss(student, batch: Batch, signal: TeacherSignal | RoutedSignal | N
             metrics["sampled_reverse_kl"] = (sampling_BT - signal.taken_logp_BT)[mask_BT].mean().item()
         if signal is not None and signal.taken_logp_BT is not None:
             metrics["teacher_logp"] = signal.taken_logp_BT[mask_BT].mean().item()
-    elif isinstance(signal, CrossTokenizerSignal):  # a teacher with its own tokenizer: span by span (opd.lm.xtok)
+    elif isinstance(signal, CrossTokenizerSignal):  # a teacher with its own tokenizer: span by span (opd.lm.xtok.teacher)
         per_token = signal.per_token(divergence_from_config(cfg), hidden_ND, head, targets_N, cfg.chunk_size)
     else:
         per_token = teacher_divergence(divergence_from_config(cfg), hidden_ND, head, signal, mask_BT, cfg.chunk_size)
     if batch.sampling_logp_BT is not None:
         # Samples from a sampler server whose weights may lag: how far (the divergences are not reweighted; why in
-        # opd.lm.server_rollouts).
+        # opd.lm.rollouts.server).
         with torch.no_grad():
             taken_N = logp_N if cfg.loss in ("sft", "sampled") else chunked_taken_logp(
                 hidden_ND, head, targets_N, chunk_size=cfg.chunk_size)
@@ -110,28 +104,6 @@ def teacher_divergence(divergence, hidden_ND: torch.Tensor, head, signal: Teache
                               teacher_logp_NK=signal.topk_logp_BTK[mask_BT])
 
 
-def adamw(model, optim: OptimArgs) -> torch.optim.AdamW:
-    """AdamW over `model`'s parameters as `optim` says. Fused (one kernel per parameter, the same update) where torch
-    has that kernel: the default multi-tensor path allocates temporaries as large as all parameters together (~100 MB
-    at the SmolLM2 pair's 16M-parameter student, at the step's memory peak)."""
-    params = [p for p in model.parameters() if p.requires_grad]  # a LoRA student trains its adapters only
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay, fused=fused)
-
-
-def lr_factor(step: int, optim: OptimArgs, steps: int) -> float:
-    """The learning rate of update `step` (0-based) as a fraction of `optim.lr`: linear warm-up over warmup_steps
-    (the first update uses 1/warmup_steps), then constant, or a linear or half-cosine decay that reaches 0 after the
-    last update."""
-    warmup = max(1, optim.warmup_steps)
-    if step < warmup or optim.schedule == "constant":
-        return min(1.0, (step + 1) / warmup)
-    progress = (step - warmup) / max(1, steps - warmup)
-    if optim.schedule == "linear":
-        return 1.0 - progress
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def divergence_from_config(cfg: DistillConfig):
     """The per-token divergence `cfg.loss` names, with the parameter it takes (β for JSD, α for skew KL)."""
     params = {"jsd": {"beta": cfg.beta}, "skew_forward_kl": {"alpha": cfg.alpha}, "skew_reverse_kl": {"alpha": cfg.alpha}}
@@ -153,7 +125,7 @@ def distill(cfg: DistillConfig, prompts: Any = None, eval_prompts: Any = None, c
     """Run the LM loop the config describes; returns the last step's metrics. Writes config, metrics and checkpoints.
 
     prompts / eval_prompts: a `datasets.Dataset`, a list of dicts or prompt strings, or a path (`opd.lm.data`); they
-    replace --data / --eval-data. checker: a spec (`opd.lm.checkers`) or your own `(row, completion) -> float`.
+    replace --data / --eval-data. checker: a spec (`opd.lm.data.checkers`) or your own `(row, completion) -> float`.
     callbacks: `callback(step, student, metrics)` after every update, on every process; keys it adds to `metrics`
     are logged, and returning True stops the run with a checkpoint (early stopping).
 
@@ -162,162 +134,67 @@ def distill(cfg: DistillConfig, prompts: Any = None, eval_prompts: Any = None, c
     """
     if cfg.loss in losses.DIVERGENCES:
         divergence_from_config(cfg)  # bad β/α fail now, not at the first step
-    # Without a GPU, cpu=True lets accelerate pick gloo when launched with several processes.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
-                              log_with=None if cfg.report_to == "none" else cfg.report_to, project_dir=cfg.out_dir)
-    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    if cfg.overlap and cfg.sampler is None and (accelerator.device.type != "cpu" or accelerator.distributed_type in (
-            DistributedType.FSDP, DistributedType.DEEPSPEED)):
-        raise ValueError("--overlap without --sampler samples in a local CPU process from a whole copy of the student; "
-                         "on GPUs or with a sharded (FSDP/DeepSpeed) student pass --sampler URL of a server")
-    for note in unused_flags(cfg) if main else ():
-        print(f"opd: warning: {note}", file=sys.stderr)
-    out = Path(cfg.out_dir)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    elif torch.get_num_threads() > 1 and (free := free_cores()) < torch.get_num_threads():
-        # Other jobs hold some cores: threads waiting on each other for a busy core make every step far slower.
-        print(f"opd: note: other jobs are running on this CPU; using {free} torch thread(s) instead of "
-              f"{torch.get_num_threads()} (--threads N to choose)", file=sys.stderr)
-        torch.set_num_threads(free)
-    torch.manual_seed(cfg.seed + rank)
+    proc = start_process(cfg)  # accelerator, threads, seed, warnings for ignored flags
     # The data first: a bad file or flag fails here, before any weights load.
     tokenizer = load_tokenizer(cfg.student)
     max_prompt = context_length(cfg.student) - cfg.sampling.max_new_tokens
     train, held_out, check = prompt_sets(cfg, tokenizer, max_prompt, prompts, eval_prompts, checker)
-    ckpt = find_checkpoint(out / "checkpoint") if cfg.resume else None
-    if ckpt:
-        verify_checkpoint(ckpt)
-    from opd.lm.lora import load_student
-
-    student = load_student(cfg.student, cfg.lora, ckpt, accelerator.device)
-    teacher = make_teacher(cfg, student, tokenizer, accelerator.device, resumed=ckpt is not None, prompts=train)
-
+    run = RunDir(cfg, proc)  # finds and verifies the checkpoint --resume starts from
+    student = load_student(cfg.student, cfg.lora, run.ckpt, proc.device)
+    teacher = make_teacher(cfg, student, tokenizer, proc.device, resumed=run.ckpt is not None, prompts=train)
     opt = adamw(student, cfg.optim)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.optim, cfg.steps))
-    rng = torch.Generator().manual_seed(cfg.seed + 100_003 * rank)  # prompt order and mixture coins, per process
-    start = 0
-    if ckpt:
-        start = load_trainer_state(ckpt, opt)["step"]
-        loop_rngs = torch.load(ckpt / "loop_rng.pt")
-        if len(loop_rngs) != world:
-            raise ValueError(f"{ckpt} was written by {len(loop_rngs)} processes; resume it with as many, not {world}")
-        rng.set_state(loop_rngs[rank][0])
-        torch.set_rng_state(loop_rngs[rank][1])
-        sched.last_epoch = start
-        for group, base in zip(opt.param_groups, sched.base_lrs):  # this config's schedule, not the saved one's
-            group["lr"], group["initial_lr"] = base * lr_factor(start, cfg.optim, cfg.steps), base
-    student, opt = accelerator.prepare(student, opt)
-    rows_per_step = cfg.batch_size * cfg.samples_per_prompt
+    schedule = functools.partial(lr_factor, optim=cfg.optim, steps=cfg.steps)
+    sched = lr_schedule(opt, schedule)
+    rng = torch.Generator().manual_seed(cfg.seed + 100_003 * proc.rank)  # prompt order and mixture coins, per process
+    start = run.restore(opt, sched, rng, schedule)
+    student, opt = proc.accelerator.prepare(student, opt)
     plans = Plans(len(train), cfg.batch_size, cfg.samples_per_prompt, lambda g: actor.choose(g),
-                  lambda step: rollout_seed(cfg.seed, step, rank, world, rows_per_step), rng)
-    actor = make_actor(cfg, student, teacher, train, tokenizer, accelerator, out, plans)
-    metrics_file, interrupted, last = None, _InterruptFlag(), {}
-
-    def checkpoint(step: int, rng_states) -> None:
-        # Every process's RNGs go into the one checkpoint, so a resumed multi-process run is bit-for-bit too.
-        rng_states = gather_object([rng_states])
-        if main:
-            save_checkpoint(out / "checkpoint", unwrap(student), tokenizer, step, opt,
-                            extra_files={"loop_rng.pt": rng_states})
-        accelerator.wait_for_everyone()
-
-    try:
-        if main and cfg.resume and not ckpt:
-            print(f"opd: warning: --resume found no checkpoint in {out / 'checkpoint'}; starting from step 0",
-                  file=sys.stderr)
-        if main and ckpt and (out / "config.json").exists():
-            changed = config_changes(json.loads((out / "config.json").read_text()), cfg)
-            if changed:  # all of them take effect from this step on (the learning rate too: set above)
-                print(f"opd: warning: resuming at step {start} with changed settings: {'; '.join(changed)}",
-                      file=sys.stderr)
-        if main:
-            save_config(cfg, out)
-        if cfg.report_to != "none":
-            accelerator.init_trackers("tensorboard" if cfg.report_to == "tensorboard" else out.name,
-                                      config=flat_config(to_dict(cfg)))
-        if main and ckpt:
-            drop_logged_after(out / "metrics.jsonl", start)  # steps logged after the checkpoint are redone now
-        metrics_file = (out / "metrics.jsonl").open("a") if main else None
+                  lambda step: rollout_seed(cfg.seed, step, proc.rank, proc.world,
+                                            cfg.batch_size * cfg.samples_per_prompt), rng)
+    actor = make_actor(cfg, student, teacher, train, tokenizer, proc.accelerator, run.out, plans)
+    with run.open(start, student, opt, tokenizer, closing=(actor, teacher)):
         student.train()
         costs = flops.model_cost(unwrap(student)), flops.model_cost(getattr(teacher, "model", None))
-        total_flops = flops.logged_total(out / "metrics.jsonl", start)
-        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not (cfg.progress and main),
-                   desc=f"distill {cfg.source} {cfg.loss} seed {cfg.seed}")
-        for step in bar:
+        total_flops = flops.logged_total(run.out / "metrics.jsonl", start)
+        for step in run.steps(start, desc=f"distill {cfg.source} {cfg.loss} seed {cfg.seed}"):
             t0 = time.perf_counter()
             draw = plans.next(step)  # which prompts, and who acts on them
-            try:
+            with run.saved_if_unreachable(step, draw.rng_state):
                 if step == start or step % cfg.sync_every == 0:
                     # At `start` too: a fresh or resumed run must not sample from whatever a sampler held before.
                     actor.sync(student, step)
-                batch = actor.rollouts(draw).to(accelerator.device)
+                # ACT: the batch of completions.
+                batch = actor.rollouts(draw).to(proc.device)
                 t_act = time.perf_counter()
-                # What the teacher gives, and the loss's gradient, micro-batch by micro-batch.
-                m = accumulate(student, teacher, batch, cfg, accelerator, step, batch_routes(train, draw.rows))
-            except TeacherUnreachable as e:
-                if world > 1:  # the other processes cannot join a save from here; the last periodic one stands
-                    raise TrainingError(f"{e} Last checkpoint: {find_checkpoint(out / 'checkpoint') or 'none'}") from None
-                # Save the state this step started from, so --resume redoes exactly this step.
-                checkpoint(step, draw.rng_state)
-                raise TrainingError(
-                    f"{e} Saved a checkpoint at step {step} in {out / 'checkpoint'}; run again with --resume"
-                ) from None
-            if cfg.optim.grad_clip > 0:
-                m["grad_norm"] = accelerator.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip).item()
-            m["lr"] = opt.param_groups[0]["lr"]
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            if not all(torch.isfinite(p).all() for p in student.parameters()):
-                raise TrainingError(
-                    f"the update at step {step} made the student's weights non-finite; stopped without saving. Last "
-                    f"good checkpoint: {find_checkpoint(out / 'checkpoint') or 'none'}; lower optim.lr, then run "
-                    f"again with --resume"
-                )
+                # GRADE and DIVERGE: what the teacher gives, and the loss's gradient, micro-batch by micro-batch.
+                m = accumulate(student, teacher, batch, cfg, proc.accelerator, step, batch_routes(train, draw.rows))
+            # UPDATE: clip, step, schedule; stops on non-finite weights.
+            m.update(update(student, opt, sched, cfg.optim, step, run.out, clip=proc.accelerator.clip_grad_norm_))
             m.update(step=step + 1, source=draw.source, act_s=t_act - t0, step_s=time.perf_counter() - t0)
-            if batch.sampled_by is not None:
-                m["sampler_weights_version"] = batch.sampled_by
-            if batch.teacher_prefix is not None:
-                m["sampler_teacher_rows"] = batch.teacher_prefix.rows()
-            m.update(flops.step_flops(*costs, batch.attention_mask_BL, batch.mask_BT, draw.source,
-                                      scored=cfg.loss != "sft"))
-            if hasattr(actor, "step_metrics"):  # the actor's own account (SKD: acceptance, both models' sampling FLOPs)
-                m.update(actor.step_metrics())
-                m["flops"] = sum(m[k] for k in flops.FLOP_KINDS if m[k] is not None)
-            total_flops = m["total_flops"] = total_flops + m["flops"] * world
-            if main and held_out is not None and cfg.eval_every and (
-                    (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-                from opd.lm.eval import checked_accuracy
-
+            m.update(step_costs(batch, draw, actor, costs, cfg))
+            total_flops = m["total_flops"] = total_flops + m["flops"] * proc.world
+            if run.eval_due(step, held_out):
                 m["accuracy"] = checked_accuracy(unwrap(student), tokenizer, held_out, check,
                                                  cfg.sampling.max_new_tokens)
             stop = any([bool(cb(step + 1, unwrap(student), m)) for cb in callbacks])
-            if main:
-                metrics_file.write(json.dumps(m) + "\n")
-                metrics_file.flush()
-                bar.set_postfix(loss=f"{m['loss']:.3f}", **({"acc": f"{m['accuracy']:.2f}"} if "accuracy" in m else {}))
-            if cfg.report_to != "none":
-                accelerator.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=step + 1)
-            last = m
-            interrupt = _any_process(accelerator, interrupted.flag)
-            stop = _any_process(accelerator, stop) or interrupt
-            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stop:
-                checkpoint(step + 1, plans.state())  # the RNGs as step+1 starts, also when it was drawn ahead
-            if interrupt:
-                raise KeyboardInterrupt(f"interrupted; saved a checkpoint at step {step + 1} in {out / 'checkpoint'}")
-            if stop:
+            if run.log(step, m, stop, plans.state()):
                 break
-    finally:
-        actor.close()
-        if hasattr(teacher, "close"):  # a remote teacher's connection pool
-            teacher.close()
-        if metrics_file is not None:
-            metrics_file.close()
-        if cfg.report_to != "none":
-            accelerator.end_training()
-        interrupted.restore()
-    return last
+    return run.last
+
+
+def step_costs(batch: Batch, draw, actor, costs, cfg: DistillConfig) -> dict:
+    """What a step logs besides its loss: which sampler weights made the batch, how many rows a teacher began (SKD),
+    and the FLOPs of sampling, teacher scoring and the update (the actor's own account where it has one)."""
+    m = {}
+    if batch.sampled_by is not None:
+        m["sampler_weights_version"] = batch.sampled_by
+    if batch.teacher_prefix is not None:
+        m["sampler_teacher_rows"] = batch.teacher_prefix.rows()
+    m.update(flops.step_flops(*costs, batch.attention_mask_BL, batch.mask_BT, draw.source, scored=cfg.loss != "sft"))
+    if hasattr(actor, "step_metrics"):  # the actor's own account (SKD: acceptance, both models' sampling FLOPs)
+        m.update(actor.step_metrics())
+        m["flops"] = sum(m[k] for k in flops.FLOP_KINDS if m[k] is not None)
+    return m
 
 
 def accumulate(student, teacher, batch: Batch, cfg: DistillConfig, accelerator, step: int,
@@ -338,7 +215,7 @@ def accumulate(student, teacher, batch: Batch, cfg: DistillConfig, accelerator, 
         micro_routes = None if routes is None else routes[j * rows:(j + 1) * rows]
         signal = grade(teacher, micro, micro_routes, score=cfg.loss != "sft")
         loss, m = student_loss(student, micro, signal, cfg)
-        if not _all_finite(accelerator, loss):
+        if not all_finite(accelerator, loss):
             raise TrainingError(
                 f"loss is {loss.item()} at step {step}; stopped without saving. Last good checkpoint: "
                 f"{find_checkpoint(Path(cfg.out_dir) / 'checkpoint') or 'none'}; lower optim.lr or check the data, "
@@ -351,35 +228,3 @@ def accumulate(student, teacher, batch: Batch, cfg: DistillConfig, accelerator, 
             summed = key == "completion_tokens" or key.startswith(SUMMED)
             merged[key] = merged.get(key, 0) + (value if summed else value * weight)
     return per_teacher_means(merged)
-
-
-def _all_finite(accelerator, loss: torch.Tensor) -> bool:
-    """Whether the loss is finite on every process (all must stop together, or the others hang in all-reduce)."""
-    ok = torch.isfinite(loss.detach()).float().reshape(1)
-    return bool(accelerator.reduce(ok, "min").item()) if accelerator.num_processes > 1 else bool(ok.item())
-
-
-def _any_process(accelerator, flag: bool) -> bool:
-    if accelerator.num_processes == 1:
-        return flag
-    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "max").item())
-
-
-class _InterruptFlag:
-    """Ctrl-C sets a flag instead of killing the step half-way; the loop saves a checkpoint, then stops."""
-
-    def __init__(self):
-        self.flag = False
-        try:
-            self._old = signal_module.signal(signal_module.SIGINT, self._handle)
-        except ValueError:  # not the main thread: leave signal handling alone
-            self._old = None
-
-    def _handle(self, signum, frame):
-        if self.flag:  # a second Ctrl-C means stop now
-            raise KeyboardInterrupt
-        self.flag = True
-
-    def restore(self):
-        if self._old is not None:
-            signal_module.signal(signal_module.SIGINT, self._old)

@@ -1,4 +1,4 @@
-"""Small digit-string tasks that share one alphabet, for sequences of tasks (`opd.lm.continual`).
+"""Small digit-string tasks that share one alphabet, for sequences of tasks (`opd.lm.recipes.continual`).
 
 Each task names its operation in the prompt and answers with the digits alone:
 

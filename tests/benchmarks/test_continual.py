@@ -8,7 +8,7 @@ pytest.importorskip("if_verifiable", reason="the ifeval extra (if-verifiable) in
 
 from benchmarks import continual as bench  # noqa: E402 (after the skip)
 from benchmarks.continual_docs import ATTRIBUTES, Corpus  # noqa: E402
-from opd.lm.checkers import get_checker  # noqa: E402
+from opd.lm.data.checkers import get_checker  # noqa: E402
 
 
 def test_corpus_states_every_fact_in_documents_and_training_qa_but_asks_it_in_other_words():

@@ -6,8 +6,8 @@ import pytest
 
 from benchmarks.opd_wins import OpdWinsArgs, opd_wins
 from benchmarks.opd_wins_report import compare
-from opd.lm.recovery import continuation_accuracy, corrupt, noisy_mix
-from opd.lm.task_teacher import get_teacher
+from opd.lm.recipes.recovery import continuation_accuracy, corrupt, noisy_mix
+from opd.lm.recipes.supervised import get_teacher
 from opd.tasks import get_task
 from opd.tasks.arithmetic import ANSWER_MARKER, solve
 

@@ -8,7 +8,7 @@ from benchmarks.perf.pairs import padded_char_tokenizer
 from benchmarks.perf.run import SYSTEMS, PerfArgs, command, perf
 from benchmarks.perf.worker import step_flops
 from opd import flops
-from opd.lm.rollout import layout
+from opd.lm.batch import layout
 from opd.tasks import get_task
 from opd.tasks.tokenizer import build_tokenizer
 from tests.conftest import tiny_llama

@@ -26,7 +26,7 @@ def test_quick_realdata_runs_every_row_through_data_files_and_writes_results(tmp
 
 def test_layer_subset_keeps_evenly_spaced_layers_and_runs(tmp_path, model_dirs):
     out = rd.layer_subset(model_dirs["teacher"], 1, tmp_path / "cut")  # the tiny teacher has 2 layers
-    from opd.lm.model import load_model
+    from opd.lm.hf.model import load_model
 
     teacher, cut = load_model(model_dirs["teacher"]), load_model(out)
     assert cut.config.num_hidden_layers == 1

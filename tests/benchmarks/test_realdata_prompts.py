@@ -5,7 +5,7 @@ import pytest
 pytest.importorskip("if_verifiable", reason="the ifeval extra (if-verifiable) installs on Python >= 3.11 only")
 
 from benchmarks.realdata_prompts import TOPICS, ifbench_test_rows, instruction_rows  # noqa: E402 (after the skip)
-from opd.lm.checkers import get_checker  # noqa: E402
+from opd.lm.data.checkers import get_checker  # noqa: E402
 
 
 def topic_of(row: dict) -> str:

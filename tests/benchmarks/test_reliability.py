@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from benchmarks.reliability import ReliabilityArgs, _command, reliability
 from opd.checkpoint import find_checkpoint, save_checkpoint
 from opd.config import DistillConfig, SamplingArgs
-from opd.lm import train as train_module
+from opd.lm.loop import run_dir as run_dir_module
 from opd.lm.train import distill
 
 
@@ -82,7 +82,7 @@ def test_a_run_dying_right_after_a_checkpoint_swap_resumes_bit_for_bit(model_dir
     # The loop's RNG state used to be written into the checkpoint after it was swapped in: a death in between left
     # a visible checkpoint without loop_rng.pt, and --resume failed on it.
     distill(_cfg(model_dirs, tmp_path / "straight", steps=3))
-    real_save, calls = train_module.save_checkpoint, []
+    real_save, calls = run_dir_module.save_checkpoint, []
 
     def save_then_die(*args, **kwargs):
         path = real_save(*args, **kwargs)
@@ -91,7 +91,7 @@ def test_a_run_dying_right_after_a_checkpoint_swap_resumes_bit_for_bit(model_dir
             raise _Died
         return path
 
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(run_dir_module, "save_checkpoint", save_then_die)
     with pytest.raises(_Died):
         distill(_cfg(model_dirs, tmp_path / "killed", steps=3))
     monkeypatch.undo()
@@ -104,7 +104,7 @@ def test_a_run_dying_right_after_a_checkpoint_swap_resumes_bit_for_bit(model_dir
 
 
 def test_a_save_removes_temporary_directories_of_writers_that_died(model_dirs, tmp_path):
-    from opd.lm.model import load_model
+    from opd.lm.hf.model import load_model
 
     stale = [tmp_path / ".checkpoint.tmp-4242", tmp_path / ".checkpoint.tmp-77"]
     for d in stale:

@@ -3,9 +3,9 @@ import threading
 import pytest
 import torch
 
-from opd.lm.actors import Ahead, DataActor, Draw, Mixture, Plans
-from opd.lm.data import PromptSet
-from opd.lm.rollout import layout
+from opd.lm.rollouts.actors import Ahead, DataActor, Draw, Mixture, Plans
+from opd.lm.data.prompts import PromptSet
+from opd.lm.batch import layout
 
 
 def plans(choose=lambda g: "student", group=1, seed=0):

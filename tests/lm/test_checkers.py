@@ -2,7 +2,7 @@
 
 import pytest
 
-from opd.lm.checkers import check_columns, get_checker, last_number, required_columns, score
+from opd.lm.data.checkers import check_columns, get_checker, last_number, required_columns, score
 from tests.conftest import needs_ifeval
 
 

@@ -1,4 +1,4 @@
-"""A sequence of tasks learned stage by stage (`opd.lm.continual`), and the digit tasks it uses (`opd.tasks.digits`)."""
+"""A sequence of tasks learned stage by stage (`opd.lm.recipes.continual`), and the digit tasks it uses (`opd.tasks.digits`)."""
 
 import json
 from dataclasses import replace
@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from opd.lm.build import prompt_sets
-from opd.lm.checkers import get_checker
-from opd.lm.continual import (NEW, OLD, ROUTE_COLUMN, ContinualConfig, init_student, run_sequence, shared_tokenizer,
-                              stage_config, stage_rows)
+from opd.lm.loop.build import prompt_sets
+from opd.lm.data.checkers import get_checker
+from opd.lm.recipes.continual import (NEW, OLD, ROUTE_COLUMN, ContinualConfig, init_student, run_sequence, shared_tokenizer, stage_config, stage_rows)
 from opd.tasks import get_task
 from opd.tasks.digits import DigitTask
 

@@ -4,7 +4,7 @@ import json
 import datasets
 import pytest
 
-from opd.lm.data import as_rows, encode, load_rows, parse_fields, task_rows
+from opd.lm.data.prompts import as_rows, encode, load_rows, parse_fields, task_rows
 from opd.tasks import get_task
 
 ROWS = [{"question": "12+34=", "final": "46", "solution": "ans=46"},

@@ -4,8 +4,9 @@ import torch
 
 from opd.cli import main
 from opd.lm.eval import heldout_reverse_kl
-from opd.lm.model import load_model
-from opd.lm.rollout import encode_prompts, sample
+from opd.lm.hf.model import load_model
+from opd.lm.batch import encode_prompts
+from opd.lm.rollouts.local import sample
 from opd.losses import reverse_kl
 from opd.tasks import get_task
 

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from benchmarks.reliability_fuzz import Target, cases, judge
-from opd.lm.serve import ServeArgs, build_app
+from opd.lm.serve.app import ServeArgs, build_app
 from tests.lm.serve_helpers import served_model
 
 ARGS = ServeArgs(model_dir="tiny", batch_window_ms=1)

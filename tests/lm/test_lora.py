@@ -12,12 +12,13 @@ from transformers import AutoModelForCausalLM
 
 from opd.checkpoint import find_checkpoint, save_checkpoint
 from opd.config import LoraArgs, SamplingArgs
-from opd.lm.lora import MergeArgs, load_student, merge_main, merged_state_dict
-from opd.lm.model import final_hidden, hf_model, lm_head, load_model, load_tokenizer, taken_logp
-from opd.lm.process_rollouts import ProcessRollouts
-from opd.lm.rollout import encode_prompts, sample
-from opd.lm.sampler import sample_completions
-from opd.lm.server_rollouts import ServerRollouts
+from opd.lm.hf.lora import MergeArgs, load_student, merge_main, merged_state_dict
+from opd.lm.hf.model import final_hidden, hf_model, lm_head, load_model, load_tokenizer, taken_logp
+from opd.lm.rollouts.process import ProcessRollouts
+from opd.lm.batch import encode_prompts
+from opd.lm.rollouts.local import sample
+from opd.lm.hf.decode import sample_completions
+from opd.lm.rollouts.server import ServerRollouts
 
 LORA = LoraArgs(r=4, alpha=8.0)
 PROMPTS = ["12+34=", "5+6=", "999+1="]

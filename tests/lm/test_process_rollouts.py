@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from opd.config import DistillConfig, OptimArgs, SamplingArgs
-from opd.lm.model import load_model, load_tokenizer
-from opd.lm.process_rollouts import ProcessRollouts, balanced_teacher_rows
-from opd.lm.rollout import encode_prompts
-from opd.lm.sampler import sample_completions
-from opd.lm.teacher import LocalTeacher, TeacherUnreachable, score_batch
+from opd.lm.hf.model import load_model, load_tokenizer
+from opd.lm.rollouts.process import ProcessRollouts, balanced_teacher_rows
+from opd.lm.batch import encode_prompts
+from opd.lm.hf.decode import sample_completions
+from opd.lm.teachers.local import LocalTeacher, score_batch
+from opd.lm.teachers.base import TeacherUnreachable
 from opd.lm.train import TrainingError, distill
 
 

@@ -7,9 +7,11 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from opd.lm.remote import RemoteSampler, RemoteTeacher, TeacherUnreachable, _position_entries
-from opd.lm.serve import ServeArgs, build_app
-from opd.lm.teacher import LocalTeacher
+from opd.lm.remote.sampler import RemoteSampler
+from opd.lm.remote.teacher import RemoteTeacher, _position_entries
+from opd.lm.remote.client import TeacherUnreachable
+from opd.lm.serve.app import ServeArgs, build_app
+from opd.lm.teachers.local import LocalTeacher
 from tests.lm.serve_helpers import free_port, live_server, sequence_logp, served_model
 
 

@@ -11,11 +11,11 @@ from fastapi.testclient import TestClient
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
 from opd.config import DistillConfig, OptimArgs, SamplingArgs
-from opd.lm.remote_hidden import HiddenStateTeacher
-from opd.lm.rollout import layout
-from opd.lm.serve import ServeArgs, build_app, load_served
-from opd.lm.serve_hidden import decode_array, encode_array
-from opd.lm.teacher import LocalTeacher
+from opd.lm.remote.hidden import HiddenStateTeacher
+from opd.lm.batch import layout
+from opd.lm.serve.app import ServeArgs, build_app, load_served
+from opd.lm.serve.wire import decode_array, encode_array
+from opd.lm.teachers.local import LocalTeacher
 from opd.lm.train import distill, student_loss
 from tests.conftest import tiny_llama
 from tests.lm.serve_helpers import live_server, served_model

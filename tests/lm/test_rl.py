@@ -8,9 +8,9 @@ from safetensors.torch import load_file
 
 from opd import tasks
 from opd.config import OptimArgs, SamplingArgs
-from opd.lm.model import load_model
-from opd.lm.rl import RLConfig, group_advantages, rl, rl_loss
-from opd.lm.rollout import build_batch, encode_prompts
+from opd.lm.hf.model import load_model
+from opd.lm.recipes.rl import RLConfig, group_advantages, rl, rl_loss
+from opd.lm.batch import build_batch, encode_prompts
 from opd.tasks import get_task
 from opd.tasks.arithmetic import ArithmeticTask
 

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from opd.lm.rollout import build_batch, encode_prompts, layout, sample
+from opd.lm.batch import build_batch, encode_prompts, layout
+from opd.lm.rollouts.local import sample
 from tests.conftest import tiny_llama
 
 

@@ -1,6 +1,7 @@
 import json
 
-from opd.lm.runs import drop_logged_after, flat_config, library_bars
+from opd.lm.loop.run_dir import drop_logged_after, flat_config
+from opd.lm.loop.process import library_bars
 
 
 def test_flat_config_joins_nested_names_and_stringifies_what_trackers_refuse():
@@ -28,7 +29,7 @@ def test_library_bars_restores_the_previous_setting():
 def test_free_cores_counts_the_cores_other_jobs_leave(monkeypatch):
     import os
 
-    import opd.lm.runs as runs
+    import opd.lm.loop.process as runs
 
     cores = len(os.sched_getaffinity(0))
     reads = iter(["0.5 0.5 0.5 1/80 99", "0.5 0.5 0.5 3/80 99", "0.5 0.5 0.5 1/80 99"] * 2)

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from opd.lm.rollout import encode_prompts
-from opd.lm.sampler import sample_completions
+from opd.lm.batch import encode_prompts
+from opd.lm.hf.decode import sample_completions
 from tests.conftest import tiny_llama
 
 

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from opd.lm.serve import ServeArgs, build_app, load_served
+from opd.lm.serve.app import ServeArgs, build_app, load_served
 from tests.lm.serve_helpers import live_server, sequence_logp, served_model
 
 

@@ -5,7 +5,7 @@ import copy
 import pytest
 from fastapi.testclient import TestClient
 
-from opd.lm.serve import ServeArgs, build_app
+from opd.lm.serve.app import ServeArgs, build_app
 from tests.lm.serve_helpers import sequence_logp, served_model
 
 # Only characters of the arithmetic tokenizer; the template refuses a conversation that does not alternate, as many do.

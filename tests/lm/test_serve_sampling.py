@@ -6,7 +6,7 @@ import torch
 from fastapi.testclient import TestClient
 from transformers import RepetitionPenaltyLogitsProcessor
 
-from opd.lm.serve import ServeArgs, build_app
+from opd.lm.serve.app import ServeArgs, build_app
 from tests.lm.serve_helpers import served_model
 
 

@@ -1,4 +1,4 @@
-"""SKD's interleaved sampling (opd.lm.speculative): against plain sampling, the teacher's greedy decoding, a slow
+"""SKD's interleaved sampling (opd.lm.rollouts.speculative): against plain sampling, the teacher's greedy decoding, a slow
 per-token reference, and in the training loop."""
 
 import json
@@ -9,10 +9,10 @@ import torch
 
 from opd import flops
 from opd.config import DistillConfig, SamplingArgs, unused_flags
-from opd.lm.rollout import encode_prompts
-from opd.lm.sampler import sample_completions
-from opd.lm.speculative import BLOCK, block_for, speculative_actor, speculative_completions
-from opd.lm.teacher import LocalTeacher
+from opd.lm.batch import encode_prompts
+from opd.lm.hf.decode import sample_completions
+from opd.lm.rollouts.speculative import BLOCK, block_for, speculative_actor, speculative_completions
+from opd.lm.teachers.local import LocalTeacher
 from opd.lm.train import distill
 from tests.conftest import tiny_llama
 from tests.lm.test_train import tiny_cfg

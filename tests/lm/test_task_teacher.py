@@ -7,18 +7,9 @@ import pytest
 import torch
 import tyro
 
-from opd.lm import task_teacher
+from opd.lm.recipes import supervised as task_teacher
 from opd.lm.eval import accuracy, generate_greedy
-from opd.lm.task_teacher import (
-    TeacherArgs,
-    exact_match_rate,
-    get_teacher,
-    load_teacher,
-    save_teacher,
-    sft_loss,
-    train_supervised,
-    warm_start_student,
-)
+from opd.lm.recipes.supervised import (TeacherArgs, exact_match_rate, get_teacher, load_teacher, save_teacher, sft_loss, train_supervised, warm_start_student)
 from opd.tasks import get_task
 from opd.tasks.models import encode_examples, make_model, num_params
 from opd.tasks.tokenizer import build_tokenizer

@@ -1,4 +1,4 @@
-"""Several teachers routed by a data column (`opd.lm.teachers.Teachers`) and `--teacher self`."""
+"""Several teachers routed by a data column (`opd.lm.teachers.routed.Teachers`) and `--teacher self`."""
 
 import json
 from pathlib import Path
@@ -8,15 +8,18 @@ import torch
 from safetensors.torch import load_file
 
 from opd.config import DistillConfig, LoraArgs, OptimArgs, SamplingArgs, unused_flags
-from opd.lm import teachers as teachers_module
-from opd.lm.actors import Draw
-from opd.lm.build import make_teacher
-from opd.lm.data import PromptSet
-from opd.lm.lora import load_student
-from opd.lm.model import final_hidden, lm_head, load_model
-from opd.lm.rollout import encode_prompts, layout, sample
-from opd.lm.teacher import LocalTeacher
-from opd.lm.teachers import AdapterOffTeacher, RoutedActor, Teachers
+from opd.lm.teachers import routed as teachers_module
+from opd.lm.rollouts.actors import Draw
+from opd.lm.loop.build import make_teacher
+from opd.lm.data.prompts import PromptSet
+from opd.lm.hf.lora import load_student
+from opd.lm.hf.model import final_hidden, lm_head, load_model
+from opd.lm.batch import encode_prompts, layout
+from opd.lm.rollouts.local import sample
+from opd.lm.teachers.local import LocalTeacher
+from opd.lm.teachers.self import AdapterOffTeacher
+from opd.lm.rollouts.teacher import RoutedActor
+from opd.lm.teachers.routed import Teachers
 from opd.lm.train import distill, divergence_from_config, student_loss, teacher_divergence
 from opd.tasks import get_task
 from tests.conftest import tiny_llama
@@ -35,7 +38,7 @@ def second_teacher(model_dirs, tokenizer, tmp_path_factory):
 @pytest.fixture(scope="module")
 def teacher_url(model_dirs):
     """model_dirs' teacher behind `opd serve`."""
-    from opd.lm.serve import ServeArgs, build_app, load_served
+    from opd.lm.serve.app import ServeArgs, build_app, load_served
 
     args = ServeArgs(model_dir=model_dirs["teacher"], device="cpu")
     with live_server(build_app(*load_served(args), args)) as url:
@@ -74,7 +77,7 @@ def student_batch(dirs, tokenizer, n=6):
 @pytest.mark.parametrize("loss", ["reverse_kl", "jsd", "sampled"])
 def test_each_row_gets_the_loss_and_gradient_of_its_own_teacher_alone(model_dirs, tokenizer, second_teacher,
                                                                       teacher_url, loss):
-    from opd.lm.remote import RemoteTeacher
+    from opd.lm.remote.teacher import RemoteTeacher
 
     student, batch = student_batch(model_dirs, tokenizer)
     alone = {"a": LocalTeacher(load_model(model_dirs["teacher"])), "b": LocalTeacher(load_model(second_teacher)),
@@ -197,8 +200,8 @@ def test_bad_routes_and_teacher_lists_fail_before_any_model_loads(model_dirs, tm
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before the routes were checked")
 
-    monkeypatch.setattr("opd.lm.lora.load_model", no_loading)
-    monkeypatch.setattr("opd.lm.build.load_model", no_loading)
+    monkeypatch.setattr("opd.lm.hf.lora.load_model", no_loading)
+    monkeypatch.setattr("opd.lm.loop.build.load_model", no_loading)
     data = routed_data(tmp_path / "rows.jsonl", names=("a", "b", "bio"))
     with pytest.raises(ValueError, match=r"row 2: domain='bio' names no teacher; --teachers names a, b"):
         distill(cfg(model_dirs, tmp_path, teachers="a=X,b=Y", teacher_column="domain", data=data))
@@ -243,7 +246,7 @@ def nudge(scale=0.3):
 def test_a_self_teacher_is_the_frozen_start_also_after_a_resume(model_dirs, tmp_path, monkeypatch, lora):
     # No second model from disk on a fresh run (and none at all, nor a copy, for LoRA).
     loads = []
-    monkeypatch.setattr(teachers_module, "load_model", lambda *a, **k: loads.append(a) or load_model(*a, **k))
+    monkeypatch.setattr("opd.lm.teachers.self.load_model", lambda *a, **k: loads.append(a) or load_model(*a, **k))
     kw = dict(teacher="self", lora=lora, save_every=2, optim=OptimArgs(lr=1e-2, warmup_steps=1))
     distill(cfg(model_dirs, tmp_path / "a", steps=3, **kw), callbacks=[nudge()])
     straight = metrics(tmp_path / "a" / "run")

@@ -6,9 +6,10 @@ import torch
 from safetensors.torch import load_file
 
 from opd.config import DistillConfig, OptimArgs, SamplingArgs
-from opd.lm.model import load_model
-from opd.lm.rollout import encode_prompts, sample
-from opd.lm.teacher import LocalTeacher
+from opd.lm.hf.model import load_model
+from opd.lm.batch import encode_prompts
+from opd.lm.rollouts.local import sample
+from opd.lm.teachers.local import LocalTeacher
 from opd.lm import train as train_module
 from opd.lm.train import TrainingError, distill
 from opd.losses import reverse_kl
@@ -133,7 +134,7 @@ def test_an_update_that_makes_weights_non_finite_stops_the_run(model_dirs, tmp_p
 
 @pytest.mark.parametrize("source,loss", [("student", "reverse_kl"), ("teacher", "sft"), ("student", "sampled")])
 def test_a_teacher_behind_opd_serve_distils_like_a_local_one(model_dirs, tmp_path, source, loss):
-    from opd.lm.serve import ServeArgs, build_app, load_served
+    from opd.lm.serve.app import ServeArgs, build_app, load_served
     from tests.lm.serve_helpers import live_server
 
     args = ServeArgs(model_dir=model_dirs["teacher"], device="cpu")
@@ -144,8 +145,8 @@ def test_a_teacher_behind_opd_serve_distils_like_a_local_one(model_dirs, tmp_pat
 
 
 def test_remote_top_k_equal_to_the_vocabulary_gives_the_local_full_loss(model_dirs, tokenizer):
-    from opd.lm.remote import RemoteTeacher
-    from opd.lm.serve import ServeArgs, build_app, load_served
+    from opd.lm.remote.teacher import RemoteTeacher
+    from opd.lm.serve.app import ServeArgs, build_app, load_served
     from opd.lm.train import student_loss
     from tests.lm.serve_helpers import live_server
 
@@ -165,7 +166,7 @@ def test_remote_top_k_equal_to_the_vocabulary_gives_the_local_full_loss(model_di
 
 
 def test_teacher_server_dying_mid_run_stops_with_a_resumable_checkpoint(model_dirs, tmp_path):
-    from opd.lm.serve import ServeArgs, build_app, load_served
+    from opd.lm.serve.app import ServeArgs, build_app, load_served
     from tests.lm.serve_helpers import live_server
 
     args = ServeArgs(model_dir=model_dirs["teacher"], device="cpu")

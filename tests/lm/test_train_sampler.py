@@ -12,13 +12,14 @@ import torch
 from safetensors.torch import load_file
 
 from opd.config import DistillConfig, OptimArgs, SamplingArgs
-from opd.lm.model import load_model
-from opd.lm.remote import RemoteSampler
-from opd.lm.rollout import encode_prompts, sample
-from opd.lm import serve
-from opd.lm.serve import ServeArgs, build_app, load_served
-from opd.lm.server_rollouts import ServerRollouts
-from opd.lm.teacher import LocalTeacher
+from opd.lm.hf.model import load_model
+from opd.lm.remote.sampler import RemoteSampler
+from opd.lm.batch import encode_prompts
+from opd.lm.rollouts.local import sample
+from opd.lm.serve import app as serve
+from opd.lm.serve.app import ServeArgs, build_app, load_served
+from opd.lm.rollouts.server import ServerRollouts
+from opd.lm.teachers.local import LocalTeacher
 from opd.lm.train import TrainingError, distill, student_loss
 from opd.tasks import get_task
 from tests.lm.serve_helpers import live_server

@@ -1,7 +1,7 @@
 """opd against a real vLLM server (the `vllm` marker): the remote teacher, `opd train --teacher URL`, the student's
 sampler with weight reloads, a teacher dying mid-run, and the bad inputs a user meets first.
 
-The servers run from the virtualenv `opd.lm.vllm_server.prepare_venv` makes under ~/.cache/opd (about 4 minutes the
+The servers run from the virtualenv `opd.lm.remote.vllm.prepare_venv` makes under ~/.cache/opd (about 4 minutes the
 first time, then reused); a failed install fails these tests, it never skips them. Two servers start together once
 per session (a minute or two on 2 cores), a third replaces the teacher killed on purpose.
 """
@@ -17,10 +17,12 @@ from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 
 from opd.config import DistillConfig, LoraArgs, OptimArgs, SamplingArgs
-from opd.lm.model import load_model
-from opd.lm.remote import NEUTRAL_SAMPLING, RemoteSampler, RemoteTeacher
-from opd.lm.serve import ServeArgs, build_app, load_served
-from opd.lm import vllm_server
+from opd.lm.hf.model import load_model
+from opd.lm.remote.client import NEUTRAL_SAMPLING
+from opd.lm.remote.sampler import RemoteSampler
+from opd.lm.remote.teacher import RemoteTeacher
+from opd.lm.serve.app import ServeArgs, build_app, load_served
+from opd.lm.remote import vllm as vllm_server
 from opd.lm.train import TrainingError, distill
 from tests.lm.serve_helpers import live_server, sequence_logp
 from tests.lm.test_remote import left_padded_batch

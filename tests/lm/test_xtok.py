@@ -1,4 +1,4 @@
-"""Cross-tokenizer distillation (`opd.lm.xtok`): alignment, events, the loss's exact parts, the teacher's template."""
+"""Cross-tokenizer distillation (`opd.lm.xtok.teacher`): alignment, events, the loss's exact parts, the teacher's template."""
 
 import json
 import math
@@ -9,14 +9,15 @@ import torch
 
 from opd import losses
 from opd.config import DistillConfig, SamplingArgs
-from opd.lm.data import as_rows, encode, task_rows
-from opd.lm.model import final_hidden, lm_head
-from opd.lm.rollout import build_batch, sample
-from opd.lm.teacher import LocalTeacher
+from opd.lm.data.prompts import as_rows, encode, task_rows
+from opd.lm.hf.model import final_hidden, lm_head
+from opd.lm.batch import build_batch
+from opd.lm.rollouts.local import sample
+from opd.lm.teachers.local import LocalTeacher
 from opd.lm.train import distill, teacher_divergence
-from opd.lm.xtok import CrossTokenizerTeacher
-from opd.lm.xtok_align import OTHER, align_spans, char_ends, retokenize, vocabulary_events
-from opd.lm.xtok_pair import build_bpe_tokenizer
+from opd.lm.xtok.teacher import CrossTokenizerTeacher
+from opd.lm.xtok.align import OTHER, align_spans, char_ends, retokenize, vocabulary_events
+from opd.tasks.bpe import build_bpe_tokenizer
 from opd.tasks import get_task
 from opd.tasks.tokenizer import build_tokenizer
 from opd.xtok_losses import binary_logp, event_logp, log1mexp

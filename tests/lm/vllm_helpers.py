@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from opd.lm.vllm_server import VllmServer, start_vllm
+from opd.lm.remote.vllm import VllmServer, start_vllm
 from tests.conftest import tiny_llama
 
 MAX_LEN = 256

@@ -1,0 +1,160 @@
+"""What a `DistillConfig` names, built: the teacher, the prompt sets and their checker, and the actor.
+
+Kept apart from the loop (`opd.lm.train`) so the loop reads top to bottom, and so evaluation can check vocabularies
+without importing the loop.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from opd import losses
+from opd.config import DistillConfig, teacher_specs
+from opd.lm.data.prompts import PromptSet, as_rows, encode, load_rows, task_rows
+from opd.lm.hf.model import check_same_vocabulary, load_model, load_tokenizer, unwrap
+from opd.lm.rollouts.actors import Actor, Ahead, DataActor, LocalActor, Mixture, Plans, SamplerActor
+from opd.lm.teachers.base import Teacher
+from opd.lm.teachers.local import LocalTeacher
+from opd.tasks import get_task
+
+
+def make_teacher(cfg: DistillConfig, student, tokenizer, device="cpu", resumed: bool = False,
+                 prompts: PromptSet | None = None) -> Teacher | None:
+    """The teacher the config names: a local HF model (vocabularies checked), an OpenAI-compatible server, the
+    student's starting weights (`self`; `resumed`: the student holds a checkpoint's weights, not the start), or
+    several of these routed by a data column (--teachers: `opd.lm.teachers.routed.Teachers`). With --cross-tokenizer, a
+    local model with its own tokenizer (`opd.lm.xtok.teacher`), which renders each of `prompts` with its own template."""
+    if cfg.teacher is None and cfg.teachers is None:
+        if cfg.loss != "sft" or cfg.source not in ("data",):
+            raise ValueError(f"source={cfg.source} with loss={cfg.loss} needs a teacher; pass --teacher")
+        return None
+    if cfg.loss == "sft" and cfg.source == "data":
+        return None  # plain SFT: no teacher pass (several teachers still split the metrics by the data's column)
+    if cfg.teachers is not None:
+        from opd.lm.teachers.routed import Teachers
+
+        return Teachers({name: _one_teacher(cfg, spec, student, tokenizer, device, resumed)
+                         for name, spec in teacher_specs(cfg.teachers).items()})
+    if cfg.cross_tokenizer:
+        from opd.lm.xtok.teacher import cross_tokenizer_teacher
+
+        return cross_tokenizer_teacher(cfg.teacher, cfg, student, tokenizer, prompts, device)
+    return _one_teacher(cfg, cfg.teacher, student, tokenizer, device, resumed)
+
+
+def _one_teacher(cfg: DistillConfig, spec: str, student, tokenizer, device, resumed: bool) -> Teacher:
+    """One teacher from `spec` (--teacher, or one entry of --teachers)."""
+    # only the sampled loss reads the teacher's log-prob of the taken token; the divergences use the hidden states
+    with_taken_logp = cfg.loss not in losses.DIVERGENCES
+    if spec == "self":
+        from opd.lm.teachers.self import self_teacher
+
+        return self_teacher(cfg, student, device, resumed, with_taken_logp)
+    if spec.startswith(("http://", "https://")) and cfg.teacher_payload == "hidden":
+        from opd.lm.remote.hidden import HiddenStateTeacher
+
+        teacher = HiddenStateTeacher(spec, timeout=cfg.remote_timeout, max_retries=cfg.remote_max_retries,
+                                     chunk_size=cfg.chunk_size, with_taken_logp=with_taken_logp)
+        teacher.check_student(student)  # the served vocabulary, before any step
+        return teacher
+    if spec.startswith(("http://", "https://")):
+        from opd.lm.remote.teacher import RemoteTeacher
+
+        teacher = RemoteTeacher(spec, model=None, top_k=cfg.top_k, timeout=cfg.remote_timeout,
+                                max_retries=cfg.remote_max_retries)
+        teacher.check(tokenizer, student.get_output_embeddings().weight.shape[0])  # before any step
+        return teacher
+    model = load_model(spec, dtype=cfg.teacher_dtype, device=device)
+    check_same_vocabulary(student, model, tokenizer, load_tokenizer(spec))
+    return LocalTeacher(model, chunk_size=cfg.chunk_size, with_taken_logp=with_taken_logp)
+
+
+def prompt_sets(cfg: DistillConfig, tokenizer, max_prompt_len: int, prompts: Any = None, eval_prompts: Any = None,
+                checker: Any = None) -> tuple[PromptSet, PromptSet | None, Any]:
+    """The training prompts, the held-out prompts (or None) and the checker that scores them.
+
+    Python arguments win over the config's flags (`prompts` over --data, `eval_prompts` over --eval-data, `checker`
+    over --checker); with neither, the built-in task gives both splits and its own checker. Everything is checked
+    here, before any model loads.
+    """
+    from opd.lm.data.checkers import check_columns, get_checker
+
+    task = get_task(cfg.task)
+    if prompts is not None:
+        train_rows = as_rows(prompts, "prompts")
+    elif cfg.data is not None:
+        train_rows = load_rows(cfg.data, cfg.data_split, cfg.data_fields, "--data")
+    else:
+        train_rows = task_rows(task, cfg.train_examples, "train")
+    spec, what = checker if checker is not None else cfg.checker, "--eval-data"
+    if eval_prompts is not None:
+        eval_rows, what = as_rows(eval_prompts, "eval_prompts"), "eval_prompts"
+    elif cfg.eval_data is not None:
+        eval_rows = load_rows(cfg.eval_data, cfg.eval_split, cfg.data_fields, "--eval-data")
+    elif prompts is None and cfg.data is None:
+        eval_rows, spec = task_rows(task, cfg.eval_examples, "test"), spec or f"task:{cfg.task}"
+    else:
+        eval_rows = None  # your own training data and no held-out set: nothing to score
+    check = None
+    if eval_rows is not None:
+        if spec is None:
+            raise ValueError(f"{what} needs a checker to score completions: pass --checker exact | numeric | "
+                             f"regex:PATTERN | ifeval | module:function")
+        eval_rows = eval_rows.select(range(min(len(eval_rows), cfg.eval_examples)))
+        if isinstance(spec, str):
+            check_columns(spec, eval_rows.column_names, what)
+            check = get_checker(spec)
+        elif callable(spec):
+            check = spec
+        else:
+            raise ValueError(f"checker must be a spec string or a callable (row, completion) -> float, "
+                             f"not {type(spec).__name__}")
+    train = encode(tokenizer, train_rows, max_prompt_len, "--data" if cfg.data and prompts is None else "prompts")
+    # each row's teacher, checked before any model loads (the RL baseline's config has no teachers)
+    if getattr(cfg, "teachers", None) is not None:
+        from opd.lm.teachers.routed import check_routes
+
+        train.routes = check_routes(train, cfg.teacher_column, list(teacher_specs(cfg.teachers)),
+                                    "--data" if cfg.data and prompts is None else "prompts")
+    if getattr(cfg, "source", None) in ("data", "mixture") and train.completion_ids is None:
+        raise ValueError(f"source={cfg.source} trains on reference completions, and these rows have no 'completion' "
+                         f"(or a final assistant message); add them, map one with --data-fields completion=COLUMN, "
+                         f"or use source=student/teacher")
+    held_out = None if eval_rows is None else encode(tokenizer, eval_rows, max_prompt_len, what)
+    return train, held_out, check
+
+
+def make_actor(cfg: DistillConfig, student, teacher, prompts: PromptSet, tokenizer, accelerator, out: Path,
+               plans: Plans) -> Actor:
+    """Who acts, as the config says (source, --sampler, --overlap); `plans` lets `--overlap` draw a step ahead."""
+    pad, eos, s = tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.sampling
+    if cfg.source == "data":
+        return DataActor(prompts, pad, eos)
+    if cfg.source == "teacher":
+        from opd.lm.rollouts.teacher import teacher_actor
+
+        return teacher_actor(cfg, teacher, prompts, pad, eos)
+    if cfg.source == "speculative":
+        from opd.lm.rollouts.speculative import speculative_actor
+
+        return speculative_actor(cfg, unwrap(student), teacher, prompts, pad, eos)
+    sampler = None
+    if cfg.sampler:
+        from opd.lm.rollouts.server import ServerRollouts
+
+        sampler = ServerRollouts(cfg.sampler, out, cfg.remote_timeout, cfg.remote_max_retries)
+        sampler.check(tokenizer, unwrap(student).get_output_embeddings().weight.shape[0])  # before any step
+    elif cfg.overlap:  # no server: a second process on this machine samples (opd.lm.rollouts.process)
+        from opd.lm.rollouts.process import ProcessRollouts
+
+        # with a local teacher, the sampler process grades part of each batch too
+        sampler = ProcessRollouts(student, eos, teacher=teacher if isinstance(teacher, LocalTeacher)
+                                  and cfg.loss != "sft" else None)
+    actor = (SamplerActor(sampler, accelerator, prompts, pad, s) if sampler is not None
+             else LocalActor(unwrap(student), prompts, pad, eos, s))
+    if cfg.source == "mixture":
+        actor = Mixture(actor, DataActor(prompts, pad, eos), cfg.lmbda)
+    if cfg.overlap:
+        actor = Ahead(actor, plans, cfg.steps, on_wait=getattr(sampler, "waited", None))
+    return actor
