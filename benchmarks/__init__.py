@@ -1,1 +1,3 @@
-"""Benchmarks that regenerate the numbers in RESULTS.md: one module per experiment, outputs in benchmarks/results/."""
+"""Benchmarks that regenerate the numbers in RESULTS.md: one file, or one folder whose entry point is `run.py`, per
+experiment (`opd bench NAME` runs it: `opd.cli.BENCHMARKS`); what several share is in `common/`; outputs in
+benchmarks/results/."""

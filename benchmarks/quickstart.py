@@ -6,19 +6,17 @@ student, 3 seeds; held-out accuracy on the arithmetic task. Writes benchmarks/re
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 from dataclasses import replace
-from pathlib import Path
 from typing import Annotated
 
 import torch
 import tyro
 
+from benchmarks.common.results import RESULTS, write
+from benchmarks.common.stats import sd
 from opd.quickstart import METHODS, QuickstartArgs, format_table, quickstart
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main(args: Annotated[QuickstartArgs, tyro.conf.arg(name="")], quick: bool = False) -> dict:
@@ -26,10 +24,7 @@ def main(args: Annotated[QuickstartArgs, tyro.conf.arg(name="")], quick: bool = 
     if quick:
         args = replace(args, seeds=(0,), steps=4, batch_size=4, warm_start_steps=4, eval_examples=10)
     results = quickstart(args)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / ("quickstart_quick.json" if quick else "quickstart.json")).write_text(json.dumps(results, indent=2) + "\n")
-    if not quick:
-        (RESULTS / "quickstart.md").write_text(section(results))
+    write("quickstart", results, section, quick, RESULTS)
     return results
 
 
@@ -38,7 +33,7 @@ def section(results: dict) -> str:
     args = QuickstartArgs(**{k: tuple(v) if k == "seeds" else v for k, v in results["args"].items()})
     opd, sft = (results[m] for m in METHODS)
     gap = statistics.mean(opd) - statistics.mean(sft)
-    spread = max(statistics.stdev(opd) if len(opd) > 1 else 0.0, statistics.stdev(sft) if len(sft) > 1 else 0.0)
+    spread = max(sd(opd), sd(sft))
     verdict = (
         f"On-policy distillation {'beats' if gap > 0 else 'does not beat'} SFT on teacher samples: the difference is "
         f"{gap:+.3f} accuracy (mean over seeds), and the larger of the two seed standard deviations is {spread:.3f}, "

@@ -2,7 +2,7 @@
 
 Teacher: SmolLM2-135M-Instruct (offline, `opd.lm.hf.pretrained`). Students: the teacher cut to a subset of its layers (same
 tokenizer), trained in full and with LoRA. Prompts: IFEval-style chat `messages` built from the `if-verifiable`
-instruction registry (`benchmarks/realdata_prompts.py`), training and held-out splits on disjoint topics, plus
+instruction registry (`benchmarks/common/instruction_prompts.py`), training and held-out splits on disjoint topics, plus
 IFBench's test prompts. For the teacher, the student before training, on-policy distillation (the student samples,
 per-token reverse KL) and SFT on teacher samples (the teacher samples each step, cross-entropy) at equal updates and
 seeds: per-token reverse KL to the teacher on held-out prompts, and prompt-level strict instruction-following accuracy
@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 import tyro
 
-from benchmarks.realdata_prompts import ifbench_test_rows, instruction_rows
+from benchmarks.common.instruction_prompts import ifbench_test_rows, instruction_rows, tiny_pair
+from benchmarks.common.results import RESULTS, write
+from benchmarks.common.stats import sd
 from opd.config import DistillConfig, LoraArgs, OptimArgs, SamplingArgs
 from opd.lm.hf.model import context_length
 from opd.lm.data.checkers import get_checker
@@ -32,7 +34,6 @@ from opd.lm.eval import checked_accuracy, heldout_reverse_kl_ids
 from opd.lm.hf.model import load_model, load_tokenizer
 from opd.lm.train import distill
 
-RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = {"on-policy distillation": dict(source="student", loss="reverse_kl"),
            "SFT on teacher samples": dict(source="teacher", loss="sft")}
 # IFBench instructions whose checkers need NLTK data that cannot be downloaded here (opd.lm.data.checkers says which).
@@ -85,30 +86,6 @@ def layer_subset(teacher_dir: str, keep: int, out: Path) -> str:
     model.save_pretrained(out)
     load_tokenizer(teacher_dir).save_pretrained(out)
     return str(out)
-
-
-def tiny_pair(rows: list[dict], out: Path) -> tuple[str, str]:
-    """--quick: a random 2-layer teacher and 1-layer student over a small BPE tokenizer trained on the prompts."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
-    bpe.train_from_iterator([r["prompt"] for r in rows], trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<pad>", "<eos>", "<unk>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<eos>{% endfor %}"
-                         "{% if add_generation_prompt %}assistant: {% endif %}")
-    dirs = []
-    for name, layers, seed in (("teacher", 2, 1), ("student", 1, 2)):
-        torch.manual_seed(seed)
-        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
-                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
-        LlamaForCausalLM(cfg).save_pretrained(out / name)
-        tok.save_pretrained(out / name)
-        dirs.append(str(out / name))
-    return dirs[0], dirs[1]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> str:
@@ -180,8 +157,7 @@ def realdata(args: RealDataArgs, quick: bool = False) -> dict:
 
 
 def _mean_sd(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+    return f"{statistics.mean(values):.3f} ± {sd(values):.3f}"
 
 
 def section(results: dict) -> str:
@@ -218,10 +194,7 @@ def main(args: RealDataArgs, quick: bool = False) -> dict:
         args = RealDataArgs(seeds=(0,), steps=2, batch_size=2, max_new_tokens=8, train_prompts=16, eval_prompts=4,
                             ifbench_prompts=4, lora_r=2, threads=1, work_dir=args.work_dir + "-quick")
     results = realdata(args, quick)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / ("realdata_quick.json" if quick else "realdata.json")).write_text(json.dumps(results, indent=2) + "\n")
-    if not quick:
-        (RESULTS / "realdata.md").write_text(section(results))
+    write("realdata", results, section, quick, RESULTS)
     return results
 
 

@@ -25,7 +25,8 @@ import httpx
 import torch
 import tyro
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.common.results import RESULTS, write
+
 TOPK, LOCAL = "top-20 log-probs (RemoteTeacher)", "local teacher (reference)"
 TEXT = (
     "On-policy distillation trains a small student on its own samples, graded token by token by a larger teacher. "
@@ -233,11 +234,7 @@ def main(args: RemoteHiddenArgs, quick: bool = False) -> dict:
 
             model_dir = str(smollm2_dir())
         results = remote_hidden(args, model_dir)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "remote_hidden_quick.json" if quick else "remote_hidden.json"
-    (RESULTS / name).write_text(json.dumps(results, indent=2) + "\n")
-    if not quick:
-        (RESULTS / "remote_hidden.md").write_text(section(results))
+    write("remote_hidden", results, section, quick, RESULTS)
     return results
 
 

@@ -61,7 +61,7 @@ VERDICTS = [
             "20 kills, 0 failed resumes, final weights bit-exact; 5000 fuzzed requests, 0 5xx",
             "yes"),
     Verdict("control", "The lineage on control tasks",
-            "Survey §1.1–2.3: Hinton KD; Rusu's compressed students match their teacher; DAgger beats BC",
+            "Survey §1.1–2.3: KD helps a small student; Rusu's compressed students match their teacher; DAgger beats BC",
             "KD 87.9 → 92.3 %; CartPole at 2,000 steps: student acts + aggregation 1.00, DAgger 0.94–0.96, BC 0.88; "
             "Rusu at 25 / 7 / 4 % size: 84 / 87 / 64 % of the teacher (Breakout)",
             "KD and DAgger yes; Rusu's compression no (weak teachers)"),
@@ -164,9 +164,11 @@ def _opd_bench(text: str) -> str:
     from opd.cli import BENCHMARKS
 
     for name, file in BENCHMARKS.items():
-        module = "benchmarks." + file.removesuffix(".py").replace("/", ".")
-        text = re.sub(rf"python3? (-m {re.escape(module)}|benchmarks/{re.escape(file)})(?![\w.])",
-                      f"opd bench {name}", text)
+        # the file's module now, and where it was before the benchmarks moved into packages (benchmarks/NAME.py)
+        modules = {"benchmarks." + file.removesuffix(".py").replace("/", "."), f"benchmarks.{name}"}
+        paths = {f"benchmarks/{file}", f"benchmarks/{name}.py"}
+        recorded = "|".join([*(f"-m {re.escape(m)}" for m in modules), *map(re.escape, paths)])
+        text = re.sub(rf"python3? ({recorded})(?![\w.])", f"opd bench {name}", text)
     return text
 
 
@@ -177,7 +179,9 @@ def headline(section: str) -> list[str]:
     for p in _paragraphs(section):
         if p.startswith("|"):
             return head + [p]
-        if not p.startswith(("## ", "![")):
+        if head and head[-1].startswith("### ") and "\n" not in head[-1]:
+            head[-1] += "\n" + p  # a heading needs no blank line after it
+        elif not p.startswith(("## ", "![")):
             head.append(p)
     return head
 
@@ -204,7 +208,7 @@ def render_results() -> str:
         links = [f"[all tables](benchmarks/results/{path.name})"]
         if notes.exists():
             links.append(f"[full reading](benchmarks/results/{notes.name})")
-        block = [f"## {v.title}", f"{command} · {' · '.join(links)}"]
+        block = [f"## {v.title}\n{command} · {' · '.join(links)}"]
         block += [_opd_bench(p) for p in [*headline(path.read_text()), in_short(notes)] if p]
         parts.append("\n\n".join(block) + "\n")
     return "\n".join(parts)
@@ -213,7 +217,7 @@ def render_results() -> str:
 def render_readme(readme: str) -> str:
     """`readme` with the table between its glance markers replaced by the verdict table."""
     begin, end = readme.index(GLANCE_BEGIN) + len(GLANCE_BEGIN), readme.index(GLANCE_END)
-    return readme[:begin] + "\n" + verdict_table(link_to="RESULTS.md") + readme[end:]
+    return readme[:begin] + "\n\n" + verdict_table(link_to="RESULTS.md") + "\n" + readme[end:]
 
 
 def write_results() -> Path:

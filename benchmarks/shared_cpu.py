@@ -25,7 +25,8 @@ from pathlib import Path
 
 import tyro
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.common.results import RESULTS, write
+
 BUSY = ("import torch; torch.set_num_threads(2); a = torch.randn(384, 384)\n"
         "while True: a @ a")
 CONDITIONS = {
@@ -123,10 +124,7 @@ def main(args: SharedCpuArgs, quick: bool = False) -> dict:
     if quick:
         args = SharedCpuArgs(steps=5, batch_size=4, conditions=("quiet, defaults", "2 busy jobs, defaults"))
     results = shared_cpu(args)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / ("shared_cpu_quick.json" if quick else "shared_cpu.json")).write_text(json.dumps(results, indent=2) + "\n")
-    if not quick:
-        (RESULTS / "shared_cpu.md").write_text(section(results))
+    write("shared_cpu", results, section, quick, RESULTS)
     return results
 
 

@@ -23,6 +23,7 @@ from typing import Annotated
 import torch
 import tyro
 
+from benchmarks.common.results import RESULTS, write
 from opd.config import DistillConfig, OptimArgs, SamplingArgs
 from opd.lm.eval import accuracy
 from opd.lm.loop.process import library_bars
@@ -30,7 +31,6 @@ from opd.lm.recipes.supervised import get_teacher, warm_start_student
 from opd.lm.train import distill
 from opd.tasks import get_task
 
-RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = {
     "skd": ("SKD (student proposes, teacher keeps its top-K)", dict(source="speculative", loss="reverse_kl")),
     "on_policy": ("on-policy distillation", dict(source="student", loss="reverse_kl")),
@@ -77,17 +77,14 @@ def main(args: Annotated[SkdArgs, tyro.conf.arg(name="")] = SkdArgs(), quick: bo
         args = dataclasses.replace(args, seeds=(0,), steps=4, batch_size=4, eval_every=2, eval_examples=8,
                                    weak_steps=2, warm_start_steps=4, max_new_tokens=24,
                                    out_dir=args.out_dir + "-quick")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / ("skd_quick.json" if quick else "skd.json")
 
-    def write(results: dict) -> None:
-        path.write_text(json.dumps(results, indent=2) + "\n")
+    def write_all(results: dict) -> None:
+        write("skd", results, section, quick, RESULTS)
         if not quick:
             plot(results, RESULTS / "skd.png")
-            (RESULTS / "skd.md").write_text(section(results))
 
     with library_bars(False):
-        return run(args, quick, on_seed=write)
+        return run(args, quick, on_seed=write_all)
 
 
 def run(args: SkdArgs, quick: bool, on_seed=lambda results: None) -> dict:

@@ -38,9 +38,9 @@ from opd.lm.remote.teacher import RemoteTeacher
 from opd.lm.teachers.local import LocalTeacher
 from opd.lm.train import TrainingError, distill
 from opd.lm.remote.vllm import VLLM_VERSION, free_port, vllm_server
+from benchmarks.common.results import RESULTS, write
 from tests.lm.vllm_helpers import MAX_LEN, big_vocab_student, build_models, replace_teacher, shared_servers
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 @dataclass(frozen=True)
@@ -296,10 +296,7 @@ def main(args: VllmBenchArgs, quick: bool = False) -> dict:
     if quick:
         args = VllmBenchArgs(sequences=4, length=64, repeats=1, top_k=5, threads=1)
     results = run(args, quick)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / ("vllm_quick.json" if quick else "vllm.json")).write_text(json.dumps(results, indent=2) + "\n")
-    if not quick:
-        (RESULTS / "vllm.md").write_text(section(results))
+    write("vllm", results, section, quick, RESULTS)
     return results
 
 

@@ -127,22 +127,23 @@ def _is_user_error(e: Exception) -> bool:
 
 BENCHMARKS = {
     "quickstart": "quickstart.py",
-    "table31": "table31.py",
-    "control": "control.py",
-    "reliability": "reliability.py",
+    "table31": "table31/run.py",
+    "control": "control/run.py",
+    "reliability": "reliability/run.py",
     "perf": "perf/run.py",
     "realdata": "realdata.py",
     "remote_hidden": "remote_hidden.py",
     "shared_cpu": "shared_cpu.py",
     "skd": "skd.py",
-    "opd_wins": "opd_wins.py",
-    "opd_wins_control": "opd_wins_control.py",
-    "xtok": "xtok.py",
+    "opd_wins": "opd_wins/run.py",
+    "opd_wins_control": "opd_wins/control.py",
+    "xtok": "xtok/run.py",
     "vllm": "vllm.py",
-    "robotics": "robotics.py",
-    "continual": "continual.py",
+    "robotics": "robotics/run.py",
+    "continual": "continual/run.py",
 }
-"""`opd bench NAME [flags]` runs benchmarks/<file> of the source checkout (benchmarks are not installed)."""
+"""`opd bench NAME [flags]` runs benchmarks/<file> of the source checkout (benchmarks are not installed). Results record
+`opd bench NAME`, not the file, so a file may move without breaking a recorded command."""
 
 
 def _bench(argv: list[str]) -> None:

@@ -9,8 +9,8 @@ peak RSS (of all its processes), the held-out per-token reverse KL to the teache
 bought with quality), and model FLOP utilisation against the fp32 matmul peak measured in the same run. A sweep over
 completion length and vocabulary size (random Llama pairs) gives the plots of step time and memory.
 
-    python -m benchmarks.perf.run            # the full benchmark, about 15 minutes on 2 quiet cores
-    python -m benchmarks.perf.run --quick    # plumbing check with random stand-in models, about 2 minutes
+    opd bench perf            # the full benchmark, about 15 minutes on 2 quiet cores
+    opd bench perf --quick    # plumbing check with random stand-in models, about 2 minutes
 
 Writes `results_dir`/perf.json, perf.md (a section for RESULTS.md) and perf.png; work files go to `out_dir`.
 """
@@ -32,7 +32,7 @@ import psutil
 import torch
 import tyro
 
-from benchmarks.command import command_line
+from benchmarks.common.command import command_line
 from benchmarks.perf import pairs, report
 
 SYSTEMS = ("opd", "opd_compile", "opd_overlap", "opd_overlap_compile", "opd_sampler_overlap", "trl_distillation",
@@ -222,7 +222,7 @@ def run_sweep(args: PerfArgs, root: Path, work: Path) -> list[dict]:
 
 def command(args: PerfArgs) -> str:
     """The command line that reproduces `args` (flags that differ from the defaults only; not those --quick sets)."""
-    return command_line("benchmarks.perf.run", args, skip=QUICK if args.quick else ())
+    return command_line("perf", args, skip=QUICK if args.quick else ())
 
 
 def perf(args: PerfArgs) -> dict:

@@ -132,9 +132,9 @@ def run_opd_overlap(spec: dict, scratch: Path) -> dict:
 @contextlib.contextmanager
 def served(model_dir: str, threads: int, log: Path) -> Iterator[tuple[str, int]]:
     """`opd serve model_dir` (CPU, `threads` torch threads) on a free 127.0.0.1 port, in a process of its own
-    (`benchmarks.reliability_runs.Server`); yields its URL and process id once /health answers, and stops it on the
+    (`benchmarks.common.processes.Server`); yields its URL and process id once /health answers, and stops it on the
     way out whatever happened (Ctrl-C as a user would, SIGKILL if it is not gone after 15 s)."""
-    from benchmarks.reliability_runs import Server, free_port
+    from benchmarks.common.processes import Server, free_port
 
     # absolute: the server runs in the log's folder
     server = Server(str(Path(model_dir).resolve()), free_port(), log, threads=threads)

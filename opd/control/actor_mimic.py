@@ -106,14 +106,9 @@ def actor_mimic(experts: dict, config: ActorMimicConfig, student: Policy | None 
     for update in tqdm(range(1, config.updates + 1), desc="actor-mimic", disable=not config.progress):
         if update % config.collect_every == 0:
             play(config.collect_steps)
-        policy_term, feature_term = 0.0, 0.0
-        for head, e in enumerate(env_ids):
-            obs_b, grade = buffers[e].sample(config.batch_size, generator)
-            features = student.features(pad_obs(obs_b, pad_to))
-            student_logp = F.log_softmax(student.heads[head](features), -1)
-            policy_term = policy_term + forward_kl(student_logp, teacher_logp(grade, config.temperature)).mean()
-            feature_term = feature_term + feature_l2(projections[head](features), grade.features_ND).mean()
-        loss = policy_term + config.feature_weight * feature_term
+        batches = [buffers[e].sample(config.batch_size, generator) for e in env_ids]
+        loss, policy_term, feature_term = mimic_loss(
+            student, projections, [(pad_obs(obs_b, pad_to), grade) for obs_b, grade in batches], config)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -124,6 +119,19 @@ def actor_mimic(experts: dict, config: ActorMimicConfig, student: Policy | None 
     for env in envs.values():
         env.close()
     return RunResult(student.eval(), log.rows)
+
+
+def mimic_loss(student: Policy, projections: nn.ModuleList, batches: list, config: ActorMimicConfig):
+    """One update's loss: (policy term + feature_weight · feature term, policy term, feature term), each term summed
+    over the games of its mean over the game's states. `batches[i]`: game i's (states padded to the student's input,
+    expert i's grades of them); head i and projection f_i belong to game i."""
+    policy_term, feature_term = 0.0, 0.0
+    for head, (obs_NO, grade) in enumerate(batches):
+        features_ND = student.features(obs_NO)
+        student_logp_NA = F.log_softmax(student.heads[head](features_ND), -1)
+        policy_term = policy_term + forward_kl(student_logp_NA, teacher_logp(grade, config.temperature)).mean()
+        feature_term = feature_term + feature_l2(projections[head](features_ND), grade.features_ND).mean()
+    return policy_term + config.feature_weight * feature_term, policy_term, feature_term
 
 
 class PolicyTorso(nn.Module):

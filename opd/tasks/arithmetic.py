@@ -40,6 +40,17 @@ def solve(a: int, b: int) -> Example:
     return Example(prompt=f"{a}+{b}=", completion=" ".join(steps) + f" {ANSWER_MARKER}{answer}", answer=answer)
 
 
+def examples_rng(task: str, n: int, seed: int, split: str) -> random.Random:
+    """The random stream `task`'s `examples(n, seed, split)` draws from, after checking `split` and `n`.
+
+    A string seed is hashed by `random` itself, so the stream is the same on every platform."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+    if n < 0:
+        raise ValueError(f"n must be non-negative, got {n}")
+    return random.Random(f"{task}/{split}/{seed}")
+
+
 def split_of(prompt: str, test_fraction: float) -> str:
     """Which split a problem belongs to, fixed by a hash of its prompt so the splits never overlap."""
     bucket = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big") % 1_000_000
@@ -69,12 +80,7 @@ class ArithmeticTask:
 
     def examples(self, n: int, seed: int, split: str) -> list[Example]:
         """`n` problems drawn from `seed` (with replacement) that belong to `split` ("train" or "test")."""
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
-        if n < 0:
-            raise ValueError(f"n must be non-negative, got {n}")
-        # A string seed is hashed by `random` itself, so the stream is the same on every platform.
-        rng = random.Random(f"{self.name}/{split}/{seed}")
+        rng = examples_rng(self.name, n, seed, split)
         out: list[Example] = []
         while len(out) < n:
             a, b = self._operand(rng), self._operand(rng)

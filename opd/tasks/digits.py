@@ -14,11 +14,10 @@ task's characters), so one tokenizer built from any of them serves all, and the 
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from typing import Callable
 
-from opd.tasks.arithmetic import SPLITS, split_of
+from opd.tasks.arithmetic import examples_rng, split_of
 from opd.tasks.base import Example
 
 OPERATIONS: dict[str, tuple[str, Callable[[str], str]]] = {
@@ -65,11 +64,7 @@ class DigitTask:
 
     def examples(self, n: int, seed: int, split: str) -> list[Example]:
         """`n` inputs drawn from `seed` (with replacement) that belong to `split` ("train" or "test")."""
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
-        if n < 0:
-            raise ValueError(f"n must be non-negative, got {n}")
-        rng = random.Random(f"{self.name}/{split}/{seed}")
+        rng = examples_rng(self.name, n, seed, split)
         out: list[Example] = []
         while len(out) < n:
             digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(self.min_digits, self.max_digits)))

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from opd.control.actor_mimic import ActorMimicConfig, TransferConfig, actor_mimic, make_transfer_dqn, transfer_dqn
+from opd.control.actor_mimic import (ActorMimicConfig, TransferConfig, actor_mimic, make_transfer_dqn, mimic_loss,
+                                     transfer_dqn)
 from opd.control.envs import pad_obs
 from opd.control.policies import Policy, PolicySpec
-from opd.control.teachers import as_teacher, cartpole_expert
+from opd.control.teachers import TeacherOutput, as_teacher, cartpole_expert
 
 
 def _experts():
@@ -29,6 +30,34 @@ def test_actor_mimic_student_agrees_with_every_expert():
         assert agree > 0.85, (env_id, agree)  # chance: 1/2 and 1/3
     assert set(history[-1]) >= {"policy_loss", "feature_loss", "return/CartPole-v1", "return/Acrobot-v1"}
 
+
+
+def test_the_update_loss_is_the_policy_term_plus_the_weighted_feature_term():
+    # Two games (2 and 3 actions, experts' features of width 5 and 4); the reference written out from the paper's
+    # definitions: Σ_games mean_states KL(softmax(Q/τ) ‖ π_student) + β·Σ_games mean_states mean_d (f_i(h) − φ_i)².
+    torch.manual_seed(0)
+    student = Policy(PolicySpec((6,), (2, 3), (8,)))
+    projections = torch.nn.ModuleList([torch.nn.Linear(8, 5), torch.nn.Linear(8, 4)])
+    config = ActorMimicConfig(temperature=0.5, feature_weight=0.3)
+    batches = []
+    for actions, width in ((2, 5), (3, 4)):
+        q = torch.randn(7, actions)
+        batches.append((torch.randn(7, 6), TeacherOutput("q", q.argmax(-1), q, torch.randn(7, width))))
+    loss, policy, feature = mimic_loss(student, projections, batches, config)
+    want_policy, want_feature = 0.0, 0.0
+    with torch.no_grad():
+        for head, (obs, grade) in enumerate(batches):
+            h = student.trunk(obs)
+            log_pi = torch.log_softmax(student.heads[head](h), -1)
+            p_t = torch.softmax(grade.values_NA / 0.5, -1)
+            want_policy += (p_t * (p_t.log() - log_pi)).sum(-1).mean().item()
+            want_feature += ((projections[head](h) - grade.features_ND) ** 2).mean().item()
+    assert policy.item() == pytest.approx(want_policy, rel=1e-5)
+    assert feature.item() == pytest.approx(want_feature, rel=1e-5)
+    assert loss.item() == pytest.approx(want_policy + 0.3 * want_feature, rel=1e-5)
+    assert 0.3 * want_feature > 0.2 * want_policy  # the feature term weighs here: a loss without it fails
+    loss.backward()  # and it trains the projections
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in projections.parameters())
 
 def test_actor_mimic_needs_feature_giving_experts():
     with pytest.raises(ValueError, match="features"):

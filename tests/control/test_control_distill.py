@@ -29,6 +29,23 @@ def test_rusu_losses_equal_hand_computed_values():
     assert sharp == pytest.approx(policy_loss(student, teacher, "nll").item(), rel=1e-4)
 
 
+
+def test_the_on_policy_divergences_equal_hand_computed_values():
+    # τ = 0.5: p_T = softmax([2, 4, 1]), π_s = softmax([0, 1, −1]); by hand in float64 (numpy). The two KL directions
+    # differ by 19 % here, so reverse_kl wired to the forward KL (or back) fails.
+    q = torch.tensor([[1.0, 2.0, 0.5]])
+    teacher = TeacherOutput("q", q.argmax(-1), q)
+    student = torch.tensor([[0.0, 1.0, -1.0]])
+    expected = {
+        "forward_kl": 0.08155467936943421,  # Σ p_T·log(p_T / π_s)
+        "kl": 0.08155467936943421,  # Rusu's KL is the forward KL
+        "reverse_kl": 0.09699909933708334,  # Σ π_s·log(π_s / p_T)
+        "jsd": 0.02190650886155193,  # ½·KL(p_T ‖ m) + ½·KL(π_s ‖ m), m = ½·(p_T + π_s)
+        "tvd": 0.17855377870651762,  # ½·Σ |π_s − p_T|
+    }
+    for loss, value in expected.items():
+        assert policy_loss(student, teacher, loss, 0.5).item() == pytest.approx(value, rel=1e-5), loss
+
 def test_state_buffer_is_fifo():
     buffer = StateBuffer(5)
     for start in (0, 3, 6):

@@ -3,7 +3,6 @@
 import pytest
 
 from opd.lm.data.checkers import check_columns, get_checker, last_number, required_columns, score
-from tests.conftest import needs_ifeval
 
 
 def one_line_error(call, *args) -> str:
@@ -146,7 +145,6 @@ def ifeval_row(ids, kwargs, prompt="Tell me about cats."):
     return {"prompt": prompt, "instruction_id_list": ids, "kwargs": kwargs}
 
 
-@needs_ifeval
 def test_ifeval_all_instructions_must_hold():
     check = get_checker("ifeval")
     row = ifeval_row(["punctuation:no_comma", "change_case:english_lowercase"], [{}, {}])
@@ -156,7 +154,6 @@ def test_ifeval_all_instructions_must_hold():
     assert check(row, "") == 0.0
 
 
-@needs_ifeval
 def test_ifeval_reads_kwargs_and_drops_nulls():
     check = get_checker("ifeval")
     # Arrow-backed datasets write every argument of every instruction, None where unused.
@@ -171,7 +168,6 @@ def test_ifeval_reads_kwargs_and_drops_nulls():
     assert check(end, "Any other questions? Cats purr.") == 0.0
 
 
-@needs_ifeval
 def test_ifeval_checks_ifbench_instructions():
     check = get_checker("ifeval")
     row = ifeval_row(["format:no_whitespace"], [{}])
@@ -184,7 +180,6 @@ def test_ifeval_checks_ifbench_instructions():
     assert check(keywords, right + " a1") == 0.0
 
 
-@needs_ifeval
 def test_ifeval_row_errors():
     check = get_checker("ifeval")
     message = one_line_error(check, ifeval_row(["made_up:instruction"], [{}]), "text")
@@ -193,7 +188,6 @@ def test_ifeval_row_errors():
     assert "2 instruction ids but 1 kwargs" in message
 
 
-@needs_ifeval
 def test_ifeval_missing_nltk_data_is_a_one_line_error(monkeypatch):
     check = get_checker("ifeval")
     from if_verifiable.ifbench import instructions_util

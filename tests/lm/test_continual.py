@@ -8,7 +8,8 @@ import pytest
 
 from opd.lm.loop.build import prompt_sets
 from opd.lm.data.checkers import get_checker
-from opd.lm.recipes.continual import (NEW, OLD, ROUTE_COLUMN, ContinualConfig, init_student, run_sequence, shared_tokenizer, stage_config, stage_rows)
+from opd.lm.recipes.continual import (NEW, OLD, ROUTE_COLUMN, ContinualConfig, init_student, run_sequence,
+    shared_tokenizer, stage_config, stage_rows)
 from opd.tasks import get_task
 from opd.tasks.digits import DigitTask
 

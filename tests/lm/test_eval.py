@@ -38,3 +38,18 @@ def test_eval_command_prints_accuracy_and_kl(model_dirs, tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed == json.loads(out.read_text())
     assert 0.0 <= printed["accuracy"] <= 1.0 and printed["reverse_kl"] > 0 and printed["examples"] == 4
+
+
+def test_eval_command_takes_a_lora_checkpoint(model_dirs, tokenizer, tmp_path, capsys):
+    # A LoRA run's checkpoint holds an adapter and no config.json: the prompts' length limit comes from its base model.
+    from peft import LoraConfig, get_peft_model
+
+    from opd.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    lora = get_peft_model(load_model(model_dirs["student"]), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    ckpt = save_checkpoint(tmp_path / "run" / "checkpoint", lora, tokenizer, step=1)
+    assert not (ckpt / "config.json").exists()
+    main(["eval", str(ckpt), "--examples", "2", "--max-new-tokens", "4"])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["model"] == str(ckpt) and printed["examples"] == 2

@@ -1,6 +1,6 @@
 """Fuzzing `opd serve`: malformed requests get a clear 4xx, well-typed ones a 200 or a 4xx, nothing gets a 5xx.
 
-The short version of `benchmarks.reliability`'s fuzz phase (a few hundred derandomised hypothesis examples
+The short version of `opd bench reliability`'s fuzz phase (a few hundred derandomised hypothesis examples
 in-process, where an unhandled server exception fails the test with its traceback), plus the requests that fuzzing
 found answered with a 500 before the fixes, pinned as regressions.
 """
@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from benchmarks.reliability_fuzz import Target, cases, judge
+from benchmarks.reliability.fuzz import Target, cases, judge
 from opd.lm.serve.app import ServeArgs, build_app
 from tests.lm.serve_helpers import served_model
 

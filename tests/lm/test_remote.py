@@ -80,6 +80,28 @@ def test_score_matches_local_topk_on_left_padded_batch(url, model, tokenizer):
                                rtol=0)
 
 
+@pytest.mark.parametrize("seqs_per_request", [16, 5, 1])
+def test_many_rows_over_concurrent_requests_each_get_their_own_scores(url, model, tokenizer, seqs_per_request):
+    # 45 rows of 2..24 tokens: several requests in flight at once (max_concurrency 4), which the server batches
+    # together and splits again; every row must get back its own answer
+    lengths = [2 + (7 * b) % 23 for b in range(45)]
+    ids_BL, attn_BL = left_padded_batch(lengths, len(tokenizer), seed=1)
+    mask_BT = attn_BL[:, :-1] * attn_BL[:, 1:]
+    top_k = 3
+    teacher = RemoteTeacher(url, model="tiny", top_k=top_k, seqs_per_request=seqs_per_request, max_concurrency=4)
+    signal = teacher.score(ids_BL, attn_BL, mask_BT)
+    L = ids_BL.shape[1]
+    for b, n in enumerate(lengths):
+        row = ids_BL[b, L - n :].tolist()
+        logp_TV = sequence_logp(model, row)  # this row alone
+        top_logp, top_ids = logp_TV.topk(top_k, dim=-1)
+        span = slice(L - n, L - 1)
+        assert torch.equal(signal.topk_ids_BTK[b, span], top_ids), b
+        torch.testing.assert_close(signal.topk_logp_BTK[b, span], top_logp, atol=1e-5, rtol=0)
+        taken = logp_TV.gather(1, torch.tensor(row[1:])[:, None])[:, 0]
+        torch.testing.assert_close(signal.taken_logp_BT[b, span], taken, atol=1e-5, rtol=0)
+
+
 def test_score_skips_rows_without_targets_and_rejects_masks_on_padding(url, tokenizer):
     teacher = RemoteTeacher(url, model="tiny", top_k=2)
     ids_BL, attn_BL = left_padded_batch([5, 3], len(tokenizer))

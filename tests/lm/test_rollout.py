@@ -4,6 +4,7 @@ import torch
 from opd.lm.batch import build_batch, encode_prompts, layout
 from opd.lm.rollouts.local import sample
 from tests.conftest import tiny_llama
+from tests.lm.test_sampler import _generate
 
 
 def test_build_batch_layout_and_mask():
@@ -34,10 +35,9 @@ def test_sample_stops_at_eos_and_matches_generate_layout(tokenizer):
         assert eos not in comp[:-1]  # nothing after the first eos is kept
         assert attn.sum().item() == len(p) + len(comp)
         assert ids[attn.bool()].tolist() == p + comp
-    # greedy sampling is deterministic and equals HF generate's greedy output
-    g1 = sample(model, prompts, tokenizer.pad_token_id, eos, 12, temperature=0.0)
-    g2 = sample(model, prompts, tokenizer.pad_token_id, eos, 12, temperature=0.0)
-    assert g1.completion_ids() == g2.completion_ids()
+    # greedy sampling equals HF generate's greedy output on the same left-padded batch
+    greedy = sample(model, prompts, tokenizer.pad_token_id, eos, 12, temperature=0.0)
+    assert greedy.completion_ids() == _generate(model, prompts, tokenizer.pad_token_id, eos, 12, 0.0)
 
 
 def test_encode_prompts_uses_the_chat_template_when_there_is_one(tokenizer):

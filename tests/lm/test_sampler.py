@@ -3,7 +3,7 @@ import torch
 
 from opd.lm.batch import encode_prompts
 from opd.lm.hf.decode import sample_completions
-from tests.conftest import tiny_llama
+from tests.conftest import tiny_gpt2, tiny_llama
 
 
 def _generate(model, prompts, pad, eos, max_new_tokens, temperature):
@@ -44,6 +44,25 @@ def test_greedy_equals_generate_with_eos_stopping(tokenizer):
     got = sample_completions(model, prompts, tokenizer.pad_token_id, eos, 12, temperature=0.0)
     assert got == expected
     assert sorted(len(c) for c in got) == [3, 4, 12, 12, 12, 12]  # rows stopped at different steps
+
+
+def test_left_padded_sampling_of_an_absolute_position_model_equals_generate_on_each_row_alone(tokenizer):
+    # GPT-2's learned position embeddings see positions that count the left padding (a rotary Llama does not); each
+    # row alone has no padding, so HF generate there is the reference.
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    model = tiny_gpt2(tokenizer, 32, 2, seed=0)
+    with torch.no_grad():  # rows stop at different steps and leave the batch (and the KV cache)
+        model.lm_head.weight[eos] *= 2.0
+    prompts = encode_prompts(tokenizer, ["12+34=", "5+6=", "999+1=", "7+7=", "1+1=", "2468+1357="], 100)
+    expected = [_generate(model, [p], pad, eos, 12, 0.0)[0] for p in prompts]
+    got, logprobs = sample_completions(model, prompts, pad, eos, 12, temperature=0.0, with_logprobs=True)
+    assert got == expected
+    assert len({len(c) for c in got}) > 1 and any(c[-1] == eos for c in got)
+    for p, c, lp in zip(prompts, got, logprobs):  # and each log-prob is the unpadded row's own
+        with torch.no_grad():
+            logp_TV = model(torch.tensor([p + c])).logits[0, len(p) - 1 : -1].log_softmax(-1)
+        torch.testing.assert_close(torch.tensor(lp), logp_TV.gather(1, torch.tensor(c)[:, None])[:, 0], atol=1e-5,
+                                   rtol=1e-5)
 
 
 def test_completions_end_at_their_first_eos_or_at_max_new_tokens(model_and_prompts, tokenizer):

@@ -14,7 +14,7 @@ from opd.lm.hf.decode import sample_completions
 from opd.lm.rollouts.speculative import BLOCK, block_for, speculative_actor, speculative_completions
 from opd.lm.teachers.local import LocalTeacher
 from opd.lm.train import distill
-from tests.conftest import tiny_llama
+from tests.conftest import tiny_gpt2, tiny_llama
 from tests.lm.test_train import tiny_cfg
 
 PROMPTS = ["12+34=", "5+6=", "999+1=", "7+7=", "1+1=", "2468+1357="]
@@ -105,6 +105,24 @@ def test_block_path_matches_a_per_token_reference_that_reruns_both_models(pair, 
     assert got == [e[0] for e in expected]
     assert counts.accepted == sum(e[1] for e in expected) and counts.replaced == sum(e[2] for e in expected)
     assert 0 < counts.acceptance < 1  # a mix: rows advance at different speeds, leaving holes in the caches
+
+
+@pytest.mark.parametrize("top_k,block,adaptive", [(2, 4, True), (3, 2, False)])
+def test_absolute_position_models_match_the_per_token_reference_through_padding_and_holes(tokenizer, top_k, block,
+                                                                                          adaptive):
+    """GPT-2's learned position embeddings see wrong position ids (left padding, the holes rejected proposals leave
+    in the caches) that rotary Llamas are blind to; the reference runs each row alone, unpadded and hole-free."""
+    student, teacher = tiny_gpt2(tokenizer, 16, 1, seed=2), tiny_gpt2(tokenizer, 32, 2, seed=1)
+    eos = tokenizer.eos_token_id
+    with torch.no_grad():
+        teacher.lm_head.weight[eos] *= 2.0
+    prompts = encode_prompts(tokenizer, PROMPTS, 100)
+    expected = [_reference(student, teacher, p, eos, 16, top_k) for p in prompts]
+    got, counts = speculative_completions(student, teacher, prompts, tokenizer.pad_token_id, eos, 16, top_k=top_k,
+                                          temperature=0.0, block=block, adaptive=adaptive)
+    assert got == [e[0] for e in expected]
+    assert counts.accepted == sum(e[1] for e in expected) and counts.replaced == sum(e[2] for e in expected)
+    assert 0 < counts.acceptance < 1 and len({len(c) for c in got}) > 1
 
 
 def test_work_counts_equal_one_forward_pass_when_every_proposal_is_kept(pair, tokenizer):

@@ -9,7 +9,8 @@ import tyro
 
 from opd.lm.recipes import supervised as task_teacher
 from opd.lm.eval import accuracy, generate_greedy
-from opd.lm.recipes.supervised import (TeacherArgs, exact_match_rate, get_teacher, load_teacher, save_teacher, sft_loss, train_supervised, warm_start_student)
+from opd.lm.recipes.supervised import (TeacherArgs, exact_match_rate, get_teacher, load_teacher, save_teacher,
+    sft_loss, train_supervised, warm_start_student)
 from opd.tasks import get_task
 from opd.tasks.models import encode_examples, make_model, num_params
 from opd.tasks.tokenizer import build_tokenizer
@@ -67,6 +68,8 @@ def test_saved_teacher_loads_back_and_is_found_in_the_cache(tmp_path, monkeypatc
 
 
 def test_committed_teacher_is_accurate_and_batching_does_not_change_greedy_outputs():
+    # get_teacher loads the teacher that ships in opd/assets (training one would take minutes)
+    assert (task_teacher.ASSETS_DIR / "arithmetic-teacher" / "info.json").is_file(), task_teacher.ASSETS_DIR
     teacher, tok, info = get_teacher(progress=False)
     assert info["test_accuracy"] >= 0.95 and info["num_params"] == num_params(teacher)
     test = TASK.examples(50, seed=1, split="test")

@@ -13,13 +13,15 @@ from opd.lm.rollouts.actors import Draw
 from opd.lm.loop.build import make_teacher
 from opd.lm.data.prompts import PromptSet
 from opd.lm.hf.lora import load_student
-from opd.lm.hf.model import final_hidden, lm_head, load_model
+from opd.lm.hf.decode import sample_completions
+from opd.lm.hf.model import final_hidden, lm_head, load_model, unwrap
 from opd.lm.batch import encode_prompts, layout
 from opd.lm.rollouts.local import sample
 from opd.lm.teachers.local import LocalTeacher
 from opd.lm.teachers.self import AdapterOffTeacher
 from opd.lm.rollouts.teacher import RoutedActor
 from opd.lm.teachers.routed import Teachers
+from opd.lm import train as train_module
 from opd.lm.train import distill, divergence_from_config, student_loss, teacher_divergence
 from opd.tasks import get_task
 from tests.conftest import tiny_llama
@@ -69,6 +71,33 @@ def student_batch(dirs, tokenizer, n=6):
     prompts = encode_prompts(tokenizer, [e.prompt for e in get_task("arithmetic").examples(n, 0, "test")], 100)
     torch.manual_seed(0)
     return student, sample(student, prompts, tokenizer.pad_token_id, tokenizer.eos_token_id, 10)
+
+
+GREEDY = SamplingArgs(max_new_tokens=8, temperature=0.0)
+
+
+def greedy(model, prompts: list[list[int]], tokenizer) -> list[list[int]]:
+    """`model`'s greedy completions (as GREEDY samples them)."""
+    return sample_completions(unwrap(model), prompts, tokenizer.pad_token_id, tokenizer.eos_token_id,
+                              GREEDY.max_new_tokens, temperature=0.0)
+
+
+def batch_prompts(batch) -> list[list[int]]:
+    return [ids[m.bool()][:n].tolist() for ids, m, n in zip(batch.input_ids_BL, batch.attention_mask_BL,
+                                                             batch.prompt_lens)]
+
+
+def record_steps(monkeypatch, tokenizer) -> list[tuple]:
+    """Each step of `distill` records (the batch it trains on, each row's teacher name or None, the student's own
+    greedy completions of the batch's prompts as the batch is graded): who sampled a batch shows in its tokens."""
+    steps, real = [], train_module.accumulate
+
+    def recording(student, teacher, batch, cfg, accelerator, step, routes=None):
+        steps.append((batch, routes, greedy(student, batch_prompts(batch), tokenizer)))
+        return real(student, teacher, batch, cfg, accelerator, step, routes)
+
+    monkeypatch.setattr(train_module, "accumulate", recording)
+    return steps
 
 
 # --- several teachers ------------------------------------------------------------------------------------------------
@@ -196,6 +225,30 @@ def test_source_teacher_samples_each_row_from_its_own_teacher(model_dirs, second
     assert all("loss/teacher=a" in m or "loss/teacher=b" in m for m in metrics(tmp_path / "run"))
 
 
+@pytest.mark.parametrize("who", ["local", "served", "several"])
+def test_source_teacher_trains_on_the_teachers_greedy_completions_not_the_students(
+        model_dirs, second_teacher, teacher_url, tokenizer, tmp_path, monkeypatch, who):
+    # greedy sampling: each row's completion is a known function of whoever sampled it
+    steps = record_steps(monkeypatch, tokenizer)
+    if who == "several":
+        kw = dict(teachers=f"a={model_dirs['teacher']},b={second_teacher}", teacher_column="domain",
+                  data=routed_data(tmp_path / "rows.jsonl"))
+    else:  # teacher_url serves model_dirs' teacher
+        kw = dict(teacher=model_dirs["teacher"] if who == "local" else teacher_url, top_k=5)
+    distill(cfg(model_dirs, tmp_path, steps=1, batch_size=8, source="teacher", loss="sft", sampling=GREEDY, **kw))
+    ((batch, routes, student_greedy),) = steps
+    routes = routes or ["a"] * len(student_greedy)
+    prompts = batch_prompts(batch)
+    by_teacher = {"a": greedy(load_model(model_dirs["teacher"]), prompts, tokenizer),
+                  "b": greedy(load_model(second_teacher), prompts, tokenizer)}
+    expected = [by_teacher[r][i] for i, r in enumerate(routes)]
+    assert batch.completion_ids() == expected
+    # the test can tell them apart: the student, and the other teacher, complete these prompts otherwise
+    assert sum(e != s for e, s in zip(expected, student_greedy)) >= len(expected) - 1
+    assert sum(a != b for a, b in zip(*by_teacher.values())) >= len(expected) - 1
+    assert who != "several" or set(routes) == {"a", "b"}
+
+
 def test_bad_routes_and_teacher_lists_fail_before_any_model_loads(model_dirs, tmp_path, monkeypatch):
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before the routes were checked")
@@ -283,9 +336,18 @@ def test_a_lora_self_teacher_is_the_student_with_its_adapters_off(model_dirs, to
     assert not torch.allclose(adapted[mask], want[mask], atol=1e-2)
 
 
-def test_source_teacher_with_a_lora_self_teacher_samples_from_the_base(model_dirs, tmp_path):
-    distill(cfg(model_dirs, tmp_path, teacher="self", source="teacher", loss="sft", lora=LoraArgs(r=4)))
-    assert [m["source"] for m in metrics(tmp_path / "run")] == ["teacher", "teacher"]
+def test_source_teacher_with_a_lora_self_teacher_samples_from_the_base_after_the_adapters_moved(
+        model_dirs, tokenizer, tmp_path, monkeypatch):
+    steps = record_steps(monkeypatch, tokenizer)
+    distill(cfg(model_dirs, tmp_path, steps=3, batch_size=8, teacher="self", source="teacher", loss="sft",
+                lora=LoraArgs(r=4), sampling=GREEDY, optim=OptimArgs(lr=1e-2, warmup_steps=1)), callbacks=[nudge()])
+    assert [m["source"] for m in metrics(tmp_path / "run")] == ["teacher"] * 3
+    base = load_model(model_dirs["student"])
+    for batch, _, _ in steps:
+        assert batch.completion_ids() == greedy(base, batch_prompts(batch), tokenizer)
+    # from the step after the first update (and a nudge of the adapters) on, the adapted student samples otherwise
+    for batch, _, adapted in steps[1:]:
+        assert sum(a != c for a, c in zip(adapted, batch.completion_ids())) >= len(adapted) // 2
 
 
 def test_teacher_self_and_teachers_are_in_the_help_and_a_lora_self_teacher_ignores_teacher_dtype(model_dirs, tmp_path,

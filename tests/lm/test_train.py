@@ -80,6 +80,35 @@ def test_resume_continues_bit_for_bit(model_dirs, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_restores_the_torch_rng_the_loop_saved(model_dirs, tmp_path):
+    # The student samples at temperature 1 from torch's global RNG. In one process the checkpoint's trainer state
+    # holds the same torch state as the loop's loop_rng.pt, so scramble the trainer state's copy: the resumed run
+    # must take the loop's own (else a multi-process run resumes every rank with the main process's state).
+    straight = tiny_cfg(model_dirs, tmp_path / "a", steps=4, save_every=2)
+    distill(straight)
+    expected = load_file(Path(straight.out_dir) / "checkpoint" / "model.safetensors")
+    scrambled = torch.Generator().manual_seed(12345).get_state()
+
+    def resumed(name, scramble_file):
+        first = tiny_cfg(model_dirs, tmp_path / name, steps=2, save_every=2)
+        distill(first)
+        path = Path(first.out_dir) / "checkpoint" / scramble_file
+        state = torch.load(path, weights_only=False)
+        if scramble_file == "trainer_state.pt":
+            state["rng"]["torch"] = scrambled
+        else:
+            state[0] = (state[0][0], scrambled)  # (loop generator, torch) of process 0
+        torch.save(state, path)
+        distill(tiny_cfg(model_dirs, tmp_path / name, steps=4, save_every=2, resume=True))
+        return load_file(Path(first.out_dir) / "checkpoint" / "model.safetensors")
+
+    kept = resumed("b", "trainer_state.pt")
+    assert all(torch.equal(expected[k], kept[k]) for k in expected)
+    # and the torch RNG matters here: the loop's own state scrambled, the run samples other completions
+    other = resumed("c", "loop_rng.pt")
+    assert any(not torch.equal(expected[k], other[k]) for k in expected)
+
+
 def test_bad_input_gives_one_line_errors(model_dirs, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="unknown loss 'kl2'"):
         distill(tiny_cfg(model_dirs, tmp_path, loss="kl2"))
@@ -133,15 +162,25 @@ def test_an_update_that_makes_weights_non_finite_stops_the_run(model_dirs, tmp_p
 
 
 @pytest.mark.parametrize("source,loss", [("student", "reverse_kl"), ("teacher", "sft"), ("student", "sampled")])
-def test_a_teacher_behind_opd_serve_distils_like_a_local_one(model_dirs, tmp_path, source, loss):
+def test_a_teacher_behind_opd_serve_distils_like_a_local_one(model_dirs, tokenizer, tmp_path, source, loss):
     from opd.lm.serve.app import ServeArgs, build_app, load_served
     from tests.lm.serve_helpers import live_server
 
-    args = ServeArgs(model_dir=model_dirs["teacher"], device="cpu")
+    # The server reports every token's log-prob (top-k = the vocabulary: no tail bucket) and samples the teacher's
+    # completions greedily (a local teacher draws from torch's RNG, the server from its own seeds): the run must then
+    # be the local teacher's run, up to float rounding.
+    kw = dict(source=source, loss=loss, top_k=len(tokenizer),
+              sampling=SamplingArgs(max_new_tokens=8, temperature=0.0 if source == "teacher" else 1.0))
+    args = ServeArgs(model_dir=model_dirs["teacher"], device="cpu", max_logprobs=len(tokenizer))
     with live_server(build_app(*load_served(args), args)) as url:
-        distill(tiny_cfg(model_dirs, tmp_path, teacher=url, source=source, loss=loss, top_k=5))
-    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in lines] == [1, 2] and all(m["completion_tokens"] > 0 for m in lines)
+        distill(tiny_cfg(model_dirs, tmp_path / "remote", teacher=url, **kw))
+    distill(tiny_cfg(model_dirs, tmp_path / "local", **kw))
+    remote, local = ([json.loads(line) for line in (tmp_path / run / "run" / "metrics.jsonl").read_text().splitlines()]
+                     for run in ("remote", "local"))
+    assert [m["step"] for m in remote] == [m["step"] for m in local] == [1, 2]
+    assert [m["completion_tokens"] for m in remote] == [m["completion_tokens"] for m in local]
+    assert all(m["completion_tokens"] > 0 for m in remote)
+    assert [m["loss"] for m in remote] == pytest.approx([m["loss"] for m in local], rel=1e-4, abs=1e-6)
 
 
 def test_remote_top_k_equal_to_the_vocabulary_gives_the_local_full_loss(model_dirs, tokenizer):

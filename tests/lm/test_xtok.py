@@ -181,6 +181,86 @@ def test_identical_bpe_tokenizers_on_canonical_completions_give_the_same_tokeniz
     torch.testing.assert_close(ours, same, rtol=1e-5, atol=1e-6)
 
 
+
+def _row_logp(model, ids: list[int]) -> torch.Tensor:
+    """[len(ids) - 1, V] log-probs of every next token, from one plain forward pass over the row alone."""
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].double(), -1)
+
+
+def _reference_cross_tokenizer_loss(divergence, student, teacher, student_tok, teacher_tok, xt, prompts, batch):
+    """The loss per student completion token [N], rebuilt row by row from plain forward passes of both models (each on
+    its own tokens, unpadded): per span, the event divergence at its first tokens, plus for a span of several tokens
+    on either side the divergence of {its text, anything else} by the chain rule, put at its first student token. The
+    alignment and the event partition are the library's (tested above); what is checked is the loss built on them."""
+    ev, out = xt.events, []
+    for b, ids in enumerate(batch.completion_ids()):
+        prompt = prompts.prompt_ids[b]
+        eos = ids[-1] == student_tok.eos_token_id
+        body = ids[:-1] if eos else ids
+        text = student_tok.decode(body, clean_up_tokenization_spaces=False)
+        t_body = retokenize(teacher_tok, text)
+        spans = align_spans(char_ends(student_tok, body, text, "student"),
+                            char_ends(teacher_tok, t_body, text, "teacher"), len(text))
+        if eos:
+            spans.append((len(body), len(body) + 1, len(t_body), len(t_body) + 1))
+        t_prompt = xt.prompts[tuple(prompt)]
+        t_ids = t_body + ([teacher_tok.eos_token_id] if eos else [])
+        s_logp = _row_logp(student, prompt + ids)[len(prompt) - 1:]  # [completion tokens, V]
+        t_logp = _row_logp(teacher, t_prompt + t_ids)[len(t_prompt) - 1:]
+        s_taken = s_logp.gather(1, torch.tensor(ids)[:, None])[:, 0]
+        t_taken = t_logp.gather(1, torch.tensor(t_ids)[:, None])[:, 0]
+        row = torch.zeros(len(ids), dtype=torch.float64)
+        for s0, s1, t0, t1 in spans:
+            s_events = event_logp(s_logp[s0:s0 + 1], ev.student_V, ev.num_events)
+            t_events = event_logp(t_logp[t0:t0 + 1], ev.teacher_V, ev.num_events)
+            row[s0] = divergence(s_events, t_events)[0]
+            if s1 - s0 > 1 or t1 - t0 > 1:
+                two = divergence(binary_logp(s_taken[s0:s1].sum()[None]), binary_logp(t_taken[t0:t1].sum()[None]))
+                row[s0] += two[0]
+        out.append(row)
+    return torch.cat(out)
+
+
+@pytest.fixture(scope="module")
+def trained_char():
+    """The arithmetic teacher that ships in opd/assets (character tokens): confident on the task's completions, so
+    that the chain-rule probability of a span of several tokens is far from 0 for it, and the span term counts."""
+    from opd.lm.recipes.supervised import get_teacher
+
+    model, tokenizer, _ = get_teacher(progress=False)
+    return model.eval(), tokenizer
+
+
+@pytest.mark.parametrize("name", ["reverse_kl", "jsd"])
+@pytest.mark.parametrize("student_is", ["bpe", "char"], ids=["bpe_student", "char_student"])
+def test_multi_token_spans_give_the_event_and_span_divergences_of_both_models(pair, trained_char, name, student_is):
+    # A BPE student under a character teacher: a student token that holds several characters is a span of several
+    # teacher tokens; the other way round, spans of several student tokens (no event term inside them). One side is
+    # the trained character model, the other a fresh tiny BPE model; the batch holds the task's reference completions.
+    _, bpe = pair
+    trained, char = trained_char
+    fresh = tiny_llama(bpe, 16, 1, 2)
+    student, student_tok, teacher, teacher_tok = ((fresh, bpe, trained, char) if student_is == "bpe"
+                                                  else (trained, char, fresh, bpe))
+    prompts = encode(student_tok, task_rows(get_task("arithmetic"), 6, "train"), 100)
+    batch = build_batch(prompts.prompt_ids, prompts.completion_ids, student_tok.pad_token_id, student_tok.eos_token_id)
+    divergence = losses.get_divergence(name, **({"beta": 0.3} if name == "jsd" else {}))
+    xt = CrossTokenizerTeacher(teacher, student_tok, teacher_tok, prompts, len(student_tok))
+    signal = xt.score(batch.input_ids_BL, batch.attention_mask_BL, batch.mask_BT)
+    if student_is == "char":
+        assert (torch.bincount(signal.span_of_N)[:-1] > 1).any()  # spans of several student tokens
+    hidden, head, targets, _ = _student_side(student, batch)
+    got = signal.per_token(divergence, hidden, head, targets, None)
+    want = _reference_cross_tokenizer_loss(divergence, student, teacher, student_tok, teacher_tok, xt, prompts, batch)
+    # float32 against float64: a confident model's span log-probability near 0 is known to ~1e-6 absolute, so
+    # log(1 − p) of it to a few parts in 1e3
+    torch.testing.assert_close(got.double(), want, rtol=5e-3, atol=1e-5)
+    # the span terms weigh in this batch: a loss without them fails
+    without_spans = _reference_cross_tokenizer_loss(lambda s, t: divergence(s, t) * (s.shape[-1] != 2), student,
+                                                    teacher, student_tok, teacher_tok, xt, prompts, batch)
+    assert signal.multi_K.sum() >= 5 and (want - without_spans).sum() > 0.2 * want.sum()
+
 def _teacher_text_logp(teacher, char, prompt_ids, text, eos: bool) -> float:
     """log P_teacher(text [+ eos] | prompt) from one plain forward pass over the teacher's own tokens."""
     ids = list(prompt_ids) + char(text, add_special_tokens=False)["input_ids"] + ([char.eos_token_id] if eos else [])

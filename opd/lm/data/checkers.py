@@ -26,8 +26,6 @@ import re
 from typing import Any, Callable, Iterable
 
 Checker = Callable[[dict, str], Any]
-
-
 """`(row, completion) -> float` (a bool is accepted and read as 0/1)."""
 
 

@@ -22,8 +22,6 @@ import datasets
 from opd.tasks.prompts import chat_token_ids, text_token_ids
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
 """File suffix -> the `datasets` builder that reads it."""
 
 

@@ -33,15 +33,11 @@ from transformers import DynamicCache, StaticCache, TemperatureLogitsWarper, Top
 from opd.lm.hf.model import hf_model, lm_head, position_ids
 
 _COMPACT_FRACTION = 0.25
-
-
 """Drop finished rows from the batch once they are this share of the rows still in it: each drop copies the KV
 cache, so doing it for every single finished row would cost more than the rows it saves."""
 
 
 STATIC_CACHE_MULTIPLE = 64
-
-
 """The compiled path's cache length is prompt + max_new_tokens rounded up to this: one compiled step (and no
 recompilation) for all batches whose longest prompt falls in the same bucket."""
 

@@ -22,8 +22,6 @@ from opd.config import LoraArgs
 from opd.lm.hf.model import ADAPTER_CONFIG, hf_model, holds_adapter, is_peft_model, load_model, unwrap
 
 _ADAPTER_KEYS = ("lora_",)
-
-
 """Substrings of the state-dict keys of adapter tensors (peft's `lora_A`, `lora_B`, `lora_embedding_*`,
 `lora_magnitude_vector`): they are folded into the base weights and have no place in a plain model."""
 

@@ -24,8 +24,6 @@ _LOGIT_POSTPROCESS_ATTRS = ("final_logit_softcapping", "logit_scale")
 
 
 ADAPTER_CONFIG = "adapter_config.json"
-
-
 """The file that marks a directory as a peft adapter (a LoRA run's checkpoint) rather than full weights."""
 
 
@@ -156,15 +154,20 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu") -
     return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs).to(device)
 
 
-def _load_merged(adapter_dir: str, dtype: str, device: str) -> PreTrainedModel:
-    from peft import PeftModel
-
+def adapter_base(adapter_dir: str | Path) -> str:
+    """The base model a peft adapter directory was trained on (its adapter_config.json's base_model_name_or_path)."""
     base = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
     if not base:
         raise ValueError(f"{adapter_dir}/{ADAPTER_CONFIG} names no base model; set its base_model_name_or_path")
     if holds_adapter(base):
         raise ValueError(f"the base model of adapter {adapter_dir} is itself an adapter ({base}); merge that one first")
-    model = PeftModel.from_pretrained(load_model(base, dtype, device), adapter_dir)
+    return base
+
+
+def _load_merged(adapter_dir: str, dtype: str, device: str) -> PreTrainedModel:
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_model(adapter_base(adapter_dir), dtype, device), adapter_dir)
     return model.merge_and_unload()
 
 
@@ -197,7 +200,10 @@ def check_same_vocabulary(student, teacher, student_tok=None, teacher_tok=None) 
 
 def context_length(model_or_path) -> int:
     """The longest sequence a model takes (its config's max_position_embeddings; unbounded if it names none).
-    Takes a loaded model or a path, whose config alone is read (so prompts are checked before the weights load)."""
+    Takes a loaded model or a path, whose config alone is read (so prompts are checked before the weights load); an
+    adapter directory (a LoRA run's checkpoint) has its base model's."""
+    if isinstance(model_or_path, str) and holds_adapter(model_or_path):
+        return context_length(adapter_base(model_or_path))
     if isinstance(model_or_path, str):
         from transformers import AutoConfig
 

@@ -36,20 +36,14 @@ from opd.tasks.models import make_model, num_params
 from opd.tasks.tokenizer import build_tokenizer
 
 NEW, OLD = "new", "old"
-
-
 """The teacher names a stage's data routes to: the task teacher, and the model the stage starts from."""
 
 
 ROUTE_COLUMN = "teacher"
-
-
 """The data column that names each row's teacher (--teacher-column)."""
 
 
 TEACHER_VERSION = 1
-
-
 """Part of the task teacher's cache key: bump it when the tasks or the training change."""
 
 

@@ -28,8 +28,6 @@ from opd.tasks.arithmetic import ANSWER_MARKER
 from opd.tasks.base import Example
 
 RECOVERY_VERSION = 1
-
-
 """Part of a recovery teacher's cached settings: bump it when the corruption or the training recipe changes."""
 
 

@@ -37,12 +37,10 @@ from opd.tasks.base import Example
 from opd.tasks.models import encode_examples, make_model, num_params
 from opd.tasks.tokenizer import build_tokenizer
 
-ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"
 
 
 WARM_START_VERSION = 1
-
-
 """Part of the warm-start cache key: bump it when the task, the model sizes or the training loop change."""
 
 

@@ -25,8 +25,6 @@ _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 NEUTRAL_SAMPLING = {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
                     "frequency_penalty": 0.0}
-
-
 """Sent with every sampling request: vLLM fills each field a request leaves out from the model's
 generation_config.json (`--generation-config auto`, its default), and a top_k or repetition penalty there would make
 the samples follow another distribution than the log-probs used for the loss and the importance ratios. top_k=-1 is

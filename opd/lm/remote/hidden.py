@@ -25,8 +25,6 @@ from opd.lm.remote.client import CompletionsClient, ServerRefused, score_shapes
 from opd.lm.serve.wire import WireDtype, apply_head, decode_array
 
 _HEAD_PIECE_BYTES = 32 * 2**20
-
-
 """About how many bytes of head weight one `/opd/lm_head` answer carries (a 49k x 960 float32 head: 6 requests)."""
 
 

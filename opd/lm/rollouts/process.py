@@ -40,14 +40,10 @@ from opd.lm.teachers.base import TeacherUnreachable
 from opd.lm.teachers.local import LocalTeacher
 
 _POLL_S = 1.0
-
-
 """How often a waiting side checks that the other one is still alive."""
 
 
 _WAIT_SLACK_S = 0.002
-
-
 """A trainer wait below this counts as none (queue latency), for `balanced_teacher_rows`."""
 
 

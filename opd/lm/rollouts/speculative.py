@@ -35,8 +35,6 @@ from opd.lm.hf.model import hf_model, position_ids
 from opd.lm.teachers.local import LocalTeacher
 
 BLOCK = 4
-
-
 """Most proposals per round (and the first round's): the student drafts up to this many tokens before the teacher
 checks them in one pass. Larger blocks cost fewer teacher calls when most proposals are accepted, and more discarded
 drafts when few are; later rounds of a batch draft `block_for` the batch's acceptance so far."""

@@ -36,8 +36,6 @@ TOKENS, LOSS, _LOSS_SUM = "completion_tokens/teacher=", "loss/teacher=", "loss_s
 
 
 SUMMED = (TOKENS, _LOSS_SUM)
-
-
 """Per-teacher metric keys that micro-batches add up (`opd.lm.train.accumulate`); `per_teacher_means` then turns
 the loss sums into means."""
 

@@ -23,8 +23,6 @@ import torch
 from opd.tasks.prompts import chat_token_ids, text_token_ids
 
 OTHER = 0
-
-
 """Event id of the tokens that match nothing in the other vocabulary."""
 
 

@@ -1,0 +1,1 @@
+"""What several benchmarks share: the recorded command, worker processes, results files, statistics, servers."""

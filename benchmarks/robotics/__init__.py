@@ -1,0 +1,1 @@
+"""`opd bench robotics` (`run.py`): simulated analogues of the robotics rows, one module per part."""
