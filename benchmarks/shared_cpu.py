@@ -30,7 +30,7 @@ from benchmarks.common.results import RESULTS, write
 BUSY = ("import torch; torch.set_num_threads(2); a = torch.randn(384, 384)\n"
         "while True: a @ a")
 CONDITIONS = {
-    # name: (busy jobs, extra environment, extra flags). "defaults": opd picks the threads (`opd.lm.loop.process.free_cores`).
+    # name: (busy jobs, extra environment, extra flags). "defaults": opd picks the threads (`opd.threads.free_cores`).
     "quiet, defaults": (0, {}, []),
     "quiet, --threads 2 (one per core)": (0, {}, ["--threads", "2"]),
     "quiet, OMP_WAIT_POLICY=PASSIVE": (0, {"OMP_WAIT_POLICY": "PASSIVE"}, ["--threads", "2"]),

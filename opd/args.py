@@ -103,6 +103,8 @@ class EvalArgs:
     """Seed of the sampling for the KL estimate (accuracy is greedy)."""
     out_json: str | None = None
     """Also write the numbers to this JSON file."""
+    threads: int | None = None
+    """torch CPU threads; default: one per core that no other job is running on."""
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,8 @@ class ServeArgs:
     """Log-probs reported for generated tokens: `raw_logprobs` (the model's, temperature 1, vLLM's default) or
     `processed_logprobs` (the distribution actually sampled from: after logit bias, penalties, temperature, min_p,
     top-k and top-p; vLLM's `--logprobs-mode processed_logprobs`). Raw log-probs ignore all of these."""
+    threads: int | None = None
+    """torch CPU threads; default: one per core that no other job is running on when the server starts."""
 
 
 @dataclass(frozen=True)

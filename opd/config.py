@@ -318,7 +318,8 @@ def remote_teacher(cfg: DistillConfig) -> bool:
 
 
 def unused_flags(cfg: DistillConfig) -> list[str]:
-    """Flags set away from their defaults that do nothing in this configuration, one line each (for a warning)."""
+    """Flags set away from their defaults that do nothing in this configuration, and settings that do not do what
+    they say (a warm-up longer than the run), one line each (for a warning)."""
     default = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
     notes = []
     for name, used, why in (
@@ -341,6 +342,9 @@ def unused_flags(cfg: DistillConfig) -> list[str]:
     ):
         if not used and getattr(cfg, name) != default[name]:
             notes.append(f"--{name.replace('_', '-')} does nothing here: {why}")
+    if cfg.optim.warmup_steps > cfg.steps:
+        notes.append(f"--optim.warmup-steps {cfg.optim.warmup_steps} is longer than the run (--steps {cfg.steps}): the "
+                     f"learning rate never reaches --optim.lr {cfg.optim.lr}; lower --optim.warmup-steps")
     return notes
 
 

@@ -49,7 +49,8 @@ def test_train_and_eval_on_your_own_files(model_dirs, tmp_path, capsys):
 
 def train_args(dirs, out, *extra):
     return ["train", "--student", dirs["student"], "--teacher", dirs["teacher"], "--steps", "1", "--batch-size", "2",
-            "--eval-examples", "2", "--sampling.max-new-tokens", "4", "--no-progress", "--out-dir", str(out), *extra]
+            "--eval-examples", "2", "--sampling.max-new-tokens", "4", "--optim.warmup-steps", "1", "--no-progress",
+            "--out-dir", str(out), *extra]
 
 
 @pytest.mark.parametrize("flags,match", [

@@ -194,14 +194,14 @@ MUTATIONS: list[Mutation] = [
       "        if isinstance(teacher, LocalTeacher):\n"
       "            return LocalActor(unwrap(student), prompts, pad, eos, s, source=\"teacher\")\n"
       "        return teacher_actor(cfg, teacher, prompts, pad, eos)\n",
-      ("tests/lm/test_teachers.py::test_source_teacher_trains_on_the_teachers_greedy_completions_not_the_students"
-       "[local]",),
+      (("tests/lm/test_teachers.py::test_source_teacher_trains_on_the_teachers_greedy_completions_not_the_students"
+        "[local]"),),
       "--source teacher with a local teacher samples from the student (and logs source=teacher)"),
     M("lora_self_teacher_samples_with_adapters_on", "opd/lm/rollouts/teacher.py",
       "        with self.teacher.frozen():\n            return self.inner.rollouts(draw)\n",
       "        return self.inner.rollouts(draw)\n",
-      ("tests/lm/test_teachers.py::"
-       "test_source_teacher_with_a_lora_self_teacher_samples_from_the_base_after_the_adapters_moved",),
+      (("tests/lm/test_teachers.py::"
+        "test_source_teacher_with_a_lora_self_teacher_samples_from_the_base_after_the_adapters_moved"),),
       "--teacher self on a LoRA student samples with the adapters on"),
     M("grad_accum_weights_micro_batches_k_times", "opd/lm/train.py",
       "accelerator.backward(loss * weight)",
@@ -223,14 +223,14 @@ MUTATIONS: list[Mutation] = [
     M("positions_ignore_left_padding_in_sampling", "opd/lm/hf/decode.py",
       "    pos_BL = position_ids(attn_BL)\n",
       "    pos_BL = torch.arange(attn_BL.shape[1]).expand_as(attn_BL)\n",
-      ("tests/lm/test_sampler.py::"
-       "test_left_padded_sampling_of_an_absolute_position_model_equals_generate_on_each_row_alone",),
+      (("tests/lm/test_sampler.py::"
+        "test_left_padded_sampling_of_an_absolute_position_model_equals_generate_on_each_row_alone"),),
       "sampling counts left padding in the positions"),
     M("positions_ignore_left_padding_in_skd", "opd/lm/rollouts/speculative.py",
       "ids_BP, attn_BP, position_ids(attn_BP)",
       "ids_BP, attn_BP, torch.arange(attn_BP.shape[1]).expand_as(attn_BP)",
-      ("tests/lm/test_speculative.py::"
-       "test_absolute_position_models_match_the_per_token_reference_through_padding_and_holes",),
+      (("tests/lm/test_speculative.py::"
+        "test_absolute_position_models_match_the_per_token_reference_through_padding_and_holes"),),
       "speculative (SKD) sampling counts left padding in the positions"),
     M("discount_never_reaches_the_sampled_loss", "opd/lm/train.py",
       "mask_BT.float(), discount=cfg.discount,",
@@ -255,8 +255,8 @@ MUTATIONS: list[Mutation] = [
     M("actor_mimic_feature_term_dropped", "opd/control/actor_mimic.py",
       "    return policy_term + config.feature_weight * feature_term, policy_term, feature_term\n",
       "    return policy_term, policy_term, feature_term\n",
-      ("tests/control/test_control_actor_mimic.py::"
-       "test_the_update_loss_is_the_policy_term_plus_the_weighted_feature_term",),
+      (("tests/control/test_control_actor_mimic.py::"
+        "test_the_update_loss_is_the_policy_term_plus_the_weighted_feature_term"),),
       "Actor-Mimic trains on the policy term alone (the feature regression is logged but not trained)"),
     M("trackers_get_integer_metrics_only", "opd/lm/loop/run_dir.py",
       "accelerator.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=step + 1)",
@@ -356,7 +356,7 @@ def run_tests(repo: Path, env: dict, tests: tuple[str, ...], timeout: float) -> 
         return "timeout", f"still running after {timeout:.0f} s", time.perf_counter() - t0
     seconds = time.perf_counter() - t0
     if proc.returncode in (0, 1, 2):
-        failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", out, re.M)
+        failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", out, re.MULTILINE)
         detail = failed[0] if failed else out.strip().splitlines()[-1] if out.strip() else ""
         return ("not caught" if proc.returncode == 0 else "caught"), detail, seconds
     tail = " | ".join(out.strip().splitlines()[-3:])
@@ -406,7 +406,7 @@ def check_test_ids(mutations: list[Mutation]) -> int:
     """pytest --collect-only over every named test id of `mutations` (in the repository itself); its exit status."""
     ids = sorted({t for m in mutations for t in m.tests})
     proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *ids],
-                          cwd=ROOT, capture_output=True, text=True)
+                          cwd=ROOT, capture_output=True, text=True, check=False)
     lines = (proc.stdout + proc.stderr).strip().splitlines()
     print("\n".join(line for line in lines if "not found" in line or "ERROR" in line) or lines[-1])
     print(f"{len(ids)} test ids: {'all collect' if proc.returncode == 0 else 'some do not collect'}")

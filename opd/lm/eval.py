@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -140,9 +142,15 @@ def eval_main(args: EvalArgs) -> dict:
     from opd.lm.data.prompts import encode, load_rows, task_rows
     from opd.lm.hf.model import check_same_vocabulary, context_length, load_model, load_tokenizer
     from opd.tasks import get_task
+    from opd.threads import set_threads
 
     if args.examples < 1 or args.max_new_tokens < 1:
         raise ValueError(f"--examples and --max-new-tokens must be >= 1, got {args.examples} and {args.max_new_tokens}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    set_threads(args.threads)
+    if args.out_json:  # its folder now, not after the whole evaluation has run
+        Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
     if args.data is not None:
         rows, spec = load_rows(args.data, args.data_split, args.data_fields, "--data"), args.checker
         if spec is None:

@@ -173,10 +173,11 @@ def distill(cfg: DistillConfig, prompts: Any = None, eval_prompts: Any = None, c
             m.update(step=step + 1, source=draw.source, act_s=t_act - t0, step_s=time.perf_counter() - t0)
             m.update(step_costs(batch, draw, actor, costs, cfg))
             total_flops = m["total_flops"] = total_flops + m["flops"] * proc.world
-            if run.eval_due(step, held_out):
-                m["accuracy"] = checked_accuracy(unwrap(student), tokenizer, held_out, check,
-                                                 cfg.sampling.max_new_tokens)
-            stop = any([bool(cb(step + 1, unwrap(student), m)) for cb in callbacks])
+            with run.saved_if_user_code_fails(step, m, plans.state()):  # your checker and callbacks
+                if run.eval_due(step, held_out):
+                    m["accuracy"] = checked_accuracy(unwrap(student), tokenizer, held_out, check,
+                                                     cfg.sampling.max_new_tokens)
+                stop = any([bool(cb(step + 1, unwrap(student), m)) for cb in callbacks])
             if run.log(step, m, stop, plans.state()):
                 break
     return run.last

@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from opd.control.actor_mimic import (ActorMimicConfig, TransferConfig, actor_mimic, make_transfer_dqn, mimic_loss,
-                                     transfer_dqn)
+from opd.control.actor_mimic import (
+    ActorMimicConfig,
+    TransferConfig,
+    actor_mimic,
+    make_transfer_dqn,
+    mimic_loss,
+    transfer_dqn,
+)
 from opd.control.envs import pad_obs
 from opd.control.policies import Policy, PolicySpec
 from opd.control.teachers import TeacherOutput, as_teacher, cartpole_expert

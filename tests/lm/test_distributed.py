@@ -6,10 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 SCRIPT = Path(__file__).with_name("ddp_check.py")
+pytestmark = pytest.mark.slow  # two processes start, each importing torch and accelerate
 
 
 def launch(model_dirs, out, *extra):

@@ -53,3 +53,23 @@ def test_eval_command_takes_a_lora_checkpoint(model_dirs, tokenizer, tmp_path, c
     main(["eval", str(ckpt), "--examples", "2", "--max-new-tokens", "4"])
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["model"] == str(ckpt) and printed["examples"] == 2
+
+
+def test_eval_and_serve_take_threads(model_dirs):
+    # Like `opd train --threads`: a busy machine is not made slower by one torch thread per core.
+    from opd.lm.serve.app import ServeArgs, load_served
+
+    try:
+        main(["eval", model_dirs["student"], "--examples", "1", "--max-new-tokens", "2", "--threads", "2"])
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        load_served(ServeArgs(model_dir=model_dirs["student"], threads=3))
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(1)  # the tests' own setting (tests/conftest.py)
+
+
+def test_eval_writes_its_json_into_a_folder_it_makes(model_dirs, tmp_path):
+    out = tmp_path / "evals" / "x.json"
+    main(["eval", model_dirs["student"], "--examples", "1", "--max-new-tokens", "2", "--out-json", str(out)])
+    assert json.loads(out.read_text())["examples"] == 1

@@ -18,6 +18,7 @@ from opd.lm.serve.app import ServeArgs, build_app
 from tests.lm.serve_helpers import served_model
 
 ARGS = ServeArgs(model_dir="tiny", batch_window_ms=1)
+pytestmark = pytest.mark.slow  # a few hundred hypothesis examples
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -212,6 +212,7 @@ def test_merge_writes_a_plain_model_and_refuses_bad_inputs(model_dirs, tokenizer
     assert not (tmp_path / "m2").exists() and not (tmp_path / "m3").exists()
 
 
+@pytest.mark.slow  # spawns a sampler process
 def test_a_sampler_process_samples_a_lora_student_and_takes_pushes(model_dirs, tokenizer):
     model = _trained_lora(model_dirs)
     prompts = encode_prompts(tokenizer, PROMPTS, 100)

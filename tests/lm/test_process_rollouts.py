@@ -15,6 +15,8 @@ from opd.lm.teachers.local import LocalTeacher, score_batch
 from opd.lm.teachers.base import TeacherUnreachable
 from opd.lm.train import TrainingError, distill
 
+pytestmark = pytest.mark.slow  # every test spawns a sampler process (torch's import alone takes seconds)
+
 
 def _in_process(model, prompts, pad, eos, s: SamplingArgs, seed: int):
     torch.manual_seed(seed)

@@ -29,7 +29,7 @@ def test_library_bars_restores_the_previous_setting():
 def test_free_cores_counts_the_cores_other_jobs_leave(monkeypatch):
     import os
 
-    import opd.lm.loop.process as runs
+    import opd.threads as runs
 
     cores = len(os.sched_getaffinity(0))
     reads = iter(["0.5 0.5 0.5 1/80 99", "0.5 0.5 0.5 3/80 99", "0.5 0.5 0.5 1/80 99"] * 2)

@@ -170,6 +170,7 @@ def test_logprobs_are_the_models_own_at_each_sampled_token_and_leave_the_draws_u
         torch.testing.assert_close(torch.tensor(lp), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # torch.compile
 def test_compiled_decoding_gives_the_eager_tokens_and_logprobs_with_rows_ending_at_their_first_eos(tokenizer):
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     model = tiny_llama(tokenizer, 16, 1, seed=0)

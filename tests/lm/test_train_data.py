@@ -147,6 +147,7 @@ def test_bad_data_flags_fail_before_training(model_dirs, tmp_path):
     assert not (tmp_path / "run" / "checkpoint").exists()
 
 
+@pytest.mark.slow  # a child process imports trackio
 def test_trackio_gets_the_metrics(model_dirs, tmp_path):
     import sqlite3
     import subprocess

@@ -89,6 +89,21 @@ def check_columns(spec: str, columns: Iterable[str], what: str = "--eval-data") 
     raise ValueError(f"{what} has no {names} column, which --checker {spec} needs; {fix}")
 
 
+def try_checker(checker: Checker, row: dict, what: str) -> None:
+    """Run `checker` once on `row` with its reference completion (or an empty one) before any training, so that a
+    checker that cannot work on these rows fails now, in one line, instead of stopping the run at its first
+    evaluation. `what` names the rows (--eval-data, eval_prompts)."""
+    completion = row.get("completion")
+    completion = "" if completion is None else str(completion)
+    try:
+        score(checker, [row], [completion])
+    except Exception as e:  # the user's own code: any exception is theirs to see
+        name = getattr(checker, "__qualname__", repr(checker))
+        raise ValueError(f"checker {name} fails on the first row of {what} (completion {completion!r:.40}): "
+                         f"{type(e).__name__}: {' '.join(str(e).split())}; fix it before training, or it stops the run at its first "
+                         f"evaluation") from e
+
+
 def score(checker: Checker, rows: list[dict], completions: list[str]) -> list[float]:
     """`checker` applied to each (row, completion) pair, as floats; a one-line ValueError for a non-number."""
     if len(rows) != len(completions):

@@ -78,7 +78,7 @@ def prompt_sets(cfg: DistillConfig, tokenizer, max_prompt_len: int, prompts: Any
     over --checker); with neither, the built-in task gives both splits and its own checker. Everything is checked
     here, before any model loads.
     """
-    from opd.lm.data.checkers import check_columns, get_checker
+    from opd.lm.data.checkers import check_columns, get_checker, try_checker
 
     task = get_task(cfg.task)
     if prompts is not None:
@@ -122,6 +122,8 @@ def prompt_sets(cfg: DistillConfig, tokenizer, max_prompt_len: int, prompts: Any
                          f"(or a final assistant message); add them, map one with --data-fields completion=COLUMN, "
                          f"or use source=student/teacher")
     held_out = None if eval_rows is None else encode(tokenizer, eval_rows, max_prompt_len, what)
+    if held_out is not None and held_out.rows:
+        try_checker(check, held_out.rows[0], what)
     return train, held_out, check
 
 

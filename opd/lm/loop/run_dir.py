@@ -62,6 +62,8 @@ class RunDir:
         self.student, self.opt, self.tokenizer = student, opt, tokenizer
         self.interrupted = InterruptFlag()
         try:
+            if main and self.ckpt:
+                print(f"opd: resuming at step {start} from {self.ckpt}", file=sys.stderr)
             if main and cfg.resume and not self.ckpt:
                 print(f"opd: warning: --resume found no checkpoint in {out / 'checkpoint'}; starting from step 0",
                       file=sys.stderr)
@@ -118,6 +120,24 @@ class RunDir:
             raise TrainingError(
                 f"{e} Saved a checkpoint at step {step} in {self.out / 'checkpoint'}; run again with --resume"
             ) from None
+
+    @contextlib.contextmanager
+    def saved_if_user_code_fails(self, step: int, m: dict, rng_state):
+        """Your checker or callback raising inside, after update `step`: log the step's metrics as far as they got,
+        save the checkpoint of step + 1 (the update is done), and stop with a TrainingError naming the error and the
+        checkpoint, so that nothing is lost and --resume continues after the fix. With several processes the others
+        cannot join that save: the last periodic checkpoint stands."""
+        try:
+            yield
+        except Exception as e:
+            if isinstance(e, TrainingError) or self.proc.world > 1:
+                raise
+            detail = f"{type(e).__name__}: {' '.join(str(e).split())}"
+            self.log(step, m, True, rng_state)
+            raise TrainingError(
+                f"the held-out evaluation (your checker) or a callback raised {detail} after update {step + 1}; saved "
+                f"a checkpoint at step {step + 1} in {self.out / 'checkpoint'}; fix it, then run again with --resume"
+            ) from e
 
     def eval_due(self, step: int, held_out) -> bool:
         """Whether update `step` (0-based) ends with a held-out evaluation (main process; every eval_every and last)."""

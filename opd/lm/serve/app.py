@@ -62,6 +62,7 @@ from opd.lm.serve.hidden import (
 )
 from opd.lm.serve.protocol import BadRequest, CompletionRequest, completion_response, rows_for_request
 from opd.lm.serve.wire import WireDtype
+from opd.threads import set_threads
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -272,13 +273,17 @@ def build_app(model: torch.nn.Module, tokenizer: Any, args: ServeArgs) -> fastap
 
 
 def load_served(args: ServeArgs) -> tuple[torch.nn.Module, Any]:
-    """The model (on `args.device`, in `args.dtype`) and tokenizer saved in `args.model_dir`."""
+    """The model (on `args.device`, in `args.dtype`) and tokenizer saved in `args.model_dir`; sets this process's
+    torch threads (`--threads`, else the free cores)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not Path(args.model_dir).is_dir():
         raise FileNotFoundError(f"{args.model_dir} is not a directory; pass a saved Hugging Face model directory")
     if args.dtype != "auto" and not isinstance(getattr(torch, args.dtype, None), torch.dtype):
         raise ValueError(f"dtype={args.dtype!r}: use auto, float32, bfloat16 or float16")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    set_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype).to(device)
