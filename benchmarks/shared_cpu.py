@@ -70,7 +70,7 @@ def run(name: str, teacher: str, student: str, root: Path, args: SharedCpuArgs) 
     busy_jobs, env, flags = CONDITIONS[name]
     busy = [subprocess.Popen([sys.executable, "-c", BUSY], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for _ in range(busy_jobs)]
-    out = root / name.replace(" ", "_").replace(",", "").replace("=", "-")
+    out = run_dir(root, name)
     try:
         time.sleep(1.0 if busy else 0.0)  # let the busy jobs start spinning
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -91,17 +91,24 @@ def run(name: str, teacher: str, student: str, root: Path, args: SharedCpuArgs) 
             "cpu_s": None if busy else round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1)}
 
 
+def run_dir(root: Path, name: str) -> Path:
+    """Condition `name`'s run directory."""
+    return root / name.replace(" ", "_").replace(",", "").replace("=", "-")
+
+
 def shared_cpu(args: SharedCpuArgs) -> dict:
     """Run every condition one after another; returns the results."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         teacher, student = models(root)
         results = {name: run(name, teacher, student, root, args) for name in args.conditions}
+        # what each run was told (the json keeps it: the run directories go with the temporary directory)
+        configs = {name: json.loads((run_dir(root, name) / "config.json").read_text()) for name in args.conditions}
     base = results.get("quiet, defaults")
     if base:
         for r in results.values():
             r["slowdown"] = round(r["median_step_s"] / base["median_step_s"], 2)
-    return {"conditions": results, "args": {"steps": args.steps, "batch_size": args.batch_size},
+    return {"conditions": results, "runs": configs, "args": {"steps": args.steps, "batch_size": args.batch_size},
             "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores"}
 
 

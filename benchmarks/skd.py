@@ -33,7 +33,7 @@ from opd.tasks import get_task
 
 METHODS = {
     "skd": ("SKD (student proposes, teacher keeps its top-K)", dict(source="speculative", loss="reverse_kl")),
-    "on_policy": ("on-policy distillation", dict(source="teacher", loss="sft")),
+    "on_policy": ("on-policy distillation", dict(source="student", loss="reverse_kl")),
     "sft": ("SFT on teacher samples", dict(source="teacher", loss="sft")),
 }
 STARTS = {"weak": "weak start", "warm": "warm start"}

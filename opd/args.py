@@ -87,7 +87,8 @@ class EvalArgs:
     task: str = "arithmetic"
     """Task whose held-out ("test") split is used when --data is not given."""
     data: str | None = None
-    """Your held-out prompts instead: a .jsonl/.json/.parquet/.csv file, a saved dataset or a hub name (`opd.lm.data.prompts`)."""
+    """Your held-out prompts instead: a .jsonl/.json/.parquet/.csv file, a saved dataset or a hub name
+    (`opd.lm.data.prompts`)."""
     data_split: str = "test"
     """Split of --data to read."""
     data_fields: str = ""
@@ -120,7 +121,14 @@ class ServeArgs:
     port: int = 8000
     """Port to listen on."""
     api_key: str | None = None
-    """If set, requests to /v1 and /opd must carry `Authorization: Bearer <api_key>`."""
+    """If set, requests to /v1 and /opd must carry `Authorization: Bearer <api_key>`. Default: the environment
+    variable OPD_API_KEY (which, unlike a flag, `ps` does not show)."""
+    weights_root: str | None = None
+    """Directory under which `POST /opd/update_weights` may load weights (for `opd train --sampler`, its
+    OUT_DIR/sampler_weights or a parent). Unset: the server refuses weight pushes."""
+    allowed_hosts: tuple[str, ...] = ()
+    """Names accepted in the Host header besides localhost, IP addresses, --host and, with --host 0.0.0.0, this
+    machine's name (a guard against DNS rebinding from a browser); `*` accepts any."""
     device: str | None = None
     """Torch device for the model; default cuda when available, else cpu."""
     dtype: str = "auto"
@@ -141,6 +149,9 @@ class ServeArgs:
     """Most sequences (prompts x n) in one request."""
     max_request_bytes: int = 16 * 2**20
     """Largest request body accepted (413 above it)."""
+    max_response_bytes: int = 512 * 2**20
+    """Largest hidden-state or LM-head answer built (400 above it: ask for fewer sequences or head rows); opd's
+    hidden-state teacher asks for at most 64 MB at a time."""
     logprobs_mode: LogprobsMode = "raw_logprobs"
     """Log-probs reported for generated tokens: `raw_logprobs` (the model's, temperature 1, vLLM's default) or
     `processed_logprobs` (the distribution actually sampled from: after logit bias, penalties, temperature, min_p,

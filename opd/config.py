@@ -191,6 +191,10 @@ class DistillConfig:
     full-vocabulary losses are not reweighted (why: opd.lm.rollouts.server)."""
     remote_timeout: float = 60.0
     """Seconds to wait for one answer from a teacher or sampler server before retrying."""
+    remote_api_key: str | None = None
+    """API key sent to teacher and sampler servers (`Authorization: Bearer KEY`; `opd serve --api-key`, vLLM's
+    --api-key). Default: the environment variable OPD_API_KEY, which `ps` does not show. Never written to
+    config.json."""
     remote_max_retries: int = 5
     """Retries (with doubling back-off from 0.5 s) before a silent teacher or sampler server stops the run with a
     checkpoint."""
@@ -318,8 +322,7 @@ def remote_teacher(cfg: DistillConfig) -> bool:
 
 
 def unused_flags(cfg: DistillConfig) -> list[str]:
-    """Flags set away from their defaults that do nothing in this configuration, and settings that do not do what
-    they say (a warm-up longer than the run), one line each (for a warning)."""
+    """Flags set away from their defaults that do nothing in this configuration, one line each (for a warning)."""
     default = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
     notes = []
     for name, used, why in (
@@ -342,10 +345,15 @@ def unused_flags(cfg: DistillConfig) -> list[str]:
     ):
         if not used and getattr(cfg, name) != default[name]:
             notes.append(f"--{name.replace('_', '-')} does nothing here: {why}")
-    if cfg.optim.warmup_steps > cfg.steps:
-        notes.append(f"--optim.warmup-steps {cfg.optim.warmup_steps} is longer than the run (--steps {cfg.steps}): the "
-                     f"learning rate never reaches --optim.lr {cfg.optim.lr}; lower --optim.warmup-steps")
     return notes
+
+
+def schedule_notes(cfg: DistillConfig) -> list[str]:
+    """Settings that do not do what they seem to (a warm-up longer than the run), one line each (for a warning)."""
+    if cfg.optim.warmup_steps > cfg.steps:
+        return [f"--optim.warmup-steps {cfg.optim.warmup_steps} is longer than the run (--steps {cfg.steps}): the "
+                f"learning rate never reaches --optim.lr {cfg.optim.lr}; lower --optim.warmup-steps"]
+    return []
 
 
 def config_changes(saved: dict, cfg) -> list[str]:
@@ -358,13 +366,16 @@ def config_changes(saved: dict, cfg) -> list[str]:
                 yield prefix + k, list(v) if isinstance(v, tuple) else v
 
     old, new = dict(flat(saved)), dict(flat(to_dict(cfg)))
-    ignored = {"resume", "progress", "out_dir"}
+    ignored = {"resume", "progress", "out_dir", "remote_api_key"}
     return [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items() if k not in ignored and old.get(k, v) != v]
 
 
 def to_dict(cfg) -> dict:
-    """A config as plain JSON-able data."""
-    return dataclasses.asdict(cfg)
+    """A config as plain JSON-able data; a secret (`remote_api_key`) only as whether it was set."""
+    d = dataclasses.asdict(cfg)
+    if d.get("remote_api_key") is not None:
+        d["remote_api_key"] = "<set>"
+    return d
 
 
 def save_config(cfg, out_dir: str | Path) -> None:

@@ -18,6 +18,7 @@ def test_names_are_unique_and_every_mutation_says_what_it_breaks_and_names_tests
     assert len(names) == len(set(names))
     for m in MUTATIONS:
         assert m.tests and m.why and "\n" not in m.why and m.old != m.new, m.name
+        assert not m.file.startswith("/") and ".." not in m.file.split("/"), m.name  # edits stay in the scratch copy
 
 
 @pytest.mark.parametrize("m", MUTATIONS, ids=lambda m: m.name)

@@ -1,6 +1,7 @@
 import json
 
 from opd import quickstart as qs
+from tests.benchmarks.run_helpers import fields, run_config, run_metrics
 from tests.conftest import tiny_llama
 
 
@@ -16,6 +17,15 @@ def test_quickstart_plumbing_writes_results_and_prints_the_table(tokenizer, tmp_
     for row in qs.METHODS:
         assert len(saved[row]) == 2 and all(0.0 <= v <= 1.0 for v in saved[row])
     assert results["teacher"] == saved["teacher"]
+    # which method each row ran: a run's directory is named by its source; its last evaluation is the row's value
+    for name, want in {"on-policy distillation": dict(source="student", loss="reverse_kl"),
+                       "SFT on teacher samples": dict(source="teacher", loss="sft")}.items():
+        for seed in (0, 1):
+            run = tmp_path / f"seed-{seed}" / qs.METHODS[name]["source"]
+            want = dict(want, student=str(tmp_path / "warm-start"), teacher=str(tmp_path / "teacher"), seed=seed)
+            assert fields(run_config(run), *want) == want, name
+            rows = run_metrics(run)
+            assert {m["source"] for m in rows} == {want["source"]} and rows[-1]["accuracy"] == saved[name][seed]
     captured = capsys.readouterr()
     table = captured.out
     # one overall line per run, naming the method and seed; transformers' own load/save bars stay quiet

@@ -2,7 +2,7 @@
 should catch it.
 
     python tools/mutate.py --list                  # the mutations, with the tests each one names
-    python tools/mutate.py                         # all of them, one after another (the LM ones take minutes)
+    python tools/mutate.py                         # all of them, one after another (8 minutes on two cores)
     python tools/mutate.py --only NAME [NAME ...]  # some of them
     python tools/mutate.py --check                 # every named test id collects (pytest --collect-only); no mutation
 
@@ -270,8 +270,8 @@ MUTATIONS: list[Mutation] = [
        "tests/lm/test_loop_wiring.py::test_a_teacher_prefix_cut_into_micro_batches_grades_the_same_rows"),
       "a micro-batch gets the first rows of the sampler-graded teacher prefix, not its own"),
     M("remote_teacher_interleaves_concurrent_answers", "opd/lm/remote/teacher.py",
-      "choices = [c for a in answers for c in sorted(a[\"choices\"], key=lambda c: c[\"index\"])]",
-      "choices = sorted((c for a in answers for c in a[\"choices\"]), key=lambda c: c[\"index\"])",
+      "        out.extend(sorted(choices, key=lambda c: c[\"index\"]))\n    return out\n",
+      "        out.extend(choices)\n    return sorted(out, key=lambda c: c[\"index\"])\n",
       ("tests/lm/test_remote.py::test_many_rows_over_concurrent_requests_each_get_their_own_scores",),
       "RemoteTeacher sorts the choices of several requests together (each request's indices start at 0)"),
     M("vocabulary_check_by_size_only", "opd/lm/hf/model.py",
@@ -306,7 +306,10 @@ def by_name(names: list[str] | None) -> list[Mutation]:
 
 def mutated_source(m: Mutation, root: Path = ROOT) -> tuple[str, str]:
     """(the file's text, the text with the mutation applied); ValueError unless `old` occurs exactly once."""
-    text = (root / m.file).read_text()
+    path = (root / m.file).resolve()
+    if not path.is_relative_to(root.resolve()):  # an absolute or ../ path would edit a file outside the copy
+        raise ValueError(f"{m.name}: {m.file} is not a path inside the repository")
+    text = path.read_text()
     count = text.count(m.old)
     if count != 1:
         raise ValueError(f"{m.name}: the old text occurs {count} times in {m.file} (expected once); update the mutation")
@@ -355,10 +358,11 @@ def run_tests(repo: Path, env: dict, tests: tuple[str, ...], timeout: float) -> 
         proc.communicate()
         return "timeout", f"still running after {timeout:.0f} s", time.perf_counter() - t0
     seconds = time.perf_counter() - t0
-    if proc.returncode in (0, 1, 2):
-        failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", out, re.MULTILINE)
-        detail = failed[0] if failed else out.strip().splitlines()[-1] if out.strip() else ""
-        return ("not caught" if proc.returncode == 0 else "caught"), detail, seconds
+    if proc.returncode == 0:
+        return "not caught", "every named test passed", seconds
+    if proc.returncode in (1, 2):
+        failed = re.findall(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", out, re.MULTILINE)
+        return "caught", failed[0] if failed else out.strip().splitlines()[-1], seconds
     tail = " | ".join(out.strip().splitlines()[-3:])
     return "error", f"pytest exit status {proc.returncode}: {tail}", seconds
 
@@ -380,7 +384,7 @@ def run(mutations: list[Mutation], timeout: float, keep: bool) -> dict[str, str]
                 results[m.name] = "stale"
                 print(f"[{i:2}/{len(mutations)}] {m.name:<{width}}  stale: {e}", flush=True)
                 continue
-            path = repo / m.file
+            path = (repo / m.file).resolve()  # inside the copy: mutated_source checked it
             path.write_text(mutated)
             try:
                 outcome, detail, seconds = run_tests(repo, env, m.tests, timeout)

@@ -40,6 +40,8 @@ class Server:
     proc: subprocess.Popen | None = None
     threads: int = 1
     """torch threads of the server process."""
+    weights_root: str | None = None
+    """The server's --weights-root (where it may load pushed weights from); None: it refuses pushes."""
 
     @property
     def url(self) -> str:
@@ -49,7 +51,7 @@ class Server:
         """Start the server and wait until /health answers."""
         self.log.parent.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "opd.cli", "serve", self.model_dir, "--port", str(self.port), "--device",
-                   "cpu"]
+                   "cpu"] + (["--weights-root", self.weights_root] if self.weights_root else [])
         with open(self.log, "ab") as log:
             # Run from the log's folder: a fuzzed weight update of "." must not find the model's weights there.
             env = ENV | {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}

@@ -66,12 +66,16 @@ def run(quick: bool, seeds: tuple[int, ...], out_dir: Path) -> tuple[dict, str]:
         teacher_info = json.loads((teacher / "info.json").read_text())
         # accuracy[arm][stage][task] -> one value per seed
         accuracy = {arm: [{t: [] for t in TASKS} for _ in TASKS] for arm in ARMS}
+        # configs["shared"][seed]: stage A's run config; configs[arm][seed]: each later stage's (the json keeps them:
+        # a quick run's directories are gone once it returns)
+        configs = {"shared": [], **{arm: [] for arm in ARMS}}
         for seed in seeds:
             base = ContinualConfig(teacher=str(teacher), student="", tasks=TASKS, seed=seed, **settings["stage"])
             student = init_student(TASKS, runs / f"seed{seed}" / "start", settings["student_size"], seed=seed)
             # stage A has no earlier task: one run serves both arms
             first = replace(base, student=str(student), out_dir=str(runs / f"seed{seed}" / "shared"))
             checkpoint = run_stage(first, 0, str(student))
+            configs["shared"].append(_config(checkpoint))
             after_a = evaluate_dir(checkpoint, TASKS, base.eval_examples, base.max_new_tokens)
             for arm, keep_old in ARMS.items():
                 accuracy[arm][0] = {t: accuracy[arm][0][t] + [after_a[t]] for t in TASKS}
@@ -80,6 +84,7 @@ def run(quick: bool, seeds: tuple[int, ...], out_dir: Path) -> tuple[dict, str]:
                 for stage in result["stages"]:
                     for t in TASKS:
                         accuracy[arm][stage["stage"]][t].append(stage["accuracy"][t])
+                configs[arm].append([_config(stage["checkpoint"]) for stage in result["stages"]])
             print(f"continual forgetting: seed {seed} done, {time.perf_counter() - start:.0f} s", file=sys.stderr)
     section = dict(
         config=dict(tasks=dict(zip(LETTERS, TASKS)), seeds=list(seeds), updates_per_stage=settings["stage"]["steps"],
@@ -91,11 +96,17 @@ def run(quick: bool, seeds: tuple[int, ...], out_dir: Path) -> tuple[dict, str]:
                     "multi-task teacher", quick=quick),
         **{arm: _arm_section(accuracy[arm]) for arm in ARMS},
         wall_s=round(time.perf_counter() - start, 1),
+        runs=configs,
     )
     if not quick:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         plot(section, Path(out_dir) / "continual_forgetting.png")
     return section, table(section)
+
+
+def _config(checkpoint) -> dict:
+    """The config a stage's run wrote next to its checkpoint."""
+    return json.loads((Path(checkpoint).parent / "config.json").read_text())
 
 
 def _arm_section(accuracy: list[dict[str, list[float]]]) -> dict:

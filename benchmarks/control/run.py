@@ -100,7 +100,7 @@ def job_dagger(method: str, seed: int, quick: bool) -> dict:
     by_horizon = {h: float(evaluate(result.student.act, "CartPole-v1", 4 if quick else 10, seed=50_000 + seed,
                                     max_episode_steps=h).mean()) for h in horizons}  # fmt: skip
     return {"labels": [r["step"] for r in result.history], "returns": [r["return_mean"] for r in result.history],
-            "by_horizon": by_horizon}  # fmt: skip
+            "by_horizon": by_horizon, "config": asdict(config)}  # fmt: skip
 
 
 def job_distill(games: tuple[str, ...], fraction: float | None, loss: str, temperature: float, seed: int,

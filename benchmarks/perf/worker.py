@@ -130,14 +130,15 @@ def run_opd_overlap(spec: dict, scratch: Path) -> dict:
 
 
 @contextlib.contextmanager
-def served(model_dir: str, threads: int, log: Path) -> Iterator[tuple[str, int]]:
+def served(model_dir: str, threads: int, log: Path, weights_root: Path | None = None) -> Iterator[tuple[str, int]]:
     """`opd serve model_dir` (CPU, `threads` torch threads) on a free 127.0.0.1 port, in a process of its own
     (`benchmarks.common.processes.Server`); yields its URL and process id once /health answers, and stops it on the
     way out whatever happened (Ctrl-C as a user would, SIGKILL if it is not gone after 15 s)."""
     from benchmarks.common.processes import Server, free_port
 
     # absolute: the server runs in the log's folder
-    server = Server(str(Path(model_dir).resolve()), free_port(), log, threads=threads)
+    server = Server(str(Path(model_dir).resolve()), free_port(), log, threads=threads,
+                    weights_root=str(weights_root.resolve()) if weights_root else None)
     try:
         yield server.start().url, server.proc.pid
     finally:
@@ -152,7 +153,7 @@ def run_opd_sampler_overlap(spec: dict, scratch: Path) -> dict:
     processes': the trainer's peak plus the server's, read just before the server stops."""
     server_threads = max(1, spec["threads"] // 2)
     torch.set_num_threads(max(1, spec["threads"] - server_threads))
-    with served(spec["student"], server_threads, scratch / "serve.log") as (url, server_pid):
+    with served(spec["student"], server_threads, scratch / "serve.log", weights_root=scratch) as (url, server_pid):
         raw = run_opd(spec, scratch, sampler=url, overlap=True, sync_every=1)
         server_peak = max_rss_mb(server_pid)
     return dict(raw, peak_rss_mb=raw["peak_rss_mb"] + server_peak, trainer_peak_rss_mb=raw["peak_rss_mb"],

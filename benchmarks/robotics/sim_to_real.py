@@ -102,7 +102,9 @@ def job(seed: int, args: SimToRealArgs) -> dict:
                "dagger": dagger_seconds}  # PPO times are from when the model was trained and cached
     return {"seed": seed, "returns": returns, "labels": dagger.history[-1]["dataset_size"], "seconds": seconds,
             "dagger_curve": [r["return_mean"] for r in dagger.history],
-            "bc_curve": [r["return_mean"] for r in bc.history]}  # fmt: skip
+            "bc_curve": [r["return_mean"] for r in bc.history],
+            # who acted: the teacher's share β of each iteration (BC: always the teacher)
+            "dagger_beta": [r["beta"] for r in dagger.history], "bc_beta": [r["beta"] for r in bc.history]}  # fmt: skip
 
 
 def run(quick: bool, seeds: int, workers: int, out_dir: Path) -> tuple[dict, str]:

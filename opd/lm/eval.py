@@ -61,7 +61,8 @@ def greedy_completions(model, tokenizer, prompt_ids: list[list[int]], max_new_to
 
 def checked_accuracy(model, tokenizer, prompts, checker, max_new_tokens: int = 64, batch_size: int = 256,
                      progress: bool = False) -> float:
-    """Mean score `checker(row, completion)` over a `PromptSet` (`opd.lm.data.prompts`), completions decoded greedily."""
+    """Mean score `checker(row, completion)` over a `PromptSet` (`opd.lm.data.prompts`), completions decoded
+    greedily."""
     from opd.lm.data.checkers import score
 
     was_training = model.training

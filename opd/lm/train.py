@@ -71,7 +71,7 @@ def student_loss(student, batch: Batch, signal: TeacherSignal | RoutedSignal | N
             metrics["sampled_reverse_kl"] = (sampling_BT - signal.taken_logp_BT)[mask_BT].mean().item()
         if signal is not None and signal.taken_logp_BT is not None:
             metrics["teacher_logp"] = signal.taken_logp_BT[mask_BT].mean().item()
-    elif isinstance(signal, CrossTokenizerSignal):  # a teacher with its own tokenizer: span by span (opd.lm.xtok.teacher)
+    elif isinstance(signal, CrossTokenizerSignal):  # a teacher with its own tokenizer: span by span (opd.lm.xtok)
         per_token = signal.per_token(divergence_from_config(cfg), hidden_ND, head, targets_N, cfg.chunk_size)
     else:
         per_token = teacher_divergence(divergence_from_config(cfg), hidden_ND, head, signal, mask_BT, cfg.chunk_size)

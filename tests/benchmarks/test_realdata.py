@@ -1,11 +1,13 @@
 import json
 
-import pytest
 import torch
 
-pytest.importorskip("if_verifiable", reason="the ifeval extra (if-verifiable) installs on Python >= 3.11 only")
+from benchmarks import realdata as rd
+from tests.benchmarks.run_helpers import fields, run_config, run_metrics
 
-from benchmarks import realdata as rd  # noqa: E402 (after the skip)
+ARMS = {"on-policy distillation": dict(source="student", loss="reverse_kl"),
+        "SFT on teacher samples": dict(source="teacher", loss="sft")}
+"""What each row must run (written out here: the benchmark's METHODS could be wrong)."""
 
 
 def test_quick_realdata_runs_every_row_through_data_files_and_writes_results(tmp_path, monkeypatch):
@@ -17,6 +19,20 @@ def test_quick_realdata_runs_every_row_through_data_files_and_writes_results(tmp
     assert results["teacher"]["reverse_kl"] == 0.0 and results["student before"]["reverse_kl"] > 0
     for runs in results["runs"].values():
         assert len(runs) == 1 and all(0.0 <= r["if_heldout"] <= 1.0 and r["reverse_kl"] > 0 for r in runs)
+    # which method each row ran (a run's directory is named by its source), in full and with LoRA
+    work = tmp_path / "work-quick"
+    pair = dict(student=str(work / "tiny" / "student"), teacher=str(work / "tiny" / "teacher"),
+                data=str(work / "train.jsonl"))
+    for variant, rank in (("full", 0), ("LoRA", 2)):
+        for name, want in ARMS.items():
+            run = work / "runs" / variant / rd.METHODS[name]["source"] / "seed-0"
+            cfg, want = run_config(run), dict(want, **pair)
+            assert fields(cfg, *want) == want and cfg["lora"]["r"] == rank, f"{name} ({variant})"
+            rows = run_metrics(run)
+            assert {m["source"] for m in rows} == {want["source"]}
+            # the teacher generates the SFT run's samples; it only scores the on-policy run's
+            assert all((m["flops_teacher_generate"] > 0) == (m["flops_sample"] == 0) == (want["loss"] == "sft")
+                       for m in rows)
     # the LoRA runs saved adapters; the full ones whole weights
     lora = tmp_path / "work-quick" / "runs" / "LoRA" / "student" / "seed-0" / "checkpoint"
     assert (lora / "adapter_config.json").exists()

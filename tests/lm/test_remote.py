@@ -1,5 +1,6 @@
 """RemoteTeacher / RemoteSampler against a real `opd serve`: same numbers as the local model, clear errors when down."""
 
+import json
 import time
 
 import httpx
@@ -7,9 +8,10 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from opd.lm.remote.client import BadAnswer, CompletionsClient, ServerRefused, TeacherUnreachable
+from opd.lm.remote.hidden import HiddenStateTeacher
 from opd.lm.remote.sampler import RemoteSampler
 from opd.lm.remote.teacher import RemoteTeacher, _position_entries
-from opd.lm.remote.client import TeacherUnreachable
 from opd.lm.serve.app import ServeArgs, build_app
 from opd.lm.teachers.local import LocalTeacher
 from tests.lm.serve_helpers import free_port, live_server, sequence_logp, served_model
@@ -45,7 +47,8 @@ def forwarding_transport(app_client: TestClient, fail_first: int = 0):
         calls.append(request.url.path)
         if len(calls) <= fail_first:
             return httpx.Response(503, json={"error": {"message": "warming up"}})
-        r = app_client.request(request.method, request.url.path, content=request.content, headers=request.headers)
+        headers = {k: v for k, v in request.headers.items() if k != "host"}  # the app's own name, not *.test
+        r = app_client.request(request.method, request.url.path, content=request.content, headers=headers)
         return httpx.Response(r.status_code, content=r.content, headers=r.headers)
 
     return httpx.MockTransport(handle), calls
@@ -180,3 +183,143 @@ def test_unreachable_server_raises_one_clear_error(tokenizer):
         teacher.score(ids_BL, attn_BL, attn_BL[:, 1:])
     assert time.monotonic() - start < 5
     assert "\n" not in str(err.value) and "opd serve" in str(err.value)
+
+
+def test_the_clients_send_a_key_and_say_so_when_it_is_refused(model, tokenizer, monkeypatch, tmp_path):
+    """Issue 30: opd train could not send a key to a teacher or sampler, and a 401 read 'not an OpenAI server'."""
+    from opd.config import DistillConfig, save_config
+
+    monkeypatch.delenv("OPD_API_KEY", raising=False)
+    with TestClient(build_app(model, tokenizer, ServeArgs(model_dir="tiny", api_key="k"))) as app_client:
+        transport, _ = forwarding_transport(app_client)
+        with pytest.raises(ValueError, match="the server refused the key: pass --remote-api-key or set OPD_API_KEY"):
+            RemoteTeacher("http://t.test", top_k=2, transport=transport).check(tokenizer, len(tokenizer))
+        with pytest.raises(ServerRefused, match="the server refused the key: pass --remote-api-key or set OPD_API_KEY"):
+            RemoteSampler("http://t.test", model="tiny", transport=transport).sample([[5, 6]], max_new_tokens=2)
+        monkeypatch.setenv("OPD_API_KEY", "k")  # what the clients send when no key is passed
+        ids, _ = RemoteSampler("http://t.test", model="tiny", transport=transport).sample([[5, 6]], max_new_tokens=2)
+        assert len(ids[0]) == 2
+        monkeypatch.delenv("OPD_API_KEY")
+        hidden = HiddenStateTeacher("http://t.test", api_key="k", transport=transport)
+        assert hidden.vocab_size() == model.get_output_embeddings().weight.shape[0]
+    cfg = DistillConfig(student="s", teacher="http://t.test/v1", remote_api_key="secret", out_dir=str(tmp_path))
+    save_config(cfg, tmp_path)
+    assert "secret" not in (tmp_path / "config.json").read_text()  # the record of a run holds no key
+
+
+def fake_server(answer):
+    """An httpx transport whose server answers `answer(path, body)`: an httpx.Response, or a JSON-able value."""
+    def handle(request: httpx.Request) -> httpx.Response:
+        out = answer(request.url.path, json.loads(request.content) if request.content else None)
+        # json.dumps writes NaN and Infinity, as a broken server's JSON library would (httpx's json= refuses them)
+        return out if isinstance(out, httpx.Response) else httpx.Response(200, content=json.dumps(out).encode())
+
+    return httpx.MockTransport(handle)
+
+
+def scoring_answer(body, logp=-0.1, top_id=None):
+    """A vLLM prompt_logprobs answer with k=1: each prompt token at `logp`, or `top_id` ranked above it."""
+    def entry(t):
+        if top_id is None:
+            return {str(t): {"logprob": logp, "rank": 1}}
+        return {str(t): {"logprob": -5.0, "rank": 2}, str(top_id): {"logprob": logp, "rank": 1}}
+
+    return {"choices": [{"index": i, "prompt_token_ids": seq, "prompt_logprobs": [None] + [entry(t) for t in seq[1:]]}
+                        for i, seq in enumerate(body["prompt"])]}
+
+
+def one_line_bad_answer(call, url="t.test"):
+    with pytest.raises(BadAnswer) as err:
+        call()
+    # a TeacherUnreachable: the training loop saves a checkpoint and stops with this one line
+    assert isinstance(err.value, TeacherUnreachable) and url in str(err.value) and "\n" not in str(err.value)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("bad", [dict(logp=float("nan")), dict(logp=0.5), dict(logp=float("-inf")),
+                                 dict(top_id=-1), dict(top_id=50), "no choices", "not json"])
+def test_the_remote_teacher_refuses_a_bad_answer(bad):
+    """Issue 30: NaN and positive log-probs were let in (a tail bucket of 168), a negative top-k id crashed CUDA."""
+    def answer(path, body):
+        if bad == "no choices":
+            return {"choices": []}
+        if bad == "not json":
+            return httpx.Response(200, content=b"<html>hi</html>")
+        return scoring_answer(body, **bad)
+
+    teacher = RemoteTeacher("http://t.test", model="m", top_k=1, transport=fake_server(answer), max_retries=0)
+    teacher.vocab_size = 50
+    ids_BL, attn_BL = left_padded_batch([4, 3], 50)
+    mask_BT = attn_BL[:, 1:] * attn_BL[:, :-1]
+    one_line_bad_answer(lambda: teacher.score(ids_BL, attn_BL, mask_BT))
+    good = RemoteTeacher("http://t.test", model="m", top_k=1,
+                         transport=fake_server(lambda path, body: scoring_answer(body)))
+    good.vocab_size = 50
+    assert torch.isfinite(good.score(ids_BL, attn_BL, mask_BT).topk_logp_BTK[mask_BT.bool()]).all()
+
+
+@pytest.mark.parametrize("ids,logps", [([5, 50], [-1.0, -1.0]), ([-1], [-1.0]), ([1, 2, 3], [-1.0] * 3),
+                                       ([1], [float("nan")]), ([1], [float("inf")]), ([1], [0.7]), ([1, 2], [-1.0]),
+                                       (None, None)])
+def test_the_remote_sampler_refuses_a_bad_answer(ids, logps):
+    """Issue 30: token ids >= V or negative, more tokens than asked and NaN/inf log-probs came through."""
+    def answer(path, body):
+        if ids is None:
+            return {"choices": []}
+        return {"choices": [{"index": 0, "token_ids": ids, "logprobs": {"token_logprobs": logps}}]}
+
+    sampler = RemoteSampler("http://t.test", model="m", transport=fake_server(answer), max_retries=0)
+    sampler.vocab_size = 50
+    one_line_bad_answer(lambda: sampler.sample([[1, 2]], max_new_tokens=2))
+
+
+def test_the_hidden_state_teacher_refuses_nan_states(model, tokenizer):
+    from opd.lm.serve.wire import decode_array, encode_array
+
+    with TestClient(build_app(model, tokenizer, ServeArgs(model_dir="tiny"))) as app_client:
+        forward, _ = forwarding_transport(app_client)
+
+        def nan_states(request):
+            r = forward.handle_request(request)
+            if request.url.path != "/opd/hidden_states":
+                return r
+            body = json.loads(r.read())
+            for d in body["data"]:
+                d["hidden"] = encode_array(decode_array(d["hidden"], "float32") * float("nan"), "float32")
+            return httpx.Response(200, json=body)
+
+        teacher = HiddenStateTeacher("http://t.test", model="tiny", transport=httpx.MockTransport(nan_states))
+        ids_BL, attn_BL = left_padded_batch([4], len(tokenizer))
+        assert "NaN" in one_line_bad_answer(lambda: teacher.score(ids_BL, attn_BL, attn_BL[:, 1:]))
+
+
+def test_a_slow_large_redirecting_or_shouting_server_is_cut_short():
+    """Issue 30: a per-chunk timeout let a slow server hold a 2 s call for 15 s; answers had no size limit; a redirect
+    or a 5 MB error message with terminal escapes came through unfiltered."""
+    def drip():
+        for _ in range(40):
+            time.sleep(0.1)
+            yield b" "
+        yield b"{}"
+
+    slow = CompletionsClient("http://t.test", timeout=0.5, max_retries=0,
+                             transport=httpx.MockTransport(lambda r: httpx.Response(200, content=drip())))
+    start = time.monotonic()
+    with pytest.raises(TeacherUnreachable, match="took over 0.5 s"):
+        slow.post("/v1/completions", {})
+    assert time.monotonic() - start < 1.5
+    big = {"choices": [], "pad": "x" * 5000}
+    for transport in (fake_server(lambda path, body: big),  # declared length
+                      httpx.MockTransport(lambda r: httpx.Response(200, content=iter([json.dumps(big).encode()])))):
+        capped = CompletionsClient("http://t.test", max_answer_bytes=1000, transport=transport)
+        assert "over the client's limit of 1000 bytes" in one_line_bad_answer(lambda c=capped: c.post("/x", {}))
+    moved = CompletionsClient("http://t.test", transport=httpx.MockTransport(
+        lambda r: httpx.Response(302, headers={"location": "http://elsewhere.test/" + "a" * 5000})))
+    assert "redirected (HTTP 302)" in (message := one_line_bad_answer(lambda: moved.post("/x", {})))
+    assert len(message) < 400
+    shout = {"error": {"message": "\x1b[31mALERT\r\n" + "A" * 5_000_000}}
+    loud = CompletionsClient("http://t.test", transport=httpx.MockTransport(lambda r: httpx.Response(400, json=shout)))
+    with pytest.raises(ServerRefused) as err:
+        loud.post("/x", {})
+    message = str(err.value)
+    assert "ALERT" in message and len(message) < 500 and not any(c in message for c in "\x1b\r\n")

@@ -186,3 +186,26 @@ def test_distill_against_a_live_opd_serve_with_the_hidden_payload(model_dirs, tm
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 3 and all(v > 0 and v == v for v in losses)
     assert len(scored) == 3  # every step was graded by the hidden-state teacher
+
+
+def test_hidden_state_and_head_answers_have_a_size_cap(tokenizer, teacher, monkeypatch):
+    """Issue 30: hidden-state and LM-head answers had no size cap (a 151k x 4096 head is ~3 GB of base64). The server
+    refuses what is over --max-response-bytes; the client asks for few enough bytes per request to stay under it."""
+    import opd.lm.remote.hidden as remote_hidden
+
+    D = teacher.config.hidden_size
+    args = ServeArgs(model_dir="teacher", max_response_bytes=4 * D * 4 * 4 // 3)  # 4 float32 rows
+    with TestClient(build_app(teacher, tokenizer, args)) as c:
+        assert c.get("/opd/lm_head?start=0&stop=4").status_code == 200
+        r = c.get("/opd/lm_head?start=0&stop=5")
+        assert r.status_code == 400 and "ask for at most 4 rows" in r.json()["error"]["message"]
+        assert c.post("/opd/hidden_states", json={"sequences": [[1, 2, 3, 4]]}).status_code == 200
+        r = c.post("/opd/hidden_states", json={"sequences": [[1, 2, 3, 4, 5]]})
+        assert r.status_code == 400 and "--max-response-bytes" in r.json()["error"]["message"]
+    # the client's request sizing: at most _HIDDEN_REQUEST_BYTES per request, and never an empty request
+    monkeypatch.setattr(remote_hidden, "_HIDDEN_REQUEST_BYTES", 2 * D * 4 * 4 // 3)
+    client = HiddenStateTeacher("http://t.test", seqs_per_request=16)
+    client._hidden_size = D
+    seqs = [[1, 2, 3], [1, 2], [1] * 5, [1, 2]]
+    assert client._groups(seqs, [1, 0, 0, 0]) == [[0], [1], [2], [3]]
+    assert client._groups([[1], [1], [1]], [0, 0, 0]) == [[0, 1], [2]]

@@ -35,14 +35,15 @@ def cfg_for(dirs, out, sampler, **kw) -> DistillConfig:
     return DistillConfig(**base)
 
 
-def student_server(dirs):
-    args = ServeArgs(model_dir=dirs["student"], device="cpu", batch_window_ms=2)
+def student_server(dirs, weights_root):
+    """`opd serve` of the student, taking weight pushes from under `weights_root` (the runs' out dirs)."""
+    args = ServeArgs(model_dir=dirs["student"], device="cpu", batch_window_ms=2, weights_root=str(weights_root))
     return build_app(*load_served(args), args)
 
 
 @pytest.fixture(scope="module")
-def sampler_url(model_dirs):
-    with live_server(student_server(model_dirs)) as url:
+def sampler_url(model_dirs, tmp_path_factory):
+    with live_server(student_server(model_dirs, tmp_path_factory.getbasetemp())) as url:
         yield url
 
 
@@ -97,7 +98,7 @@ def test_a_resumed_run_pushes_its_weights_and_continues_bit_for_bit(model_dirs, 
 
 
 def test_a_dead_sampler_stops_with_a_resumable_checkpoint(model_dirs, tmp_path):
-    app = student_server(model_dirs)
+    app = student_server(model_dirs, tmp_path)
     with live_server(app) as url:
         distill(cfg_for(model_dirs, tmp_path, url, steps=2, remote_max_retries=1))
     with pytest.raises(TrainingError) as err:  # the server is gone: the resumed run fails at its first step
@@ -129,15 +130,15 @@ def test_overlap_samples_each_step_from_the_weights_pushed_one_step_before(model
     # What the server saw, in order: which weights it loaded, and which weights each completion was sampled with.
     events, loaded = [], ["initial"]
 
-    def load_weights(model, path):
-        n = real_load(model, path)
+    def load_weights(model, path, root):
+        n = real_load(model, path, root)
         loaded[0] = Path(path).name
         events.append(("load", loaded[0]))
         return n
 
     real_load = serve.load_weights
     monkeypatch.setattr(serve, "load_weights", load_weights)
-    app = student_server(model_dirs)
+    app = student_server(model_dirs, tmp_path)
     real_run = app.state.engine.run
 
     async def run(rows):
@@ -233,7 +234,7 @@ class DiesAfter:
 
 
 def test_a_sampler_dying_during_a_prefetch_stops_with_a_resumable_checkpoint(model_dirs, tmp_path):
-    app = student_server(model_dirs)
+    app = student_server(model_dirs, tmp_path)
     with live_server(DiesAfter(app, completions=8)) as url:  # step 0 and step 1's prefetch; step 2's fails
         with pytest.raises(TrainingError) as err:
             distill(cfg_for(model_dirs, tmp_path, url, steps=4, overlap=True, remote_max_retries=1))
@@ -244,6 +245,34 @@ def test_a_sampler_dying_during_a_prefetch_stops_with_a_resumable_checkpoint(mod
     with live_server(app) as url:
         distill(cfg_for(model_dirs, tmp_path, url, steps=4, overlap=True, resume=True))
     assert [m["step"] for m in metrics(tmp_path)] == [1, 2, 3, 4]
+
+
+class LiesAfter(DiesAfter):
+    """An ASGI app that answers like `app` for `completions` completion requests, then a sampled token id of -1."""
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] == "/v1/completions":
+            self.left -= 1
+            if self.left < 0:
+                body = json.dumps({"choices": [{"index": 0, "token_ids": [-1], "logprobs": {"token_logprobs": [-0.1]},
+                                                "text": "", "finish_reason": "length"}]}).encode()
+                await send({"type": "http.response.start", "status": 200,
+                            "headers": [(b"content-type", b"application/json")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+def test_a_lying_sampler_stops_the_run_with_a_resumable_checkpoint(model_dirs, tmp_path):
+    """Issue 30: token ids out of range from a sampler went into the batch (a device-side assert on CUDA, no
+    checkpoint)."""
+    app = student_server(model_dirs, tmp_path)
+    with live_server(LiesAfter(app, completions=4)) as url:  # step 0's four prompts, then lies
+        with pytest.raises(TrainingError) as err:
+            distill(cfg_for(model_dirs, tmp_path, url, steps=3))
+    message = str(err.value)
+    assert "\n" not in message and url in message and "token ids must be integers in [0, " in message
+    assert "checkpoint at step 1" in message and "--resume" in message
 
 
 @pytest.mark.parametrize("shift", [3.0, -3.0])

@@ -99,8 +99,9 @@ def try_checker(checker: Checker, row: dict, what: str) -> None:
         score(checker, [row], [completion])
     except Exception as e:  # the user's own code: any exception is theirs to see
         name = getattr(checker, "__qualname__", repr(checker))
+        detail = " ".join(str(e).split())
         raise ValueError(f"checker {name} fails on the first row of {what} (completion {completion!r:.40}): "
-                         f"{type(e).__name__}: {' '.join(str(e).split())}; fix it before training, or it stops the run at its first "
+                         f"{type(e).__name__}: {detail}; fix it before training, or it stops the run at its first "
                          f"evaluation") from e
 
 

@@ -24,7 +24,8 @@ def make_teacher(cfg: DistillConfig, student, tokenizer, device="cpu", resumed: 
     """The teacher the config names: a local HF model (vocabularies checked), an OpenAI-compatible server, the
     student's starting weights (`self`; `resumed`: the student holds a checkpoint's weights, not the start), or
     several of these routed by a data column (--teachers: `opd.lm.teachers.routed.Teachers`). With --cross-tokenizer, a
-    local model with its own tokenizer (`opd.lm.xtok.teacher`), which renders each of `prompts` with its own template."""
+    local model with its own tokenizer (`opd.lm.xtok.teacher`), which renders each of `prompts` with its own
+    template."""
     if cfg.teacher is None and cfg.teachers is None:
         if cfg.loss != "sft" or cfg.source not in ("data",):
             raise ValueError(f"source={cfg.source} with loss={cfg.loss} needs a teacher; pass --teacher")
@@ -54,15 +55,16 @@ def _one_teacher(cfg: DistillConfig, spec: str, student, tokenizer, device, resu
     if spec.startswith(("http://", "https://")) and cfg.teacher_payload == "hidden":
         from opd.lm.remote.hidden import HiddenStateTeacher
 
-        teacher = HiddenStateTeacher(spec, timeout=cfg.remote_timeout, max_retries=cfg.remote_max_retries,
-                                     chunk_size=cfg.chunk_size, with_taken_logp=with_taken_logp)
+        teacher = HiddenStateTeacher(spec, api_key=cfg.remote_api_key, timeout=cfg.remote_timeout,
+                                     max_retries=cfg.remote_max_retries, chunk_size=cfg.chunk_size,
+                                     with_taken_logp=with_taken_logp)
         teacher.check_student(student)  # the served vocabulary, before any step
         return teacher
     if spec.startswith(("http://", "https://")):
         from opd.lm.remote.teacher import RemoteTeacher
 
-        teacher = RemoteTeacher(spec, model=None, top_k=cfg.top_k, timeout=cfg.remote_timeout,
-                                max_retries=cfg.remote_max_retries)
+        teacher = RemoteTeacher(spec, model=None, top_k=cfg.top_k, api_key=cfg.remote_api_key,
+                                timeout=cfg.remote_timeout, max_retries=cfg.remote_max_retries)
         teacher.check(tokenizer, student.get_output_embeddings().weight.shape[0])  # before any step
         return teacher
     model = load_model(spec, dtype=cfg.teacher_dtype, device=device)
@@ -145,7 +147,7 @@ def make_actor(cfg: DistillConfig, student, teacher, prompts: PromptSet, tokeniz
     if cfg.sampler:
         from opd.lm.rollouts.server import ServerRollouts
 
-        sampler = ServerRollouts(cfg.sampler, out, cfg.remote_timeout, cfg.remote_max_retries)
+        sampler = ServerRollouts(cfg.sampler, out, cfg.remote_timeout, cfg.remote_max_retries, cfg.remote_api_key)
         sampler.check(tokenizer, unwrap(student).get_output_embeddings().weight.shape[0])  # before any step
     elif cfg.overlap:  # no server: a second process on this machine samples (opd.lm.rollouts.process)
         from opd.lm.rollouts.process import ProcessRollouts

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from opd.config import DistillConfig, unused_flags
+from opd.config import DistillConfig, schedule_notes, unused_flags
 from opd.threads import set_threads
 
 
@@ -50,7 +50,7 @@ def start_process(cfg: DistillConfig) -> Process:
             DistributedType.FSDP, DistributedType.DEEPSPEED)):
         raise ValueError("--overlap without --sampler samples in a local CPU process from a whole copy of the student; "
                          "on GPUs or with a sharded (FSDP/DeepSpeed) student pass --sampler URL of a server")
-    for note in unused_flags(cfg) if proc.main else ():
+    for note in [*unused_flags(cfg), *schedule_notes(cfg)] if proc.main else ():
         print(f"opd: warning: {note}", file=sys.stderr)
     set_threads(cfg.threads)
     torch.manual_seed(cfg.seed + proc.rank)

@@ -37,7 +37,8 @@ class RunDir:
         self.last: dict = {}
         self.metrics_file = self.bar = self.student = self.tokenizer = self.opt = None
 
-    def restore(self, opt: torch.optim.Optimizer, sched, rng: torch.Generator, lr_factor: Callable[[int], float]) -> int:
+    def restore(self, opt: torch.optim.Optimizer, sched, rng: torch.Generator,
+                lr_factor: Callable[[int], float]) -> int:
         """The step to start from (0 on a fresh run). On resume: the optimizer state, this process's loop RNG
         (`rng`: prompt order and mixture coins) and torch RNG, and this config's learning rate at that step."""
         if not self.ckpt:

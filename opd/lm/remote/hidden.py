@@ -1,12 +1,11 @@
 """A full-vocabulary teacher behind `opd serve`: its final hidden states over the wire, its LM head once.
 
-A top-k remote teacher (`opd.lm.remote.teacher.RemoteTeacher`) sends k log-probs per token, and the divergences see the rest
-of the vocabulary as one tail bucket. `HiddenStateTeacher` asks `opd serve`'s `/opd/hidden_states` for the teacher's
-final hidden states instead (D numbers per graded token, e.g. 960 for SmolLM2-360M, against a 49k vocabulary) and
-fetches its LM head from `/opd/lm_head` once; its `TeacherSignal` then carries `hidden_BTD` and `head`, exactly
-what a `LocalTeacher` gives, and the trainer computes the exact full-vocabulary divergence chunk by chunk
-(`opd.fused`). Wire format and the server's checks: `opd.lm.serve.hidden`. vLLM has no such endpoint: against vLLM
-use the top-k payload.
+A top-k remote teacher (`opd.lm.remote.teacher.RemoteTeacher`) sends k log-probs per token, and the divergences see the
+rest of the vocabulary as one tail bucket. `HiddenStateTeacher` asks `opd serve`'s `/opd/hidden_states` for the
+teacher's final hidden states instead (D numbers per graded token, e.g. 960 for SmolLM2-360M, against a 49k vocabulary)
+and fetches its LM head from `/opd/lm_head` once; its `TeacherSignal` then carries `hidden_BTD` and `head`, exactly what
+a `LocalTeacher` gives, and the trainer computes the exact full-vocabulary divergence chunk by chunk (`opd.fused`). Wire
+format and the server's checks: `opd.lm.serve.hidden`. vLLM has no such endpoint: against vLLM use the top-k payload.
 
 Only the graded span of each row crosses the wire: the sequence is sent up to its last completion target, and the
 server answers from its first one (prompt-only positions, never read by the loss, are left at 0 in `hidden_BTD`).
@@ -14,6 +13,7 @@ server answers from its first one (prompt-only positions, never read by the loss
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import httpx
@@ -21,11 +21,26 @@ import torch
 
 from opd.lm.batch import TeacherSignal
 from opd.lm.hf.model import taken_logp
-from opd.lm.remote.client import CompletionsClient, ServerRefused, score_shapes
-from opd.lm.serve.wire import WireDtype, apply_head, decode_array
+from opd.lm.remote.client import BadAnswer, CompletionsClient, ServerRefused, score_shapes
+from opd.lm.serve.wire import WireDtype, apply_head, decode_array, wire_bytes
 
 _HEAD_PIECE_BYTES = 32 * 2**20
 """About how many bytes of head weight one `/opd/lm_head` answer carries (a 49k x 960 float32 head: 6 requests)."""
+
+_HIDDEN_REQUEST_BYTES = 64 * 2**20
+"""Most bytes of hidden states one `/opd/hidden_states` answer carries (`opd serve --max-response-bytes` is 512 MB):
+long sequences of a wide model go in fewer per request than `seqs_per_request`."""
+
+
+def _decoded(url: str, obj, dtype: WireDtype, what: str) -> torch.Tensor:
+    """`decode_array(obj, dtype)`, refused (BadAnswer) when it is not an encoded array or holds NaN or inf."""
+    try:
+        values = decode_array(obj, dtype)
+    except (KeyError, TypeError, ValueError):  # not {"shape", "data"}, bad base64, a shape that does not fit
+        raise BadAnswer(f"{url} sent {what} that are not a base64 {dtype} array with its shape") from None
+    if not bool(torch.isfinite(values).all()):
+        raise BadAnswer(f"{url} sent {what} holding NaN or inf")
+    return values
 
 
 class HiddenStateTeacher:
@@ -82,19 +97,26 @@ class HiddenStateTeacher:
         device = torch.device(device)
         if self._head is not None and self._head_device == device:
             return self._head
+        url = f"{self.client.base_url}/opd/lm_head"
         first = self._get(f"/opd/lm_head?start=0&stop=0&dtype={self.dtype}")
-        V, D = first["vocab_size"], first["hidden_size"]
+        V, D = first.get("vocab_size"), first.get("hidden_size")
+        if not all(isinstance(n, int) and not isinstance(n, bool) and 0 < n < 2**31 for n in (V, D)):
+            raise BadAnswer(f"{url} sent no usable vocab_size and hidden_size")
         step = max(1, _HEAD_PIECE_BYTES // (4 * D))
         weights, biases = [], []
         for start in range(0, V, step):
             piece = self._get(f"/opd/lm_head?start={start}&stop={min(V, start + step)}&dtype={self.dtype}")
-            weights.append(decode_array(piece["weight"], self.dtype))
-            if piece["bias"] is not None:
-                biases.append(decode_array(piece["bias"], self.dtype))
+            weights.append(_decoded(url, piece.get("weight"), self.dtype, "head weights"))
+            if piece.get("bias") is not None:
+                biases.append(_decoded(url, piece["bias"], self.dtype, "head bias"))
         spec = {"weight": torch.cat(weights).to(device), "bias": torch.cat(biases).to(device) if biases else None,
-                "logit_scale": first["logit_scale"], "final_logit_softcapping": first["final_logit_softcapping"]}
+                "logit_scale": first.get("logit_scale"),
+                "final_logit_softcapping": first.get("final_logit_softcapping")}
+        for key in ("logit_scale", "final_logit_softcapping"):
+            if spec[key] is not None and not (isinstance(spec[key], (int, float)) and math.isfinite(spec[key])):
+                raise BadAnswer(f"{url} sent a {key} that is not a finite number")
         if spec["weight"].shape != (V, D):
-            raise RuntimeError(f"the server sent a head of shape {tuple(spec['weight'].shape)}, not [{V}, {D}]")
+            raise BadAnswer(f"{url} sent a head of shape {tuple(spec['weight'].shape)}, not [{V}, {D}]")
         if spec["logit_scale"] is None and spec["final_logit_softcapping"] is None:
             # a plain nn.Linear: what opd.fused and opd.chunked run fastest
             linear = torch.nn.Linear(D, V, bias=spec["bias"] is not None, device=device).requires_grad_(False)
@@ -119,25 +141,46 @@ class HiddenStateTeacher:
         if self.model is None:
             self.model = self.client.served_model()
         bodies = [
-            {"model": self.model, "sequences": seqs[i : i + self.seqs_per_request],
-             "start": starts[i : i + self.seqs_per_request], "dtype": self.dtype}
-            for i in range(0, len(seqs), self.seqs_per_request)
+            {"model": self.model, "sequences": [seqs[j] for j in group], "start": [starts[j] for j in group],
+             "dtype": self.dtype}
+            for group in self._groups(seqs, starts)
         ]
         answers = self.client.post_many("/opd/hidden_states", bodies, self.max_concurrency)
-        data = [d for a in answers for d in sorted(a["data"], key=lambda d: d["index"])]
-        if len(data) != len(seqs):
-            raise RuntimeError(f"the server answered {len(data)} hidden-state rows for {len(seqs)} sequences")
+        url = f"{self.client.base_url}/opd/hidden_states"
+        data = []
+        for a, body in zip(answers, bodies):
+            rows_a = a.get("data")
+            n = len(body["sequences"])
+            if (not isinstance(rows_a, list) or not all(isinstance(d, dict) for d in rows_a)
+                    or sorted(d.get("index") for d in rows_a if isinstance(d.get("index"), int)) != list(range(n))):
+                raise BadAnswer(f"{url} answered {len(rows_a) if isinstance(rows_a, list) else 0} hidden-state rows "
+                                f"(or rows without indices 0..{n - 1}) for {n} sequences")
+            data.extend(sorted(rows_a, key=lambda d: d["index"]))
         D = self._hidden_size
         hidden_BTD = torch.zeros(B, L - 1, D, device=device)
         for b, seq, s0, offset, d in zip(rows, seqs, starts, offsets, data):
-            states = decode_array(d["hidden"], self.dtype)
+            states = _decoded(url, d.get("hidden"), self.dtype, "hidden states")
             if states.shape != (len(seq) - s0, D):
-                raise RuntimeError(f"row {b}: hidden states of shape {tuple(states.shape)}, not [{len(seq) - s0}, {D}]")
+                raise BadAnswer(f"row {b}: {url} sent hidden states of shape {tuple(states.shape)}, not "
+                                f"[{len(seq) - s0}, {D}]")
             hidden_BTD[b, offset + s0 : offset + len(seq)] = states.to(device)
         taken = None
         if self.with_taken_logp:
             taken = taken_logp(hidden_BTD, head, input_ids_BL[:, 1:], mask_BT, self.chunk_size)
         return TeacherSignal(taken_logp_BT=taken, hidden_BTD=hidden_BTD, head=head)
+
+    def _groups(self, seqs: list[list[int]], starts: list[int]) -> list[list[int]]:
+        """Consecutive sequence indices per request: at most `seqs_per_request`, and at most _HIDDEN_REQUEST_BYTES of
+        answer unless one sequence alone is more."""
+        groups, size = [], 0
+        for j, (seq, s0) in enumerate(zip(seqs, starts)):
+            row = wire_bytes((len(seq) - s0) * self._hidden_size, self.dtype)
+            if not groups or len(groups[-1]) == self.seqs_per_request or size + row > _HIDDEN_REQUEST_BYTES:
+                groups.append([])
+                size = 0
+            groups[-1].append(j)
+            size += row
+        return groups
 
     @staticmethod
     def _graded_spans(input_ids_BL, attention_mask_BL, mask_BT):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import httpx
 
-from opd.lm.remote.client import NEUTRAL_SAMPLING, CompletionsClient, ServerRefused
+from opd.lm.remote.client import NEUTRAL_SAMPLING, BadAnswer, CompletionsClient, ServerRefused, check_ids, check_logp
 
 
 class RemoteSampler:
@@ -18,6 +18,8 @@ class RemoteSampler:
     ):
         self.model, self.max_concurrency = model, max_concurrency
         self.client = CompletionsClient(base_url, api_key, timeout, max_retries, backoff, transport)
+        self.vocab_size: int | None = None
+        """The student's vocabulary, when known: `sample` refuses token ids outside it."""
 
     def sample(
         self, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
@@ -39,17 +41,26 @@ class RemoteSampler:
             for i, ids in enumerate(prompt_ids)
         ]
         completion_ids, sampling_logp = [], []
+        url = f"{self.client.base_url}/v1/completions"
         for answer in self.client.post_many("/v1/completions", bodies, self.max_concurrency):
-            choice = answer["choices"][0]
-            logprobs = choice.get("logprobs") or {}
-            ids = choice.get("token_ids")
-            if ids is None:  # older vLLM: only "token_id:<id>" strings
-                ids = [int(s.removeprefix("token_id:")) for s in logprobs.get("tokens", [])]
-            logps = logprobs.get("token_logprobs") or []
-            if len(logps) != len(ids):
-                raise RuntimeError(f"the server returned {len(ids)} tokens but {len(logps)} log-probs")
-            completion_ids.append(list(ids))
-            sampling_logp.append([float(lp) for lp in logps])
+            choices = answer.get("choices")
+            if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
+                raise BadAnswer(f"{url} answered {len(choices) if isinstance(choices, list) else 0} choices for one "
+                                "prompt")
+            logprobs = choices[0].get("logprobs") or {}
+            ids = choices[0].get("token_ids")
+            try:
+                if ids is None:  # older vLLM: only "token_id:<id>" strings
+                    ids = [int(s.removeprefix("token_id:")) for s in logprobs.get("tokens", [])]
+                logps = logprobs.get("token_logprobs") or []
+                ids, logps = list(ids), list(logps)
+            except (AttributeError, TypeError, ValueError):
+                raise BadAnswer(f"{url} sent a completion without vLLM's token ids and token_logprobs") from None
+            if len(logps) != len(ids) or len(ids) > max_new_tokens:
+                raise BadAnswer(f"{url} returned {len(ids)} tokens and {len(logps)} log-probs for max_tokens="
+                                f"{max_new_tokens}")
+            completion_ids.append(check_ids(url, "a sampled token id", ids, self.vocab_size))
+            sampling_logp.append(check_logp(url, "a sampled token's log-prob", logps))
         return completion_ids, sampling_logp
 
     def close(self) -> None:
@@ -69,6 +80,9 @@ class RemoteSampler:
                     f"{self.client.base_url} has no /opd/update_weights, so it cannot sample from the student being "
                     "trained; serve the student with `opd serve STUDENT_DIR` for --sampler"
                 ) from None
+            if e.status == 403:
+                raise ValueError(f"{e} (start the sampler with `opd serve STUDENT_DIR --weights-root DIR`, DIR holding "
+                                 f"{path}: e.g. the run's OUT_DIR/sampler_weights)") from None
             if e.status == 400:
                 raise ValueError(f"{e} (a --sampler server must serve the student's architecture and read {path}: "
                                  "run it on this machine or on a shared filesystem)") from None

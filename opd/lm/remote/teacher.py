@@ -5,27 +5,64 @@ unpadded sequence)."""
 
 from __future__ import annotations
 
+import math
+
 import httpx
 import torch
 
 from opd.lm.batch import TeacherSignal
-from opd.lm.remote.client import CompletionsClient, check_served_vocabulary, score_shapes
+from opd.lm.remote.client import (
+    BadAnswer,
+    CompletionsClient,
+    check_ids,
+    check_logp,
+    check_served_vocabulary,
+    score_shapes,
+)
 from opd.lm.teachers.base import TeacherUnreachable
 
 
-def _position_entries(entries: dict, taken_id: int, k: int) -> tuple[list[int], list[float], float]:
-    """One `prompt_logprobs` entry -> (top-k ids, their log-probs, the taken token's log-prob).
+def _position_entries(entries: dict, taken_id: int, k: int, url: str = "the server",
+                      vocab_size: int | None = None) -> tuple[list[int], list[float], float]:
+    """One `prompt_logprobs` entry -> (top-k ids, their log-probs, the taken token's log-prob), each checked.
 
     vLLM sends the top-k plus the taken token when it is not among them (k + 1 entries); that extra one is left out
-    of the top-k.
+    of the top-k. An entry that is not {id: {logprob, rank}}, an id outside [0, vocab_size), a log-prob that is not a
+    finite number <= 0: BadAnswer.
     """
-    if str(taken_id) not in entries:
-        raise RuntimeError(f"the server's prompt_logprobs lack the prompt token {taken_id}; is it vLLM-compatible?")
-    items = [(int(t), e["logprob"], e["rank"]) for t, e in entries.items()]
+    if not isinstance(entries, dict) or str(taken_id) not in entries:
+        raise BadAnswer(f"the prompt_logprobs from {url} lack the prompt token {taken_id}; is it vLLM-compatible?")
+    try:
+        items = [(int(t), e["logprob"], e["rank"]) for t, e in entries.items()]
+    except (KeyError, TypeError, ValueError):
+        raise BadAnswer(f"{url} sent a prompt_logprobs entry that is not vLLM's {{token id: {{logprob, rank}}}}"
+                        ) from None
+    check_ids(url, "top-k token id", [t for t, _, _ in items], vocab_size)
+    logps = check_logp(url, "a prompt log-prob", [lp for _, lp, _ in items])
+    ranks = [r if isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) else None
+             for _, _, r in items]
+    if None in ranks:
+        raise BadAnswer(f"{url} sent a prompt_logprobs rank that is not a number")
+    items = [(t, lp, r) for (t, _, _), lp, r in zip(items, logps, ranks)]
+    taken = next(lp for t, lp, _ in items if t == taken_id)
     if len(items) > k:
         items = [it for it in items if it[0] != taken_id]
     items.sort(key=lambda it: (it[2], -it[1]))
-    return [t for t, _, _ in items[:k]], [lp for _, lp, _ in items[:k]], entries[str(taken_id)]["logprob"]
+    return [t for t, _, _ in items[:k]], [lp for _, lp, _ in items[:k]], taken
+
+
+def _choices(url: str, answers: list[dict], counts: list[int]) -> list[dict]:
+    """The choices of each answer in prompt order, checked: a non-empty list of objects with distinct indices, one per
+    prompt sent."""
+    out = []
+    for answer, n in zip(answers, counts):
+        choices = answer.get("choices")
+        if (not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices)
+                or sorted(c.get("index") for c in choices if isinstance(c.get("index"), int)) != list(range(n))):
+            got = len(choices) if isinstance(choices, list) else 0
+            raise BadAnswer(f"{url} answered {got} choices (or choices without indices 0..{n - 1}) for {n} prompts")
+        out.extend(sorted(choices, key=lambda c: c["index"]))
+    return out
 
 
 class RemoteTeacher:
@@ -93,19 +130,18 @@ class RemoteTeacher:
             for i in range(0, len(seqs), self.seqs_per_request)
         ]
         answers = self.client.post_many("/v1/completions", bodies, self.max_concurrency)
-        choices = [c for a in answers for c in sorted(a["choices"], key=lambda c: c["index"])]
-        if len(choices) != len(seqs):
-            raise RuntimeError(f"the server answered {len(choices)} choices for {len(seqs)} sequences")
+        url = f"{self.client.base_url}/v1/completions"
+        choices = _choices(url, answers, [len(b["prompt"]) for b in bodies])
         for b, seq, start, choice in zip(rows, seqs, starts, choices):
             if choice.get("prompt_token_ids") not in (None, seq):
-                raise RuntimeError(f"row {b}: the server re-tokenized the prompt; send token ids to a server that "
-                                   "keeps them (vLLM or opd serve)")
+                raise BadAnswer(f"row {b}: {url} re-tokenized the prompt; send token ids to a server that keeps them "
+                                "(vLLM or opd serve)")
             entries = choice.get("prompt_logprobs") or []
-            if len(entries) != len(seq):
-                raise RuntimeError(f"row {b}: {len(entries)} prompt_logprobs for {len(seq)} tokens")
+            if not isinstance(entries, list) or len(entries) != len(seq):
+                raise BadAnswer(f"row {b}: {url} sent {len(entries)} prompt_logprobs for {len(seq)} tokens")
             row_ids, row_logp, row_taken = [], [], []
             for i in range(1, len(seq)):
-                ids, logps, taken = _position_entries(entries[i], seq[i], K)
+                ids, logps, taken = _position_entries(entries[i], seq[i], K, url, self.vocab_size)
                 row_ids.append(ids + [0] * (K - len(ids)))  # a vocabulary smaller than K gives fewer entries
                 row_logp.append(logps + [float("-inf")] * (K - len(ids)))
                 row_taken.append(taken)

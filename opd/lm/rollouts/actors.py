@@ -7,7 +7,7 @@
 
 The actors: `DataActor` (reference completions), `LocalActor` (the student or a local teacher samples in this
 process), `SamplerActor` (a sampler server or the `--overlap` sampler process, which get the student's weights by
-`sync`), `TeacherServerActor` (a remote teacher samples), `Mixture` (GKD: the student with probability λ, else the
+`sync`), the teacher's actors (`opd.lm.rollouts.teacher`), `Mixture` (GKD: the student with probability λ, else the
 data) and `Ahead` (samples the next step's batch while this one trains). `Plans` draws each step's prompts and
 actor from the loop's RNG, in order, so a resumed run draws exactly what an uninterrupted one would.
 """
@@ -107,7 +107,8 @@ class LocalActor(FixedActor):
 
 class SamplerActor(FixedActor):
     """The student samples elsewhere, from a copy of its weights that `sync` refreshes: a server (`ServerRollouts`)
-    or the `--overlap` sampler process (`ProcessRollouts`). Batches carry the sampler's log-probs and weights version."""
+    or the `--overlap` sampler process (`ProcessRollouts`). Batches carry the sampler's log-probs and weights
+    version."""
 
     def __init__(self, sampler, accelerator, prompts: PromptSet, pad_id: int, sampling: SamplingArgs):
         self.sampler, self.accelerator, self.prompts, self.pad_id, self.s = sampler, accelerator, prompts, pad_id, sampling

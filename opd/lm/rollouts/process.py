@@ -6,9 +6,9 @@ while this one scores and updates takes sampling off the critical path: a step c
 update) instead of their sum. The sampler process holds its own copy of the student in shared memory; a push copies
 the trained weights into it (a memcpy, no serialisation) while it is idle, so nothing is written to disk and nothing
 goes over a socket. Same contract as `ServerRollouts` (`push`, `rollouts`, `version`), so the loop and
-`opd.lm.rollouts.actors.Ahead` treat both alike: the samples of step k+1 come from the weights pushed at step k, one update staler
-than in-process sampling, and every batch carries the sampler's log-probs for the importance-ratio metrics and the
-truncated-IS correction of loss=sampled (why the divergences are not reweighted: `opd.lm.rollouts.server`).
+`opd.lm.rollouts.actors.Ahead` treat both alike: the samples of step k+1 come from the weights pushed at step k, one
+update staler than in-process sampling, and every batch carries the sampler's log-probs for the importance-ratio metrics
+and the truncated-IS correction of loss=sampled (why the divergences are not reweighted: `opd.lm.rollouts.server`).
 
 With a local teacher, the sampler process also grades the first rows of each batch it samples (the teacher is
 frozen, so it shares the teacher's memory once and never syncs), and this process grades only the rest
@@ -191,7 +191,8 @@ class ProcessRollouts:
         return batch
 
     def waited(self, seconds: float) -> None:
-        """The trainer waited `seconds` for the last batch (`opd.lm.rollouts.actors.Ahead` measures it): rebalance the rows."""
+        """The trainer waited `seconds` for the last batch (`opd.lm.rollouts.actors.Ahead` measures it): rebalance
+        the rows."""
         if self._grades and self._last_grading is not None:
             rows, batch_size, teacher_s = self._last_grading
             self.teacher_rows, self._probe = balanced_teacher_rows(rows, batch_size, seconds, teacher_s, self._probe)

@@ -16,7 +16,8 @@ How the gap is corrected. With r_t = π_student(x_t | x_<t) / π_sampler(x_t | x
   float gap alone). Like PPO and truncated IS for the policy gradient, we leave that factor out and keep the sampler
   close instead (sync_every=1 by default), watching `sampler_kl`.
 
-With `overlap`, `opd.lm.rollouts.actors.Ahead` requests step k+1's rollouts while step k trains: one update staler, never more.
+With `overlap`, `opd.lm.rollouts.actors.Ahead` requests step k+1's rollouts while step k trains: one update staler,
+never more.
 """
 
 from __future__ import annotations
@@ -53,9 +54,10 @@ class ServerRollouts:
     its /opd/update_weights, vLLM through its dev-mode /collective_rpc (`opd.lm.remote.vllm.reload_weights`).
     """
 
-    def __init__(self, url: str, out_dir: str | Path, timeout: float = 60.0, max_retries: int = 5):
+    def __init__(self, url: str, out_dir: str | Path, timeout: float = 60.0, max_retries: int = 5,
+                 api_key: str | None = None):
         self.url = url
-        self.client = RemoteSampler(url, timeout=timeout, max_retries=max_retries)
+        self.client = RemoteSampler(url, api_key=api_key, timeout=timeout, max_retries=max_retries)
         self.root = Path(out_dir).resolve() / "sampler_weights"
         self.version: int | None = None
         """The server's weights version after the last push (counts every load since the server started)."""
@@ -81,7 +83,8 @@ class ServerRollouts:
                                  "student being trained; restart it with VLLM_SERVER_DEV_MODE=1 in its environment "
                                  "(opd reloads the weights through its /collective_rpc)") from None
             check_served_vocabulary(self.client.client, self.client.model, tokenizer, vocab_size)
-        elif self.kind != "opd":
+        self.client.vocab_size = vocab_size  # rollouts with token ids outside it are refused
+        if self.kind not in ("vllm", "opd"):
             raise ValueError(f"{self.url} cannot receive the student's weights (/v1/models says owned_by "
                              f"{self.kind!r}); for --sampler serve the student with `opd serve STUDENT_DIR`, or with "
                              f"vLLM started with VLLM_SERVER_DEV_MODE=1")

@@ -72,7 +72,8 @@ def teacher_actor(cfg: DistillConfig, teacher, prompts: PromptSet, pad_id: int, 
         return _AdapterOffActor(teacher, LocalActor(teacher.model, prompts, pad_id, eos_id, s, source="teacher"))
     from opd.lm.remote.sampler import RemoteSampler
 
-    client = RemoteSampler(teacher.client.base_url, timeout=cfg.remote_timeout, max_retries=cfg.remote_max_retries)
+    client = RemoteSampler(teacher.client.base_url, api_key=cfg.remote_api_key, timeout=cfg.remote_timeout,
+                           max_retries=cfg.remote_max_retries)
     return TeacherServerActor(client, prompts, pad_id, s)
 
 

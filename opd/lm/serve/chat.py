@@ -74,6 +74,30 @@ class ChatRequest(SamplingRequest):
         return value
 
 
+_TEMPLATE_OWN_ARGS = frozenset({
+    "chat_template", "tools", "documents", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+    "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "add_generation_prompt",
+    "continue_final_message", "conversation", "messages",
+})
+"""`apply_chat_template`'s own arguments: a request may not set them through chat_template_kwargs (a template of its
+own is a way to build any prompt, of any size; `tools` would get past the refusal of the top-level field)."""
+
+
+def check_template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """The chat_template_kwargs a request may pass: template variables (`enable_thinking`, ...) holding a bool, a
+    number, null or a short string. vLLM likewise refuses request templates unless started with
+    --trust-request-chat-template; opd serve has no such switch."""
+    for key, value in (kwargs or {}).items():
+        if key in _TEMPLATE_OWN_ARGS or not key.isidentifier():
+            raise BadRequest(f"chat_template_kwargs may not set {key[:40]!r}: opd serve takes template variables "
+                             "(e.g. enable_thinking), not templates, tools or tokenizer arguments")
+        scalar = value is None or isinstance(value, (bool, int, float))
+        if not (scalar or (isinstance(value, str) and len(value) <= 256)):
+            raise BadRequest(f"chat_template_kwargs.{key} must be a bool, a number, null or a string of at most 256 "
+                             "characters")
+    return dict(kwargs or {})
+
+
 def chat_rows(
     req: ChatRequest, tokenizer: Any, vocab_size: int, max_model_len: int, limits: ServerLimits
 ) -> tuple[list[int], list[Row]]:
@@ -89,13 +113,18 @@ def chat_rows(
     for i, m in enumerate(messages):
         if isinstance(m["content"], str):
             check_text(i, m["content"])
+    kwargs = check_template_kwargs(req.chat_template_kwargs)
     try:
         text = tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=req.add_generation_prompt,
-            continue_final_message=req.continue_final_message, **(req.chat_template_kwargs or {}))
+            continue_final_message=req.continue_final_message, **kwargs)
     except Exception as e:  # jinja's raise_exception ("roles must alternate") or transformers' argument checks
         message = " ".join(str(e).split())  # one line
         raise BadRequest(f"the chat template refused the messages: {message}") from None
+    try:  # a lone surrogate in a role or another message field, rendered into the prompt
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRequest(f"the messages are not valid Unicode text ({e.reason}); send UTF-8 text") from None
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     budget = check_prompt(0, ids, max_tokens, vocab_size, max_model_len, limits)

@@ -312,6 +312,10 @@ class BatchingEngine:
                 except asyncio.TimeoutError:
                     break
                 n_rows += len(jobs[-1].rows)
+            # a client that hung up while its job waited has cancelled it (`opd.lm.serve.app`): its rows are not run
+            jobs = [job for job in jobs if not job.done.done()]
+            if not jobs:
+                continue
             rows = [r for job in jobs for r in job.rows]
             try:
                 async with self.lock:

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from opd.lm.hf.model import final_hidden, hf_model
 from opd.lm.serve.protocol import BadRequest, ServerLimits
-from opd.lm.serve.wire import WireDtype, apply_head, encode_array
+from opd.lm.serve.wire import WireDtype, apply_head, encode_array, wire_bytes
 
 
 class HiddenStatesRequest(BaseModel):
@@ -70,12 +70,17 @@ def head_spec(model: torch.nn.Module) -> dict:
     return spec
 
 
-def head_piece(spec: dict, start: int, stop: int | None, dtype: WireDtype) -> dict:
-    """The answer of `GET /opd/lm_head`: rows [start, stop) of the head, its sizes and its post-processing."""
+def head_piece(spec: dict, start: int, stop: int | None, dtype: WireDtype, max_bytes: int | None = None) -> dict:
+    """The answer of `GET /opd/lm_head`: rows [start, stop) of the head, its sizes and its post-processing; refused
+    when over `max_bytes` (a whole 151k x 4096 head is 3 GB of base64)."""
     V, D = spec["weight"].shape
     stop = V if stop is None else stop
     if not 0 <= start <= stop <= V:
         raise BadRequest(f"rows [{start}, {stop}) are not within the head's {V} rows; ask 0 <= start <= stop <= {V}")
+    if max_bytes is not None and (size := wire_bytes((stop - start) * D, dtype)) > max_bytes:
+        rows = max(1, max_bytes // max(1, wire_bytes(D, dtype)))
+        raise BadRequest(f"rows [{start}, {stop}) of the head are {size} bytes, over this server's "
+                         f"--max-response-bytes {max_bytes}; ask for at most {rows} rows at a time")
     bias = spec["bias"]
     return {
         "object": "lm_head", "vocab_size": V, "hidden_size": D, "dtype": dtype, "start": start, "stop": stop,
@@ -86,7 +91,7 @@ def head_piece(spec: dict, start: int, stop: int | None, dtype: WireDtype) -> di
 
 
 def check_hidden_request(
-    req: HiddenStatesRequest, vocab_size: int, max_model_len: int, limits: ServerLimits
+    req: HiddenStatesRequest, vocab_size: int, max_model_len: int, limits: ServerLimits, hidden_size: int | None = None
 ) -> list[int]:
     """Refuse a request the model cannot run; return each sequence's start."""
     if len(req.sequences) > limits.max_seqs_per_request:
@@ -104,6 +109,12 @@ def check_hidden_request(
             raise BadRequest(f"sequence {i} has {len(ids)} tokens, over the model's context of {max_model_len}")
         if not 0 <= s < len(ids):
             raise BadRequest(f"start {s} of sequence {i} is not a position of its {len(ids)} tokens")
+    max_bytes = getattr(limits, "max_response_bytes", None)
+    if max_bytes is not None and hidden_size is not None:
+        size = wire_bytes(sum(len(ids) - s for ids, s in zip(req.sequences, starts)) * hidden_size, req.dtype)
+        if size > max_bytes:
+            raise BadRequest(f"the hidden states asked for are {size} bytes, over this server's --max-response-bytes "
+                             f"{max_bytes}; send fewer or shorter sequences per request")
     return starts
 
 

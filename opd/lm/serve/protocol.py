@@ -45,6 +45,10 @@ class ServerLimits(Protocol):
     def max_seqs_per_request(self) -> int: ...
 
 
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 64, 1000
+"""Most stop strings in one request, and their longest (OpenAI takes 4; vLLM sets no limit)."""
+
+
 class BadRequest(ValueError):
     """A request the server refuses; answered with HTTP 400 and this message."""
 
@@ -136,6 +140,9 @@ class SamplingRequest(BaseModel):
     def _not_empty(cls, value: list[str] | None) -> list[str] | None:
         if value and not all(value):
             raise ValueError("a stop string is empty; send non-empty strings")
+        # every stop string is searched for after every token: 20,000 of them turned 0.3 s into 20 s
+        if value and (len(value) > MAX_STOP_STRINGS or max(map(len, value)) > MAX_STOP_CHARS):
+            raise ValueError(f"send at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} characters")
         return value
 
     @field_validator("logit_bias")
@@ -230,13 +237,20 @@ def sampling_rows(
 ) -> list[Row]:
     """The engine rows of a checked request: prompt-major (row `i * n + j` is choice j of prompt i), each with its own
     seed derived from `req.seed`. Only choice 0 of a prompt scores the prompt (`prompt_topk`); the others share it."""
+    for t in req.stop_token_ids or ():
+        # checked here, not in the batch: an id out of range raised there (with min_tokens), failing every request
+        # batched with this one; and -1 would silently mean the last token
+        if not 0 <= t < vocab_size:
+            raise BadRequest(f"stop_token_ids holds {t}, not a token id in [0, {vocab_size})")
     stop_ids = frozenset(req.stop_token_ids or ())
     if not req.ignore_eos and tokenizer.eos_token_id is not None:
         stop_ids |= {tokenizer.eos_token_id}
     bias = {}
     for key, value in (req.logit_bias or {}).items():
-        if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab_size:
-            raise BadRequest(f"logit_bias key {key!r} is not a token id in [0, {vocab_size}); key it by token id")
+        # ASCII digits only: "²".isdigit() is true but int("²") raises, and "--1" passed lstrip("-")
+        if not (key.isascii() and key.isdigit() and len(key) < 12) or not 0 <= int(key) < vocab_size:
+            raise BadRequest(f"logit_bias key {key[:20]!r} is not a token id in [0, {vocab_size}); key it by token "
+                             "id")
         bias[int(key)] = min(max(value, -100.0), 100.0)  # OpenAI's range, which vLLM clips to too
     stop_strings = tuple(req.stop or ())
     skip = req.skip_special_tokens

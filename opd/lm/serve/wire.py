@@ -17,6 +17,11 @@ WireDtype = Literal["float32", "float16"]
 _NUMPY = {"float32": "<f4", "float16": "<f2"}
 
 
+def wire_bytes(values: int, dtype: WireDtype) -> int:
+    """About how many bytes `values` numbers take in an answer (base64 of 4 or 2 bytes each)."""
+    return values * (4 if dtype == "float32" else 2) * 4 // 3
+
+
 def encode_array(tensor: torch.Tensor, dtype: WireDtype) -> dict:
     """`{"shape", "data"}`: the tensor's values in `dtype`, little-endian, base64. Raises BadRequest when a value does
     not fit `dtype` (float16 overflow)."""

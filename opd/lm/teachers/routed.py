@@ -138,8 +138,8 @@ def per_teacher_means(metrics: dict) -> dict:
 class Teachers:
     """Several teachers behind one `score`, each grading the batch rows routed to it; order is kept.
 
-    Every teacher is built as a single one would be (`opd.lm.loop.build.make_teacher`, vocabulary checked), and may be of
-    any kind: local, remote, or the student's own start (`self`).
+    Every teacher is built as a single one would be (`opd.lm.loop.build.make_teacher`, vocabulary checked), and may be
+    of any kind: local, remote, or the student's own start (`self`).
     """
 
     def __init__(self, teachers: dict[str, Teacher]):

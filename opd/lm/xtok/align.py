@@ -126,9 +126,10 @@ def align_spans(student_ends: list[int | None], teacher_ends: list[int | None], 
 
 
 def teacher_prompt_ids(teacher_tok, row: dict) -> list[int]:
-    """A prompt row rendered by the *teacher's* tokenizer, as `opd.lm.data.prompts.encode` renders it for the student: chat
-    `messages` through the teacher's chat template (a final assistant turn that became the completion is left out),
-    plain `prompt` text as one user turn through its template, or bare with its special tokens if it has none."""
+    """A prompt row rendered by the *teacher's* tokenizer, as `opd.lm.data.prompts.encode` renders it for the
+    student: chat `messages` through the teacher's chat template (a final assistant turn that became the completion is
+    left out), plain `prompt` text as one user turn through its template, or bare with its special tokens if it has
+    none."""
     messages = row.get("messages")
     if messages:
         messages = list(messages)

@@ -2,10 +2,8 @@
 
 import pytest
 
-pytest.importorskip("if_verifiable", reason="the ifeval extra (if-verifiable) installs on Python >= 3.11 only")
-
-from benchmarks.common.instruction_prompts import TOPICS, ifbench_test_rows, instruction_rows  # noqa: E402
-from opd.lm.data.checkers import get_checker  # noqa: E402
+from benchmarks.common.instruction_prompts import TOPICS, ifbench_test_rows, instruction_rows
+from opd.lm.data.checkers import get_checker
 
 
 def topic_of(row: dict) -> str:

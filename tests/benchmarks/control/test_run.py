@@ -3,6 +3,7 @@
 import json
 
 from benchmarks.control import run as bench
+from tests.benchmarks.run_helpers import fields
 
 
 def test_quick_benchmark_writes_results(tmp_path, monkeypatch):
@@ -14,6 +15,15 @@ def test_quick_benchmark_writes_results(tmp_path, monkeypatch):
     dagger = data["dagger_vs_bc"]
     assert dagger["expert_labels"] == [20, 40]  # 2 iterations × 5 steps × 4 envs
     assert len(dagger["bc_return"]) == len(dagger["dagger_return"]) == 2
+    # which method each arm ran: who acts (DAgger's β schedule), and the loss on the expert's labels
+    runs = data["dagger_runs"]
+    arms = {"bc": dict(schedule="bc", loss="nll"), "linear": dict(schedule="linear", loss="nll"),
+            "exponential": dict(schedule="exponential", loss="nll"),
+            "onpolicy_aggregated": dict(schedule="zero", loss="reverse_kl")}
+    for method, want in arms.items():
+        assert fields(runs[method][0]["config"], *want) == want, method
+    onpolicy = runs["onpolicy"][0]["config"]  # the student acts, no aggregation: no β schedule at all
+    assert "schedule" not in onpolicy and (onpolicy["loss"], onpolicy["sample"]) == ("reverse_kl", True)
     (row,) = data["rusu_compression"]
     assert row["game"] == "MinAtar/Breakout-v1" and row["param_fraction"] == 0.25 and "score_fraction" in row
     assert "| expert labels |" in (tmp_path / "out" / "control.md").read_text()

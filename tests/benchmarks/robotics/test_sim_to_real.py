@@ -17,6 +17,9 @@ def test_quick_sim_to_real_writes_every_promised_number(tmp_path, monkeypatch):
     shifted = [section["per_shift"]["student"][n] for n in shifts - {"nominal"}]
     assert section["student_shifted"] == np.mean(shifted)  # the headline is the mean over shifts, nominal excluded
     assert section["labels"] == 2 * 20 * 4  # iterations × steps × envs
+    # which method each student ran: DAgger hands the acting over to the student (exponential β), BC never does
+    (run,) = section["runs"]
+    assert run["bc_beta"] == [1.0, 1.0] and run["dagger_beta"] == [1.0, 0.5]
     assert "| DAgger student |" in markdown and "benchmarks/results/robotics_sim_to_real.png" in markdown
     assert (tmp_path / "robotics_sim_to_real.png").stat().st_size > 0
     assert list((tmp_path / "cache" / "teachers").glob("pendulum-privileged-*.zip"))  # teachers are cached

@@ -3,6 +3,7 @@ import math
 
 from benchmarks.xtok import real_pair as xtok_real
 from benchmarks.xtok import run as xtok
+from tests.benchmarks.run_helpers import fields, run_config, run_metrics
 from tests.conftest import tiny_llama
 from tests.lm.xtok_helpers import chat_tokenizers
 
@@ -16,11 +17,25 @@ def test_quick_xtok_runs_every_method_and_writes_results(tmp_path):
         per_seed = saved[method]["per_seed"]
         assert len(per_seed) == len(xtok.QUICK["seeds"]) and all(0.0 <= a <= 1.0 for a in per_seed)
         assert saved[method]["final_accuracy"] == sum(per_seed) / len(per_seed)
-    # the cross-tokenizer run trained the BPE student (its vocabulary), from the character teacher
-    run = tmp_path / "work-quick" / "runs" / "cross_tokenizer" / "seed-0"
-    assert json.loads((run / "config.json").read_text())["cross_tokenizer"] is True
-    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len(losses) == xtok.QUICK["steps"] and all(loss > 0 for loss in losses)
+    # which method each arm ran: the cross-tokenizer run trains the BPE student (a vocabulary of its own) on the
+    # character teacher's grades, the same-tokenizer run the character student, SFT the BPE student on data rows
+    work = tmp_path / "work-quick"
+    bpe, char, teacher = (str(work / name) for name in ("student-bpe", "student-char", "teacher"))
+    arms = {"cross_tokenizer": dict(student=bpe, teacher=teacher, source="student", loss="reverse_kl",
+                                    cross_tokenizer=True),
+            "same_tokenizer": dict(student=char, teacher=teacher, source="student", loss="reverse_kl",
+                                   cross_tokenizer=False),
+            "sft": dict(student=bpe, teacher=None, source="data", loss="sft", cross_tokenizer=False)}
+    for method, want in arms.items():
+        run = work / "runs" / method / "seed-0"
+        assert fields(run_config(run), *want) == want, method
+        rows = run_metrics(run)
+        assert len(rows) == xtok.QUICK["steps"] and all(m["loss"] > 0 for m in rows)
+        assert {m["source"] for m in rows} == {want["source"]}
+        assert all((m["flops_teacher_score"] > 0) == (method != "sft") for m in rows)
+    vocab = {name: json.loads((work / name / "config.json").read_text())["vocab_size"]
+             for name in ("teacher", "student-char", "student-bpe")}
+    assert vocab["student-char"] == vocab["teacher"] != vocab["student-bpe"]
     section = (tmp_path / "res" / "xtok_quick.md").read_text()
     assert section.count("\n| ") == 1 + 3  # header and the three methods (the separator row starts with |-)
 
