@@ -63,6 +63,14 @@ def test_the_python_api_takes_prompts_a_checker_and_callbacks_that_log_and_stop(
     assert state["step"] == 3  # stopped early with a checkpoint
 
 
+def test_the_python_api_maps_columns_with_data_fields_as_the_flags_do(model_dirs, tmp_path):
+    # rows with the user's own column names, passed as Python lists: data_fields renames them as it does for --data
+    out = distill(cfg(model_dirs, tmp_path, steps=1, source="data", loss="sft", eval_every=1,
+                      data_fields="prompt=question,completion=solution,answer=final"),
+                  prompts=rows(8), eval_prompts=rows(4, "test"), checker="exact")
+    assert out["step"] == 1 and 0.0 <= out["accuracy"] <= 1.0
+
+
 def test_samples_per_prompt_gives_a_group_of_completions_per_prompt(model_dirs, tmp_path, monkeypatch):
     sizes, real = [], train_module.student_loss
     monkeypatch.setattr(train_module, "student_loss",

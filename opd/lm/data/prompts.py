@@ -70,13 +70,13 @@ def load_rows(path: str, split: str = "train", fields: str = "", what: str = "--
     return _standardise(rows, parse_fields(fields), f"{what} {path}")
 
 
-def as_rows(prompts: Any, what: str = "prompts") -> datasets.Dataset:
+def as_rows(prompts: Any, what: str = "prompts", fields: str = "") -> datasets.Dataset:
     """What the Python API accepts as prompts: a `datasets.Dataset`, a list of dicts, a list of prompt strings or a
-    path (anything `load_rows` reads)."""
+    path (anything `load_rows` reads). `fields` renames columns as for `load_rows` (`DistillConfig.data_fields`)."""
     if isinstance(prompts, datasets.Dataset):
         rows = prompts
     elif isinstance(prompts, (str, Path)):
-        return load_rows(str(prompts), what=what)
+        return load_rows(str(prompts), fields=fields, what=what)
     elif isinstance(prompts, Sequence) and all(isinstance(p, str) for p in prompts):
         rows = datasets.Dataset.from_dict({"prompt": list(prompts)})
     elif isinstance(prompts, Sequence) and all(isinstance(p, dict) for p in prompts):
@@ -84,7 +84,7 @@ def as_rows(prompts: Any, what: str = "prompts") -> datasets.Dataset:
     else:
         raise ValueError(f"{what} must be a datasets.Dataset, a list of dicts, a list of strings or a path, "
                          f"not {type(prompts).__name__}")
-    return _standardise(rows, {}, what)
+    return _standardise(rows, parse_fields(fields), what)
 
 
 def task_rows(task, n: int, split: str) -> datasets.Dataset:

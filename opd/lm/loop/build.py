@@ -84,14 +84,14 @@ def prompt_sets(cfg: DistillConfig, tokenizer, max_prompt_len: int, prompts: Any
 
     task = get_task(cfg.task)
     if prompts is not None:
-        train_rows = as_rows(prompts, "prompts")
+        train_rows = as_rows(prompts, "prompts", cfg.data_fields)
     elif cfg.data is not None:
         train_rows = load_rows(cfg.data, cfg.data_split, cfg.data_fields, "--data")
     else:
         train_rows = task_rows(task, cfg.train_examples, "train")
     spec, what = checker if checker is not None else cfg.checker, "--eval-data"
     if eval_prompts is not None:
-        eval_rows, what = as_rows(eval_prompts, "eval_prompts"), "eval_prompts"
+        eval_rows, what = as_rows(eval_prompts, "eval_prompts", cfg.data_fields), "eval_prompts"
     elif cfg.eval_data is not None:
         eval_rows = load_rows(cfg.eval_data, cfg.eval_split, cfg.data_fields, "--eval-data")
     elif prompts is None and cfg.data is None:
