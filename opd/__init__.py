@@ -9,6 +9,8 @@ so that `opd --help` answers at once.
 
 from typing import TYPE_CHECKING
 
+from opd.lazy import lazy_exports
+
 __version__ = "0.1.0"
 
 _LOSSES = (
@@ -38,18 +40,7 @@ _HOME = {"chunked_divergence": "chunked", "chunked_taken_logp": "chunked", "fuse
 __all__ = sorted(_HOME)
 
 
-def __getattr__(name: str):
-    if name not in _HOME:
-        raise AttributeError(f"module 'opd' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f"opd.{_HOME[name]}"), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_HOME])
+__getattr__, __dir__ = lazy_exports(__name__, _HOME)
 
 
 if TYPE_CHECKING:  # what the names are, for type checkers and editors

@@ -11,7 +11,10 @@ import torch
 
 
 def set_threads(threads: int | None) -> None:
-    """`threads` torch threads if given; else torch's default, lowered to the cores no other job is running on."""
+    """`threads` torch threads if given; else torch's default, lowered to the cores no other job is running on.
+    Raises a one-line ValueError for fewer than one thread."""
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
     if threads:
         torch.set_num_threads(threads)
     elif torch.get_num_threads() > 1 and (free := free_cores()) < torch.get_num_threads():

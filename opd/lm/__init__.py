@@ -18,6 +18,8 @@ so that importing `opd.lm` costs nothing until then.
 
 from typing import TYPE_CHECKING
 
+from opd.lazy import lazy_exports
+
 _HOME = {
     "distill": "train", "student_loss": "train", "TrainingError": "train",
     "Batch": "batch", "TeacherSignal": "batch",
@@ -32,18 +34,7 @@ _HOME = {
 __all__ = sorted(_HOME)
 
 
-def __getattr__(name: str):
-    if name not in _HOME:
-        raise AttributeError(f"module 'opd.lm' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f"opd.lm.{_HOME[name]}"), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_HOME])
+__getattr__, __dir__ = lazy_exports(__name__, _HOME)
 
 
 if TYPE_CHECKING:  # what the names are, for type checkers and editors

@@ -147,8 +147,6 @@ def eval_main(args: EvalArgs) -> dict:
 
     if args.examples < 1 or args.max_new_tokens < 1:
         raise ValueError(f"--examples and --max-new-tokens must be >= 1, got {args.examples} and {args.max_new_tokens}")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     set_threads(args.threads)
     if args.out_json:  # its folder now, not after the whole evaluation has run
         Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)

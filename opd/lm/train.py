@@ -30,7 +30,7 @@ from opd.lm.eval import checked_accuracy
 from opd.lm.hf.lora import load_student
 from opd.lm.hf.model import check_same_vocabulary, context_length, final_hidden, lm_head, load_tokenizer, unwrap
 from opd.lm.loop.build import make_actor, make_teacher, prompt_sets
-from opd.lm.loop.optim import adamw, lr_factor, lr_schedule, update
+from opd.lm.loop.optim import adamw, lr_factor, update
 from opd.lm.loop.process import TrainingError, all_finite, library_bars, start_process
 from opd.lm.loop.run_dir import RunDir
 from opd.lm.rollouts.actors import Plans
@@ -144,7 +144,7 @@ def distill(cfg: DistillConfig, prompts: Any = None, eval_prompts: Any = None, c
     teacher = make_teacher(cfg, student, tokenizer, proc.device, resumed=run.ckpt is not None, prompts=train)
     opt = adamw(student, cfg.optim)
     schedule = functools.partial(lr_factor, optim=cfg.optim, steps=cfg.steps)
-    sched = lr_schedule(opt, schedule)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     rng = torch.Generator().manual_seed(cfg.seed + 100_003 * proc.rank)  # prompt order and mixture coins, per process
     start = run.restore(opt, sched, rng, schedule)
     student, opt = proc.accelerator.prepare(student, opt)

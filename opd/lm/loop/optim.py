@@ -35,11 +35,6 @@ def lr_factor(step: int, optim: OptimArgs, steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def lr_schedule(opt: torch.optim.Optimizer, factor: Callable[[int], float]) -> torch.optim.lr_scheduler.LambdaLR:
-    """The scheduler that sets update s's learning rate to `factor(s)` times the base rate."""
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
 def resume_schedule(opt: torch.optim.Optimizer, sched, factor: Callable[[int], float], start: int) -> None:
     """Continue `sched` at update `start` with this run's schedule, not the one saved with the optimizer state (so a
     resumed run may change the learning rate or the schedule)."""

@@ -31,7 +31,7 @@ from opd.lm.data.checkers import get_checker, score
 from opd.lm.eval import checked_accuracy
 from opd.lm.hf.model import context_length, final_hidden, lm_head, load_model, load_tokenizer
 from opd.lm.loop.build import prompt_sets
-from opd.lm.loop.optim import adamw, lr_schedule, update
+from opd.lm.loop.optim import adamw, update
 from opd.lm.loop.process import InterruptFlag, TrainingError
 from opd.lm.rollouts.local import sample
 from opd.losses import policy_gradient_loss
@@ -139,7 +139,7 @@ def rl(cfg: RLConfig) -> dict:
 
     opt = adamw(student, cfg.optim)
     warmup = max(1, cfg.optim.warmup_steps)
-    sched = lr_schedule(opt, lambda s: min(1.0, (s + 1) / warmup))  # warm-up, then constant
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))  # warm-up, then constant
     rng = torch.Generator().manual_seed(cfg.seed)
     start = 0
     if ckpt:

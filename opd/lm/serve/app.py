@@ -331,8 +331,6 @@ def load_served(args: ServeArgs) -> tuple[torch.nn.Module, Any]:
         raise FileNotFoundError(f"{args.model_dir} is not a directory; pass a saved Hugging Face model directory")
     if args.dtype != "auto" and not isinstance(getattr(torch, args.dtype, None), torch.dtype):
         raise ValueError(f"dtype={args.dtype!r}: use auto, float32, bfloat16 or float16")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     set_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
