@@ -27,6 +27,7 @@ from benchmarks.common.instruction_prompts import ifbench_test_rows, instruction
 from benchmarks.common.results import RESULTS, write
 from benchmarks.common.stats import sd
 from opd.config import DistillConfig, LoraArgs, OptimArgs, SamplingArgs
+from opd.lm.hf.cut import make_student
 from opd.lm.hf.model import context_length
 from opd.lm.data.checkers import get_checker
 from opd.lm.data.prompts import encode, load_rows
@@ -73,18 +74,10 @@ class RealDataArgs:
 
 
 def layer_subset(teacher_dir: str, keep: int, out: Path) -> str:
-    """A student made of `keep` evenly spaced decoder layers of the teacher (same embeddings, head and tokenizer)."""
-    model = load_model(teacher_dir)
-    layers = model.model.layers
-    idx = sorted({round(i * (len(layers) - 1) / max(1, keep - 1)) for i in range(keep)})
-    model.model.layers = torch.nn.ModuleList([layers[i] for i in idx])
-    for new, layer in enumerate(model.model.layers):
-        layer.self_attn.layer_idx = new  # the KV cache is indexed by this
-    model.config.num_hidden_layers = len(idx)
-    if getattr(model.config, "layer_types", None):
-        model.config.layer_types = [model.config.layer_types[i] for i in idx]
-    model.save_pretrained(out)
-    load_tokenizer(teacher_dir).save_pretrained(out)
+    """A student made of `keep` evenly spaced decoder layers of the teacher (`opd student --layers`), reused if `out`
+    is there."""
+    if not out.exists():
+        make_student(teacher_dir, out, layers=keep)
     return str(out)
 
 

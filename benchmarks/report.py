@@ -113,6 +113,16 @@ VERDICTS = [
             "instruction following 0.24 → 0.31, knowledge 0.49 → 0.22; a task sequence: first task kept at 0.705 "
             "against 0.013",
             "partly: the skill returns, the knowledge does not; retention holds"),
+    Verdict("scale", "How cost grows: completion length, vocabulary, model size",
+            "Our goal: at 4k tokens, ≥ 1.5× the tokens/s of TRL 1.16's DistillationTrainer at ≤ 0.5× its peak memory; "
+            "loss memory flat in the vocabulary, memory at most linear in length",
+            "not measured yet: its full run (about 40 minutes on 2 cores) is to come",
+            "not measured yet"),
+    Verdict("gpu", "opd on one GPU: Qwen3-shaped models against TRL",
+            "Our goal: the same train step on one GPU at Qwen3 sizes (0.6B and 1.7B students, 4B and 8B teachers, bf16) "
+            "against TRL's DistillationTrainer",
+            "not measured yet: needs a GPU machine (benchmarks/gpu/README.md)",
+            "not measured yet"),
 ]
 
 HEADER = """# Results

@@ -104,6 +104,10 @@ class EvalArgs:
     """Seed of the sampling for the KL estimate (accuracy is greedy)."""
     out_json: str | None = None
     """Also write the numbers to this JSON file."""
+    samples: str | None = None
+    """Also write every prompt, its completion and its score to this JSONL file."""
+    show: int = 3
+    """Print this many prompts with their completions and scores (0: none)."""
     threads: int | None = None
     """torch CPU threads; default: one per core that no other job is running on."""
 
@@ -149,6 +153,13 @@ class ServeArgs:
     """Most sequences (prompts x n) in one request."""
     max_request_bytes: int = 16 * 2**20
     """Largest request body accepted (413 above it)."""
+    max_header_bytes: int = 64 * 2**10
+    """Largest request head (request line and headers) accepted; above it the connection is closed."""
+    max_queued_seqs: int = 1024
+    """Most sequences waiting for the model; a request that would pass it gets 503 with Retry-After (opd's clients
+    retry with back-off), so a flood is refused at once rather than answered minutes late."""
+    max_connections: int = 256
+    """Most open connections; more get 503 (uvicorn's --limit-concurrency)."""
     max_response_bytes: int = 512 * 2**20
     """Largest hidden-state or LM-head answer built (400 above it: ask for fewer sequences or head rows); opd's
     hidden-state teacher asks for at most 64 MB at a time."""
@@ -173,6 +184,29 @@ class MergeArgs:
 
 
 @dataclass(frozen=True)
+class StudentArgs:
+    """Make a student from a teacher: a subset of its decoder layers, with its embeddings, head and tokenizer
+    (DistilBERT's initialisation). Any Hugging Face causal LM whose decoder holds its layers in one list."""
+
+    teacher: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="TEACHER")]
+    """The teacher: a hub id or local directory (dir::file.gguf for a GGUF file)."""
+    out_dir: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="OUT_DIR")]
+    """Where the student and its tokenizer go; must not exist yet (or be empty)."""
+    layers: int | None = None
+    """Keep this many layers, evenly spaced, the first and the last included."""
+    keep: str | None = None
+    """Which layers instead of --layers: every-other (0, 2, 4, ...), or indices such as 0,1,2,29 (0-based)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Data type of the written weights."""
+
+    def __post_init__(self) -> None:
+        if (self.layers is None) == (self.keep is None):
+            raise ValueError("pass one of --layers N (evenly spaced) or --keep every-other | I,J,... (which layers)")
+        if self.layers is not None and self.layers < 1:
+            raise ValueError("--layers must be >= 1")
+
+
+@dataclass(frozen=True)
 class InterpretArgs:
     """Print the interpretable policies saved in a directory: the tree as if/else rules, the linear policy and the
     formula as equations."""
@@ -180,3 +214,14 @@ class InterpretArgs:
     policy: Annotated[str, tyro.conf.arg(metavar="DIR")]
     """Directory holding interpretable.json (written by `opd.control.interpretable.save_interpretable` or by
     `opd bench robotics`: benchmarks/results/robotics_interpretable/TASK)."""
+
+
+@dataclass(frozen=True)
+class PlotArgs:
+    """Plot the curves of one or more training runs (their metrics.jsonl) into one image."""
+
+    runs: Annotated[tyro.conf.Positional[tuple[str, ...]], tyro.conf.arg(metavar="RUN")]
+    """Run directories (each holding the metrics.jsonl that `opd train` writes); each run is one line, labelled with
+    its directory's name."""
+    out: str
+    """Image file to write (.png, .pdf, .svg: the suffix picks the format)."""

@@ -38,12 +38,14 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(
     path: str | Path, model, tokenizer, step: int, optimizer=None, extra: dict | None = None,
-    extra_files: dict[str, object] | None = None,
+    extra_files: dict[str, object] | None = None, model_state: dict | None = None, optimizer_state: dict | None = None,
 ) -> Path:
     """Write model (safetensors), tokenizer, optimiser, RNG states and `step` to `path`, atomically.
 
     `extra_files` maps file names to objects `torch.save`d into the checkpoint; they are written before the swap, so
     a checkpoint that is visible always has them (a file added after the swap would be missing after a crash).
+    `model_state` / `optimizer_state`: state dicts already gathered from a sharded (FSDP) model, written instead of
+    the model's and the optimizer's own (which hold this process's shards only).
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -53,13 +55,12 @@ def save_checkpoint(
     for stale in final.parent.iterdir():
         if stale.name.startswith(f".{final.name}.tmp-"):
             shutil.rmtree(stale, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, **({} if model_state is None else {"state_dict": model_state}))
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    torch.save(
-        {"optimizer": optimizer.state_dict() if optimizer is not None else None, "rng": rng_state(), "extra": extra or {}},
-        tmp / STATE_PT,
-    )
+    if optimizer_state is None and optimizer is not None:
+        optimizer_state = optimizer.state_dict()
+    torch.save({"optimizer": optimizer_state, "rng": rng_state(), "extra": extra or {}}, tmp / STATE_PT)
     for name, obj in (extra_files or {}).items():
         torch.save(obj, tmp / name)
     (tmp / STATE_JSON).write_text(json.dumps({"step": step, **(extra or {})}, indent=2) + "\n")
@@ -114,11 +115,18 @@ def verify_checkpoint(path: str | Path) -> None:
                 f"restore it from a copy, or delete {path} to start over") from None
 
 
-def load_trainer_state(path: str | Path, optimizer=None) -> dict:
-    """Restore optimiser and RNG states from a checkpoint; returns its JSON state (with `step`)."""
+def load_trainer_state(path: str | Path, optimizer=None, load_optimizer=None) -> dict:
+    """Restore optimiser and RNG states from a checkpoint; returns its JSON state (with `step`).
+
+    `load_optimizer(saved)`: puts the saved optimizer state into the optimizer instead of `optimizer.load_state_dict`
+    (the loop's `opd.lm.loop.fsdp.load_optimizer_state`, which also shards it). The file is then mapped rather than
+    copied: every process of a sharded run reads the whole state, and those of one machine share one copy in memory.
+    """
     path = Path(path)
-    blob = torch.load(path / STATE_PT, weights_only=False)
-    if optimizer is not None and blob["optimizer"] is not None:
+    blob = torch.load(path / STATE_PT, weights_only=False, mmap=load_optimizer is not None)
+    if load_optimizer is not None and blob["optimizer"] is not None:
+        load_optimizer(blob["optimizer"])
+    elif optimizer is not None and blob["optimizer"] is not None:
         optimizer.load_state_dict(blob["optimizer"])
     set_rng_state(blob["rng"])
     return json.loads((path / STATE_JSON).read_text())

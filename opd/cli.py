@@ -5,18 +5,22 @@ set OPD_DEBUG=1 to see the traceback instead.
 """
 
 import dataclasses
+import json
 import os
 import re
 import sys
-
-from typing import Annotated
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Literal
 
 import tyro
 from tyro.constructors import ConstructorRegistry, StructConstructorSpec
 
 # Only settings here: each command imports what it runs (torch, transformers, fastapi) when it runs, so that
 # `opd --help` and `opd train --help` answer in well under a second.
-from opd.args import EvalArgs, InterpretArgs, MergeArgs, QuickstartArgs, ServeArgs, TeacherArgs
+from opd.args import (EvalArgs, InterpretArgs, MergeArgs, PlotArgs, QuickstartArgs, ServeArgs, StudentArgs,
+                      TeacherArgs)
 from opd.config import DistillConfig
 
 # Flags without the argument's name in front: `opd train --student X`, not `--cfg.student X`.
@@ -70,18 +74,9 @@ def _commands() -> dict:
         quickstart(args)
 
     def train(cfg: Annotated[DistillConfig, _NO_PREFIX]) -> None:
-        """Train a student: on-policy distillation, GKD mixture, sequence-level KD or SFT (see --source, --loss)."""
-        from accelerate import PartialState
-
-        from opd.lm.train import distill
-
-        try:
-            final = distill(cfg)
-        finally:
-            # Under `accelerate launch`: tear the process group down before exit. Left to the interpreter's shutdown,
-            # gloo's threads can abort a finished run ("terminate called without an active exception", SIGABRT).
-            PartialState().destroy_process_group()
-        print(f"done: step {final.get('step')}, accuracy {final.get('accuracy')}, checkpoint in {cfg.out_dir}/checkpoint")
+        """Train a student: on-policy distillation, GKD mixture, sequence-level KD or SFT (see --source, --loss).
+        --config FILE (YAML or JSON, e.g. a run's config.json) sets the defaults of every flag; flags override it."""
+        run_train(cfg)
 
     def teacher(args: Annotated[TeacherArgs, _NO_PREFIX]) -> None:
         """Train the task's teacher here, measure its held-out accuracy and cache it."""
@@ -107,6 +102,18 @@ def _commands() -> dict:
 
         merge_main(args)
 
+    def student(args: Annotated[StudentArgs, _NO_PREFIX]) -> None:
+        """Make a student from a subset of a teacher's layers (its embeddings, head and tokenizer kept)."""
+        from opd.lm.hf.cut import student_main
+
+        student_main(args)
+
+    def plot(args: Annotated[PlotArgs, _NO_PREFIX]) -> None:
+        """Plot runs' loss, held-out accuracy, completion tokens and step time against step, one line per run."""
+        from opd.plot import plot_main
+
+        plot_main(args)
+
     def interpret(args: Annotated[InterpretArgs, _NO_PREFIX]) -> None:
         """Print a distilled decision tree as if/else rules, and a linear policy and a formula as equations."""
         from opd.control.interpretable import interpret_main
@@ -114,7 +121,103 @@ def _commands() -> dict:
         interpret_main(args)
 
     return {"quickstart": quickstart, "train": train, "teacher": teacher, "eval": evaluate, "serve": serve,
-            "merge": merge, "interpret": interpret}
+            "merge": merge, "student": student, "plot": plot, "interpret": interpret}
+
+
+def run_train(cfg: DistillConfig) -> None:
+    """`opd train`'s work, once its flags (and --config) are parsed."""
+    from accelerate import PartialState
+
+    from opd.lm.train import distill
+
+    try:
+        final = distill(cfg)
+    finally:
+        # Under `accelerate launch`: tear the process group down before exit. Left to the interpreter's shutdown,
+        # gloo's threads can abort a finished run ("terminate called without an active exception", SIGABRT).
+        PartialState().destroy_process_group()
+    print(f"done: step {final.get('step')}, accuracy {final.get('accuracy')}, checkpoint in {cfg.out_dir}/checkpoint")
+
+
+def split_config(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(FILE of `--config FILE` or `--config=FILE`, the other arguments) of `opd train`'s arguments."""
+    for i, arg in enumerate(argv):
+        if arg == "--config":
+            if i + 1 == len(argv):
+                raise ValueError("--config needs a file: opd train --config FILE.yaml [flags that override it]")
+            return argv[i + 1], argv[:i] + argv[i + 2:]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1], argv[:i] + argv[i + 1:]
+    return None, argv
+
+
+def load_config(path: str) -> DistillConfig:
+    """The DistillConfig a YAML or JSON file (such as a run's config.json) describes; one line for a bad file."""
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"--config {path}: no such file")
+    try:
+        if file.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(file.read_text())
+        else:
+            data = json.loads(file.read_text())
+    except Exception as err:  # yaml's and json's parse errors share no base class
+        raise ValueError(f"--config {path} is not valid {'YAML' if file.suffix != '.json' else 'JSON'}: "
+                         f"{err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path} must hold a mapping of settings (student: ..., teacher: ...)")
+    if data.get("remote_api_key") == "<set>":  # config.json records only that a key was set, never the key
+        del data["remote_api_key"]
+    if "student" not in data:
+        raise ValueError(f"--config {path} has no 'student'; every run needs one (a hub id or a model directory)")
+    return _build(DistillConfig, data, path, "")
+
+
+def _build(cls, data: dict, path: str, prefix: str):
+    """`cls(**data)`, each value checked against its field's type; nested dataclasses from nested mappings."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ValueError(f"--config {path}: unknown setting {prefix + str(key)!r}; `opd train --help` lists them "
+                             f"(--{(prefix + str(key)).replace('_', '-')} is not one)")
+    return cls(**{key: _typed(hints[key], value, path, prefix + key) for key, value in data.items()})
+
+
+def _typed(tp, value, path: str, key: str):
+    """`value` as type `tp` (bool, int, float, str, Literal, X | None, tuple[X, ...], a dataclass), or one line."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        return _build(tp, value, path, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _typed(arg, value, path, key)
+            except ValueError:
+                pass
+    elif origin is Literal:
+        if value in args:
+            return value
+    elif origin is tuple and isinstance(value, (list, tuple)):
+        return tuple(_typed(args[0], v, path, key) for v in value)
+    elif tp is bool and isinstance(value, bool):
+        return value
+    elif tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif tp is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        # YAML 1.1 (PyYAML) reads `1e-3` as a string; it is the way people write learning rates.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    elif tp is str and isinstance(value, str):
+        return value
+    want = " or ".join(map(repr, args)) if origin is Literal else getattr(tp, "__name__", str(tp))
+    raise ValueError(f"--config {path}: {key} must be {want}, not {value!r:.60}")
 
 
 def _is_user_error(e: Exception) -> bool:
@@ -141,6 +244,9 @@ BENCHMARKS = {
     "vllm": "vllm.py",
     "robotics": "robotics/run.py",
     "continual": "continual/run.py",
+    "privileged": "privileged.py",
+    "scale": "scale/run.py",
+    "gpu": "gpu/run.py",
 }
 """`opd bench NAME [flags]` runs benchmarks/<file> of the source checkout (benchmarks are not installed). Results record
 `opd bench NAME`, not the file, so a file may move without breaking a recorded command."""
@@ -168,11 +274,22 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:
         return _guarded(_bench, argv[1:])
-    commands = _commands()
-    _guarded(lambda a: tyro.extras.subcommand_cli_from_dict(
-        commands, args=a, prog="opd", description="On-policy distillation. Benchmarks: opd bench NAME [--quick].",
+    _guarded(_run, argv)
+
+
+def _run(argv: list[str]) -> None:
+    path, rest = split_config(argv[1:]) if argv[:1] == ["train"] else (None, argv)
+    if path is not None:
+        # --config is read here, not by tyro: the file's settings become the defaults of train's flags (tyro's
+        # `default=`), so every flag on the command line overrides the file.
+        cfg = tyro.cli(Annotated[DistillConfig, _NO_PREFIX], default=load_config(path), args=rest, prog="opd train",
+                       description=" ".join(_commands()["train"].__doc__.split()),
+                       registry=_flowing_help())
+        return run_train(cfg)
+    tyro.extras.subcommand_cli_from_dict(
+        _commands(), args=argv, prog="opd", description="On-policy distillation. Benchmarks: opd bench NAME [--quick].",
         registry=_flowing_help(),
-    ), argv)
+    )
 
 
 def _guarded(fn, argv) -> None:

@@ -214,7 +214,20 @@ class DistillConfig:
     """Also log metrics to TensorBoard (out_dir/tensorboard) or trackio, through accelerate's trackers;
     metrics.jsonl is always written."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """Autocast the student's forward and backward (accelerate's mixed precision; for GPUs)."""
+    """Autocast the student's forward and backward (accelerate's mixed precision): fp32 weights and optimizer state,
+    bf16/fp16 matmuls. The usual choice on GPUs; on CPUs it pays only where the cores have bf16 instructions."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Precision of the student's weights, gradients and optimizer state. bfloat16 halves their memory but AdamW then
+    updates bf16 weights directly (small updates round away); prefer --mixed-precision bf16 with float32 weights unless
+    memory forces it. Log-softmax and the divergences run in float32 either way. --teacher-dtype sets the teacher's."""
+    gradient_checkpointing: bool = False
+    """Recompute the student's decoder layers in the backward pass instead of keeping their activations: activation
+    memory of one layer instead of all of them, for about one more forward pass of compute. For long completions
+    (`benchmarks/results/scale.md`)."""
+    max_tokens_per_microbatch: int | None = None
+    """Split each update into micro-batches of consecutive sequences holding at most this many (padded) tokens each,
+    padding columns dropped per micro-batch, instead of --optim.grad-accum equal row counts: memory bounded by tokens,
+    whatever the completion lengths. Must hold the longest prompt plus --sampling.max-new-tokens."""
 
     def __post_init__(self) -> None:
         # Checked when the flags are parsed, before anything loads: one line naming the flag.
@@ -240,12 +253,18 @@ class DistillConfig:
             ("--lora.r", self.lora.r >= 0, ">= 0 (0: no LoRA)"), ("--lora.alpha", self.lora.alpha > 0, "> 0"),
             ("--lora.dropout", 0 <= self.lora.dropout < 1, "in [0, 1)"),
             ("--threads", self.threads is None or self.threads >= 1, ">= 1"),
+            ("--max-tokens-per-microbatch", self.max_tokens_per_microbatch is None
+             or self.max_tokens_per_microbatch > s.max_new_tokens,
+             f"> --sampling.max-new-tokens ({s.max_new_tokens}): one sequence, prompt included, must fit"),
         ):
             if not ok:
                 raise ValueError(f"{flag} must be {want}")
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
         rows = self.batch_size * self.samples_per_prompt
+        if self.max_tokens_per_microbatch is not None and o.grad_accum != 1:
+            raise ValueError("pass either --max-tokens-per-microbatch (micro-batches by tokens) or --optim.grad-accum "
+                             "(by rows), not both")
         if rows % o.grad_accum:
             raise ValueError(f"--optim.grad-accum {o.grad_accum} must divide the {rows} sequences of an update "
                              f"(batch_size × samples_per_prompt)")

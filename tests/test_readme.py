@@ -100,6 +100,11 @@ def parse(args: list[str]):
     """What `opd` parses `args` into, without running anything (tyro's SystemExit on a bad flag)."""
     command = cli._commands()[args[0]]
     (param,) = inspect.signature(command).parameters.values()
+    if args[0] == "train":
+        # `--config FILE` is read by opd before tyro (an earlier command may write FILE): parse the flags over it
+        path, rest = cli.split_config(args[1:])
+        if path is not None:
+            args = ["train", *rest, *([] if "--student" in rest else ["--student", PLACEHOLDER])]
     return tyro.cli(param.annotation, args=args[1:], prog=f"opd {args[0]}", registry=cli._flowing_help())
 
 

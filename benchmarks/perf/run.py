@@ -17,22 +17,19 @@ Writes `results_dir`/perf.json, perf.md (a section for RESULTS.md) and perf.png;
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-import torch
 import tyro
 
 from benchmarks.common.command import command_line
+from benchmarks.common.measure import matmul_gflops, run_watched
 from benchmarks.perf import pairs, report
 
 SYSTEMS = ("opd", "opd_compile", "opd_overlap", "opd_overlap_compile", "opd_sampler_overlap", "trl_distillation",
@@ -45,9 +42,6 @@ COMPILE_SYSTEMS = ("opd_compile", "opd_overlap_compile")
 """`opd` and `opd --overlap` with `--sampling.compile` (a torch.compile'd decoding step over a static KV cache); run
 only on `compile_pairs`."""
 REPO_ROOT = Path(__file__).resolve().parents[2]
-_WATCH_S = 0.25
-"""How often an entry's memory is checked against the cap. Only the cap needs it (the reported peaks are the
-processes' own high-water marks), and every check walks /proc: at 50 ms it took 3-7 % of a core from the entry."""
 
 
 @dataclass(frozen=True)
@@ -125,19 +119,6 @@ QUICK = dict(
 """What `--quick` overrides."""
 
 
-def matmul_gflops(threads: int, n: int = 2048, repeats: int = 8) -> float:
-    """Best fp32 matmul throughput of this machine at `threads` threads, GFLOP/s."""
-    torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
-
-
 def run_entry(spec: dict, work: Path, args: PerfArgs) -> dict:
     """One system on one pair, in a fresh Python process watched for memory; returns the worker's numbers."""
     work.mkdir(parents=True, exist_ok=True)
@@ -147,37 +128,15 @@ def run_entry(spec: dict, work: Path, args: PerfArgs) -> dict:
     out_path.unlink(missing_ok=True)
     shutil.rmtree(work / f"{name}-scratch", ignore_errors=True)  # a run directory left by an earlier run
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(REPO_ROOT), TOKENIZERS_PARALLELISM="false")
-    peak_seen, t0 = 0.0, time.perf_counter()
-    with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.perf.worker", str(spec_path), str(out_path)],
-                                cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        watched = psutil.Process(proc.pid)
-        while proc.poll() is None:
-            try:  # the worker and what it started (a sampler process, an `opd serve`) count together
-                family = [watched, *watched.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                break
-            peak_seen = max(peak_seen, sum(_rss_mb(p) for p in family))
-            if peak_seen > args.memory_cap_mb or time.perf_counter() - t0 > args.timeout_s:
-                for p in reversed(family):  # children first: a killed worker cannot stop its server any more
-                    with contextlib.suppress(psutil.NoSuchProcess):
-                        p.kill()
-                proc.wait()
-                why = "memory_cap" if peak_seen > args.memory_cap_mb else "timeout"
-                return {"error": f"stopped: {why} ({peak_seen:.0f} MB RSS after {time.perf_counter() - t0:.0f} s)",
-                        "peak_rss_mb_at_stop": peak_seen}
-            time.sleep(_WATCH_S)
-    if proc.returncode != 0 or not out_path.exists():
+    ended = run_watched([sys.executable, "-m", "benchmarks.perf.worker", str(spec_path), str(out_path)], log_path,
+                        env, REPO_ROOT, args.memory_cap_mb, args.timeout_s)
+    if ended.stopped:
+        return {"error": f"stopped: {ended.stopped} ({ended.peak_seen_mb:.0f} MB RSS after {ended.wall_s:.0f} s)",
+                "peak_rss_mb_at_stop": ended.peak_seen_mb}
+    if ended.returncode != 0 or not out_path.exists():
         tail = log_path.read_text()[-3000:]
-        raise RuntimeError(f"{name} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+        raise RuntimeError(f"{name} failed (exit {ended.returncode}); log {log_path}:\n{tail}")
     return json.loads(out_path.read_text())
-
-
-def _rss_mb(process: psutil.Process) -> float:
-    try:
-        return process.memory_info().rss / 2**20
-    except psutil.NoSuchProcess:
-        return 0.0
 
 
 def _spec(args: PerfArgs, pair_name: str, models: dict, settings: PairSettings, system: str, loss: str,

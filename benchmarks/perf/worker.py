@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import resource
 import sys
 import time
 from collections.abc import Iterator
@@ -24,22 +23,8 @@ from pathlib import Path
 
 import torch
 
-
-def max_rss_mb(pid: int | None = None) -> float:
-    """Peak resident set size so far of this process (or of process `pid`, Linux only), in MB.
-
-    Read from VmHWM, the high-water mark of the process's own memory map. Not `ru_maxrss`: Linux carries that over
-    from the parent through fork + exec, so every worker would report at least the benchmark driver's RSS at the
-    moment it was started (seen: all systems of the tiny pair at the driver's 854 MB)."""
-    status = Path(f"/proc/{pid or 'self'}/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    if pid is not None:
-        raise RuntimeError(f"cannot read the peak RSS of process {pid}: no VmHWM in {status}")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # elsewhere: kilobytes, bytes on macOS
-    return peak / (2**20 if sys.platform == "darwin" else 1024)
+from benchmarks.common.measure import max_rss_mb
+from benchmarks.common.trl_args import StepTimer, trl_beta, trl_training_args
 
 
 def _costs(student, teacher):
@@ -160,39 +145,9 @@ def run_opd_sampler_overlap(spec: dict, scratch: Path) -> dict:
                 server_peak_rss_mb=server_peak)
 
 
-class _StepTimer:
-    """A TrainerCallback (built lazily: transformers is imported by the caller) timing each optimizer step."""
-
-    def __new__(cls):
-        from transformers import TrainerCallback
-
-        class Timer(TrainerCallback):
-            def __init__(self):
-                self.step_s = []
-
-            def on_step_begin(self, args, state, control, **kwargs):
-                self.t0 = time.perf_counter()
-
-            def on_step_end(self, args, state, control, **kwargs):
-                self.step_s.append(time.perf_counter() - self.t0)
-
-        return Timer()
-
-
 def _trl_common(spec: dict, scratch: Path) -> dict:
-    # TRL's defaults except what must match opd: lr, constant schedule, no warm-up, no weight decay, clip 1.0, batch,
-    # fp32 (bf16 off). Gradient checkpointing is off: opd does not recompute the trunk, and with it on GKD also
-    # generates without a KV cache. No logging, saving or evaluation during training.
-    return dict(output_dir=str(scratch / "trl"), per_device_train_batch_size=spec["batch_size"],
-                max_steps=spec["steps"], learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0,
-                weight_decay=0.0, max_grad_norm=1.0, gradient_checkpointing=False, bf16=False, logging_steps=10**6,
-                save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=spec["seed"],
-                dataloader_num_workers=0)
-
-
-def _beta(spec: dict) -> float:
-    # TRL's β: 0 forward KL, 1 reverse KL, in between the generalized JSD (same mixture as opd's).
-    return 1.0 if spec["loss"] == "reverse_kl" else spec["beta"]
+    return dict(trl_training_args(scratch / "trl", spec["batch_size"], spec["steps"], spec["lr"], spec["seed"]),
+                beta=trl_beta(spec["loss"], spec["beta"]))
 
 
 def run_trl_distillation(spec: dict, scratch: Path) -> dict:
@@ -209,9 +164,9 @@ def run_trl_distillation(spec: dict, scratch: Path) -> dict:
     chat = bool(getattr(tokenizer, "chat_template", None))
     prompts = [train[i].prompt for i in prompt_order(spec, len(train))]
     rows = [[{"role": "user", "content": p}] for p in prompts] if chat else prompts
-    args = DistillationConfig(**_trl_common(spec, scratch), beta=_beta(spec), temperature=1.0, top_p=1.0, top_k=0,
+    args = DistillationConfig(**_trl_common(spec, scratch), temperature=1.0, top_p=1.0, top_k=0,
                               max_completion_length=spec["max_new_tokens"], shuffle_dataset=False)
-    timer = _StepTimer()
+    timer = StepTimer()
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, processing_class=tokenizer,
                                   train_dataset=Dataset.from_dict({"prompt": rows}), callbacks=[timer])
     lengths = []
@@ -252,9 +207,9 @@ def run_trl_gkd(spec: dict, scratch: Path) -> dict:
             mask[i, P - len(r["ids"]) :] = 1
         return {"prompts": prompts, "prompt_attention_mask": mask, "input_ids": prompts, "attention_mask": mask}
 
-    args = GKDConfig(**_trl_common(spec, scratch), beta=_beta(spec), lmbda=1.0, temperature=1.0,
+    args = GKDConfig(**_trl_common(spec, scratch), lmbda=1.0, temperature=1.0,
                      max_new_tokens=spec["max_new_tokens"])
-    timer = _StepTimer()
+    timer = StepTimer()
     trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, processing_class=tokenizer,
                          data_collator=collate, train_dataset=Dataset.from_dict({"ids": ids}), callbacks=[timer])
     lengths = []

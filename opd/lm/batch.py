@@ -35,6 +35,10 @@ class Batch:
     `opd.lm.teachers.local.score_batch` scores only the rest."""
     sampled_by: int | None = None
     """The sampler's weights version that sampled the batch (a sampler server or process), for the metrics."""
+    teacher_prompt_ids: list[list[int]] | None = None
+    """Each row's teacher prompt, when the teacher sees another prompt than the student (privileged context: a
+    reference answer, a demonstration); the teacher then grades teacher prompt + the same completion
+    (`teacher_view`, `realigned`)."""
 
     def to(self, device) -> "Batch":
         """The same batch with its tensors on `device`."""
@@ -49,7 +53,25 @@ class Batch:
                 prefix, **{name: t[start:min(stop, k)] for name, t in prefix.tensors().items()})
         rows = replace(self, teacher_prefix=None, prompt_lens=self.prompt_lens[start:stop])._apply(lambda t: t[start:stop])
         rows.teacher_prefix = prefix
+        if self.teacher_prompt_ids is not None:
+            rows.teacher_prompt_ids = self.teacher_prompt_ids[start:stop]
         return rows
+
+    def trim(self) -> "Batch":
+        """The same rows without the columns that are padding in every row (a micro-batch of short rows cut from a
+        batch laid out for its longest one). Positions come from the attention mask (`opd.lm.hf.model.position_ids`),
+        so every real token keeps its position and the result is the same up to float rounding."""
+        real = self.attention_mask_BL.bool().any(0).nonzero()
+        if real.numel() == 0:
+            return self
+        a, b = int(real[0]), int(real[-1]) + 1  # tokens a..b-1 are real in some row
+        tokens, targets = slice(a, b), slice(a, b - 1)  # target t scores token t + 1
+        prefix = self.teacher_prefix
+        if prefix is not None:
+            prefix = replace(prefix, **{name: t[:, targets] for name, t in prefix.tensors().items()})
+        sampling = None if self.sampling_logp_BT is None else self.sampling_logp_BT[:, targets]
+        return Batch(self.input_ids_BL[:, tokens], self.attention_mask_BL[:, tokens], self.mask_BT[:, targets],
+                     self.prompt_lens, sampling, prefix, self.sampled_by, self.teacher_prompt_ids)
 
     def _apply(self, fn) -> "Batch":
         move = lambda t: None if t is None else fn(t)  # noqa: E731
@@ -57,7 +79,7 @@ class Batch:
         if prefix is not None:
             prefix = replace(prefix, **{name: fn(t) for name, t in prefix.tensors().items()})
         return Batch(move(self.input_ids_BL), move(self.attention_mask_BL), move(self.mask_BT), self.prompt_lens,
-                     move(self.sampling_logp_BT), prefix, self.sampled_by)
+                     move(self.sampling_logp_BT), prefix, self.sampled_by, self.teacher_prompt_ids)
 
     @property
     def targets_BT(self) -> torch.Tensor:
@@ -167,3 +189,25 @@ class TeacherSignal:
         """The per-row fields that are set, by name (every field but `head`)."""
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if f.name != "head" and getattr(self, f.name) is not None}
+
+
+def teacher_view(batch: Batch) -> Batch:
+    """The batch as a teacher with its own prompts sees it: each row's `teacher_prompt_ids` followed by the row's
+    completion tokens, in the same layout (left-padded prompts, completions, right padding)."""
+    completions = batch.completion_ids()
+    pad = int(batch.input_ids_BL[0, 0])  # any id will do: padding is masked out of attention and of every loss
+    return layout(batch.teacher_prompt_ids, completions, pad).to(batch.input_ids_BL.device)
+
+
+def realigned(signal: TeacherSignal, from_mask_BT: torch.Tensor, to_mask_BT: torch.Tensor) -> TeacherSignal:
+    """A signal graded in one layout (`from_mask_BT`: the teacher's view) moved to the targets of another
+    (`to_mask_BT`: the student's batch) that holds the same completion tokens in the same order, row by row."""
+    src, dst = from_mask_BT.bool(), to_mask_BT.bool()
+    if int(src.sum()) != int(dst.sum()):
+        raise ValueError(f"the teacher's view holds {int(src.sum())} completion tokens, the batch {int(dst.sum())}")
+    moved = {}
+    for name, t in signal.tensors().items():
+        out = t.new_zeros((dst.shape[0], dst.shape[1], *t.shape[2:]))
+        out[dst] = t[src]
+        moved[name] = out
+    return replace(signal, **moved)

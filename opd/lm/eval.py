@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -60,9 +61,9 @@ def greedy_completions(model, tokenizer, prompt_ids: list[list[int]], max_new_to
 
 
 def checked_accuracy(model, tokenizer, prompts, checker, max_new_tokens: int = 64, batch_size: int = 256,
-                     progress: bool = False) -> float:
+                     progress: bool = False, samples: list[dict] | None = None) -> float:
     """Mean score `checker(row, completion)` over a `PromptSet` (`opd.lm.data.prompts`), completions decoded
-    greedily."""
+    greedily. `samples`: a list that gets each row's prompt, answer (if any), completion and score, in order."""
     from opd.lm.data.checkers import score
 
     was_training = model.training
@@ -72,7 +73,12 @@ def checked_accuracy(model, tokenizer, prompts, checker, max_new_tokens: int = 6
         for start in tqdm(range(0, len(prompts), batch_size), desc="evaluate", disable=not progress):
             stop = start + batch_size
             completions = greedy_completions(model, tokenizer, prompts.prompt_ids[start:stop], max_new_tokens)
-            total += sum(score(checker, prompts.rows[start:stop], completions))
+            scores = score(checker, prompts.rows[start:stop], completions)
+            total += sum(scores)
+            if samples is not None:
+                samples.extend({"prompt": row["prompt"], **({"answer": row["answer"]} if "answer" in row else {}),
+                                "completion": c, "score": v}
+                               for row, c, v in zip(prompts.rows[start:stop], completions, scores, strict=True))
     finally:
         model.train(was_training)
     return total / len(prompts)
@@ -148,8 +154,9 @@ def eval_main(args: EvalArgs) -> dict:
     if args.examples < 1 or args.max_new_tokens < 1:
         raise ValueError(f"--examples and --max-new-tokens must be >= 1, got {args.examples} and {args.max_new_tokens}")
     set_threads(args.threads)
-    if args.out_json:  # its folder now, not after the whole evaluation has run
-        Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
+    for out in (args.out_json, args.samples):  # their folders now, not after the whole evaluation has run
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
     if args.data is not None:
         rows, spec = load_rows(args.data, args.data_split, args.data_fields, "--data"), args.checker
         if spec is None:
@@ -163,8 +170,14 @@ def eval_main(args: EvalArgs) -> dict:
     tokenizer = load_tokenizer(args.model)
     prompts = encode(tokenizer, rows, context_length(args.model) - args.max_new_tokens, "--data")
     model = load_model(args.model)
+    samples: list[dict] = []
     result = {"model": args.model, "data": args.data or f"task:{args.task}", "checker": spec, "examples": len(prompts),
-              "accuracy": checked_accuracy(model, tokenizer, prompts, checker, args.max_new_tokens, progress=True)}
+              "accuracy": checked_accuracy(model, tokenizer, prompts, checker, args.max_new_tokens, progress=True,
+                                           samples=samples)}
+    for row in samples[:args.show]:  # a few, to see what the checker saw (stderr: stdout is the JSON result)
+        print(f"score {row['score']:g} | {row['prompt']!r} -> {row['completion']!r}", file=sys.stderr)
+    if args.samples:
+        Path(args.samples).write_text("".join(json.dumps(row) + "\n" for row in samples))
     if args.teacher:
         teacher = load_model(args.teacher)
         check_same_vocabulary(model, teacher, tokenizer, load_tokenizer(args.teacher))

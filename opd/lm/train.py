@@ -28,8 +28,9 @@ from opd.fused import fused_divergence
 from opd.lm.batch import Batch, TeacherSignal, scatter_targets
 from opd.lm.eval import checked_accuracy
 from opd.lm.hf.lora import load_student
-from opd.lm.hf.model import check_same_vocabulary, context_length, final_hidden, lm_head, load_tokenizer, unwrap
-from opd.lm.loop.build import make_actor, make_teacher, prompt_sets
+from opd.lm.hf.model import check_same_vocabulary, final_hidden, lm_head, load_tokenizer, unwrap
+from opd.lm.loop.build import make_actor, make_teacher, prompt_room, prompt_sets
+from opd.lm.loop.fsdp import unsharded
 from opd.lm.loop.optim import adamw, lr_factor, update
 from opd.lm.loop.process import TrainingError, all_finite, library_bars, start_process
 from opd.lm.loop.run_dir import RunDir
@@ -40,8 +41,8 @@ from opd.lm.xtok.teacher import CrossTokenizerSignal
 
 Callback = Callable[[int, Any, dict], Any]
 """`callback(step, student, metrics)` after every update; return True to stop the run (a checkpoint is saved)."""
-__all__ = ["distill", "student_loss", "accumulate", "make_teacher", "check_same_vocabulary", "TrainingError", "LOSSES",
-           "adamw", "lr_factor"]
+__all__ = ["distill", "student_loss", "accumulate", "micro_batches", "make_teacher", "check_same_vocabulary",
+           "TrainingError", "LOSSES", "adamw", "lr_factor"]
 """What train.py is imported for; TrainingError, adamw and lr_factor live in `opd.lm.loop` and stay importable here."""
 
 
@@ -129,25 +130,25 @@ def distill(cfg: DistillConfig, prompts: Any = None, eval_prompts: Any = None, c
     callbacks: `callback(step, student, metrics)` after every update, on every process; keys it adds to `metrics`
     are logged, and returning True stops the run with a checkpoint (early stopping).
 
-    Runs unchanged under `accelerate launch` (DDP on CPU or GPUs, FSDP): each process samples its own prompts,
-    gradients are averaged across processes, and the main process logs, evaluates and saves.
+    Runs unchanged under `accelerate launch`, with DDP or an FSDP2-sharded student (configs/accelerate; on CPUs too,
+    `opd.lm.loop.fsdp`): each process samples its own prompts, gradients are averaged across processes, and the main
+    process logs, evaluates and saves (a sharded student gathered, as a plain Hugging Face directory).
     """
     if cfg.loss in losses.DIVERGENCES:
         divergence_from_config(cfg)  # bad β/α fail now, not at the first step
     proc = start_process(cfg)  # accelerator, threads, seed, warnings for ignored flags
     # The data first: a bad file or flag fails here, before any weights load.
     tokenizer = load_tokenizer(cfg.student)
-    max_prompt = context_length(cfg.student) - cfg.sampling.max_new_tokens
-    train, held_out, check = prompt_sets(cfg, tokenizer, max_prompt, prompts, eval_prompts, checker)
+    train, held_out, check = prompt_sets(cfg, tokenizer, prompt_room(cfg), prompts, eval_prompts, checker)
     run = RunDir(cfg, proc)  # finds and verifies the checkpoint --resume starts from
-    student = load_student(cfg.student, cfg.lora, run.ckpt, proc.device)
+    student = load_student(cfg.student, cfg.lora, run.ckpt, proc.device, cfg.dtype, cfg.gradient_checkpointing)
     teacher = make_teacher(cfg, student, tokenizer, proc.device, resumed=run.ckpt is not None, prompts=train)
     opt = adamw(student, cfg.optim)
     schedule = functools.partial(lr_factor, optim=cfg.optim, steps=cfg.steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     rng = torch.Generator().manual_seed(cfg.seed + 100_003 * proc.rank)  # prompt order and mixture coins, per process
-    start = run.restore(opt, sched, rng, schedule)
-    student, opt = proc.accelerator.prepare(student, opt)
+    student, opt = proc.prepare(student, opt)  # DDP, or FSDP2 (sharded: the optimizer then holds DTensor shards)
+    start = run.restore(student, opt, sched, rng, schedule)
     plans = Plans(len(train), cfg.batch_size, cfg.samples_per_prompt, lambda g: actor.choose(g),
                   lambda step: rollout_seed(cfg.seed, step, proc.rank, proc.world,
                                             cfg.batch_size * cfg.samples_per_prompt), rng)
@@ -164,7 +165,9 @@ def distill(cfg: DistillConfig, prompts: Any = None, eval_prompts: Any = None, c
                     # At `start` too: a fresh or resumed run must not sample from whatever a sampler held before.
                     actor.sync(student, step)
                 # ACT: the batch of completions.
-                batch = actor.rollouts(draw).to(proc.device)
+                with unsharded(student):  # FSDP: whole weights while sampling (no-op otherwise)
+                    batch = actor.rollouts(draw).to(proc.device)
+                batch.teacher_prompt_ids = train.teacher_prompts(draw.rows)  # what the teacher sees instead, if any
                 t_act = time.perf_counter()
                 # GRADE and DIVERGE: what the teacher gives, and the loss's gradient, micro-batch by micro-batch.
                 m = accumulate(student, teacher, batch, cfg, proc.accelerator, step, batch_routes(train, draw.rows))
@@ -175,8 +178,9 @@ def distill(cfg: DistillConfig, prompts: Any = None, eval_prompts: Any = None, c
             total_flops = m["total_flops"] = total_flops + m["flops"] * proc.world
             with run.saved_if_user_code_fails(step, m, plans.state()):  # your checker and callbacks
                 if run.eval_due(step, held_out):
-                    m["accuracy"] = checked_accuracy(unwrap(student), tokenizer, held_out, check,
-                                                     cfg.sampling.max_new_tokens)
+                    with unsharded(student):  # FSDP: whole weights on every process while it evaluates
+                        m["accuracy"] = checked_accuracy(unwrap(student), tokenizer, held_out, check,
+                                                         cfg.sampling.max_new_tokens)
                 stop = any([bool(cb(step + 1, unwrap(student), m)) for cb in callbacks])
             if run.log(step, m, stop, plans.state()):
                 break
@@ -200,20 +204,26 @@ def step_costs(batch: Batch, draw, actor, costs, cfg: DistillConfig) -> dict:
 
 def accumulate(student, teacher, batch: Batch, cfg: DistillConfig, accelerator, step: int,
                routes: list[str] | None = None) -> dict:
-    """Grade the batch and back-propagate its loss in `cfg.optim.grad_accum` micro-batches; returns the metrics.
+    """Grade the batch and back-propagate its loss micro-batch by micro-batch (`micro_batches`); returns the metrics.
     `routes`: each row's teacher, with several (--teachers).
 
     Each micro-batch's mean per-token loss is weighted by its share of the batch's completion tokens, so the summed
     gradient is the one a single pass over the whole batch gives (up to float rounding); gradients are synchronised
     across processes on the last micro-batch only.
     """
-    k = cfg.optim.grad_accum
-    rows = batch.input_ids_BL.shape[0] // k
+    spans = micro_batches(batch, cfg)
+    if cfg.max_tokens_per_microbatch is not None and accelerator.num_processes > 1:
+        # Every process must run as many micro-batches: each one ends in collectives (the finite check below, FSDP's
+        # reduce-scatter), and a process with fewer would leave the others waiting. Splitting only lowers memory.
+        most = accelerator.reduce(torch.tensor([len(spans)], device=accelerator.device), "max")
+        spans = split_to(spans, int(most.item()))
     total_tokens = max(1, int(batch.mask_BT.sum()))
     merged: dict = {}
-    for j in range(k):
-        micro = batch if k == 1 else batch.select(j * rows, (j + 1) * rows)
-        micro_routes = None if routes is None else routes[j * rows:(j + 1) * rows]
+    for j, (start, stop) in enumerate(spans):
+        micro = batch if len(spans) == 1 and cfg.max_tokens_per_microbatch is None else batch.select(start, stop)
+        if cfg.max_tokens_per_microbatch is not None:
+            micro = micro.trim()
+        micro_routes = None if routes is None else routes[start:stop]
         signal = grade(teacher, micro, micro_routes, score=cfg.loss != "sft")
         loss, m = student_loss(student, micro, signal, cfg)
         if not all_finite(accelerator, loss):
@@ -223,9 +233,47 @@ def accumulate(student, teacher, batch: Batch, cfg: DistillConfig, accelerator, 
                 f"then run again with --resume"
             )
         weight = m["completion_tokens"] / total_tokens
-        with accelerator.no_sync(student) if j < k - 1 else nullcontext():
+        with accelerator.no_sync(student) if j < len(spans) - 1 else nullcontext():
             accelerator.backward(loss * weight)
         for key, value in m.items():
             summed = key == "completion_tokens" or key.startswith(SUMMED)
             merged[key] = merged.get(key, 0) + (value if summed else value * weight)
+    if cfg.max_tokens_per_microbatch is not None:
+        merged["micro_batches"] = len(spans)
     return per_teacher_means(merged)
+
+
+def split_to(spans: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+    """`spans` cut into `n` (the one with the most rows halved, until there are `n`), in order; needs n <= rows."""
+    spans = list(spans)
+    while len(spans) < n:
+        i = max(range(len(spans)), key=lambda j: spans[j][1] - spans[j][0])
+        a, b = spans[i]
+        if b - a < 2:
+            raise ValueError(f"cannot cut {len(spans)} micro-batches of single rows into {n}")
+        spans[i:i + 1] = [(a, (a + b) // 2), ((a + b) // 2, b)]
+    return spans
+
+
+def micro_batches(batch: Batch, cfg: DistillConfig) -> list[tuple[int, int]]:
+    """The row ranges [start, stop) an update is split into: --optim.grad-accum equal row counts or, with
+    --max-tokens-per-microbatch, runs of consecutive rows whose padded size (rows × the width they span once padding
+    columns are dropped, `Batch.trim`) stays within the budget."""
+    rows = batch.input_ids_BL.shape[0]
+    budget = cfg.max_tokens_per_microbatch
+    if budget is None:
+        n = rows // cfg.optim.grad_accum
+        return [(j * n, (j + 1) * n) for j in range(cfg.optim.grad_accum)]
+    spans, start, lo, hi = [], 0, None, None
+    for i, real in enumerate(batch.attention_mask_BL.bool().tolist()):
+        first, last = real.index(True), len(real) - real[::-1].index(True)
+        if last - first > budget:  # prompt_sets refuses such rows before training; this guards other callers
+            raise ValueError(f"row {i} of the batch is {last - first} tokens, more than --max-tokens-per-microbatch "
+                             f"{budget}; raise the budget or lower --sampling.max-new-tokens")
+        wide_lo, wide_hi = (first, last) if lo is None else (min(lo, first), max(hi, last))
+        if i > start and (i + 1 - start) * (wide_hi - wide_lo) > budget:
+            spans.append((start, i))
+            start, wide_lo, wide_hi = i, first, last
+        lo, hi = wide_lo, wide_hi
+    spans.append((start, rows))
+    return spans

@@ -29,9 +29,12 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def live_server(app) -> Iterator[str]:
-    """Serve `app` with uvicorn on a free 127.0.0.1 port in a background thread; yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+def live_server(app, config=None) -> Iterator[str]:
+    """Serve `app` with uvicorn on a free 127.0.0.1 port in a background thread; yields its base URL. `config(app,
+    port)`: the uvicorn.Config to use (default: uvicorn's defaults)."""
+    port = free_port()
+    config = config or (lambda app, port: uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(config(app, port))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

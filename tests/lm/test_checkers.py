@@ -80,8 +80,8 @@ def test_task_checker_uses_the_tasks_own_rule():
 @pytest.mark.parametrize("spec", ["fuzzy", "numeric:5", "", "exact numeric", "a.b:"])
 def test_unknown_spec(spec):
     message = one_line_error(get_checker, spec)
-    assert message == (f"unknown checker {spec!r}; choose exact, contains, numeric, regex:PATTERN, ifeval, task:NAME or "
-                       f"module:function")
+    assert message == (f"unknown checker {spec!r}; choose exact, contains, numeric, math, regex:PATTERN, ifeval, "
+                       f"task:NAME or module:function")
 
 
 @pytest.fixture
@@ -219,3 +219,47 @@ def test_contains_finds_the_answer_inside_a_sentence_ignoring_case_and_spacing()
     with pytest.raises(ValueError, match="answer"):
         check({"prompt": "q"}, "anything")
     assert required_columns("contains") == ("answer",)
+
+
+@pytest.mark.parametrize("answer, completion", [
+    ("0.5", r"The answer is $\boxed{\frac{1}{2}}$."),
+    ("0.5", "1/2"),
+    ("1/2", "0.5"),
+    ("3", "x = 3"),
+    (r"\sqrt{8}", r"\boxed{2\sqrt{2}}"),      # a bare LaTeX answer is read as LaTeX, not as the text "8"
+    (r"\frac{3}{4}", "0.75"),
+    (r"2\pi", r"so the length is $\boxed{2\pi}$"),
+    (r"\{1,2\}", r"$\{2,1\}$"),
+    ("6", r"So the total is \boxed{6}."),
+])
+def test_math_accepts_equal_answers_written_differently(answer, completion):
+    assert get_checker("math")({"prompt": "q", "answer": answer}, completion) == 1.0
+
+
+@pytest.mark.parametrize("answer, completion", [
+    ("0.5", "1/3"),
+    ("3", "x = 4"),
+    (r"\sqrt{8}", r"\boxed{2\sqrt{3}}"),
+    ("1/2", r"\boxed{\frac{2}{3}}"),
+    ("12", "The answer is 21."),
+    ("6", "no answer here"),
+    ("6", ""),
+])
+def test_math_refuses_different_or_missing_answers(answer, completion):
+    assert get_checker("math")({"prompt": "q", "answer": answer}, completion) == 0.0
+
+
+def test_math_as_the_rl_reward_and_its_errors(monkeypatch):
+    import sys
+
+    # The RL baseline scores a group's completions with `score(get_checker(spec), rows, texts)`.
+    rows = [{"prompt": "half of 1?", "answer": "1/2"}] * 3
+    assert score(get_checker("math"), rows, [r"\boxed{0.5}", "1/3", "it is 1/2"]) == [1.0, 0.0, 1.0]
+    assert required_columns("math") == ("answer",)
+    message = one_line_error(check_columns, "math", ["prompt", "question"], "--data")
+    assert message.startswith("--data has no 'answer' column, which --checker math needs")
+    with pytest.raises(ValueError, match="'answer'"):
+        get_checker("math")({"prompt": "q"}, "1")
+    monkeypatch.setitem(sys.modules, "math_verify", None)  # makes the import fail
+    message = one_line_error(get_checker, "math")
+    assert message == "the math checker needs the math-verify package: pip install 'opd[math]'"

@@ -48,3 +48,11 @@ def test_two_processes_train_a_lora_student_with_accumulation_in_lockstep(model_
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["checksum"] == ranks[1]["checksum"] and ranks[0]["loss"] != ranks[1]["loss"]
     assert (tmp_path / "checkpoint" / "adapter_model.safetensors").exists()
+
+
+def test_token_budget_micro_batches_stay_in_lockstep_across_processes(model_dirs, tmp_path):
+    # Each process cuts its own rows by tokens; unevened, a process with fewer micro-batches would leave the other
+    # waiting in a collective for ever (the launch's timeout). Evened, both run as many and end with equal weights.
+    launch(model_dirs, tmp_path, "3", "--budget")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["checksum"] == ranks[1]["checksum"] and ranks[0]["micro"] == ranks[1]["micro"] >= 2, ranks

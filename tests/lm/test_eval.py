@@ -73,3 +73,27 @@ def test_eval_writes_its_json_into_a_folder_it_makes(model_dirs, tmp_path):
     out = tmp_path / "evals" / "x.json"
     main(["eval", model_dirs["student"], "--examples", "1", "--max-new-tokens", "2", "--out-json", str(out)])
     assert json.loads(out.read_text())["examples"] == 1
+
+
+def test_eval_writes_and_shows_the_completions_it_scored(model_dirs, tmp_path, capsys, monkeypatch):
+    # Debugging an accuracy of 0.0 needs the completions the checker saw. A checker that accepts only some of them
+    # shows that each completion is scored against its own row.
+    import opd.lm.data.checkers as checkers
+
+    seen = []
+
+    def odd_rows_only(row, completion):
+        seen.append((row["prompt"], completion))
+        return float(len(seen) % 2 == 0)
+
+    monkeypatch.setattr(checkers, "get_checker", lambda spec: odd_rows_only)
+    out = tmp_path / "evals" / "samples.jsonl"
+    main(["eval", model_dirs["student"], "--examples", "4", "--max-new-tokens", "3", "--samples", str(out),
+          "--show", "2"])
+    captured = capsys.readouterr()
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["prompt"], r["completion"]) for r in rows] == seen and len(rows) == 4
+    assert [r["score"] for r in rows] == [0.0, 1.0, 0.0, 1.0] and all("answer" in r for r in rows)
+    assert json.loads(captured.out.strip().splitlines()[-1])["accuracy"] == 0.5
+    shown = [line for line in captured.err.splitlines() if line.startswith("score ")]
+    assert len(shown) == 2 and repr(rows[1]["completion"]) in shown[1]

@@ -178,22 +178,81 @@ def test_the_discount_reaches_the_sampled_loss(dirs, tokenizer, tmp_path, monkey
     assert abs(values[0.9] - values[0.0]) > 0.1 * abs(values[0.0])  # the discount matters on this batch
 
 
+def _widest_row(batch: Batch) -> int:
+    return int(batch.attention_mask_BL.sum(1).max())
+
+
+def _splits(batch: Batch) -> list[dict]:
+    """Ways to cut the update: by rows (--optim.grad-accum) and by tokens (--max-tokens-per-microbatch: the widest
+    row alone, so every row is its own micro-batch, and room for about two rows)."""
+    w = _widest_row(batch)
+    return [dict(optim=OptimArgs(grad_accum=k, grad_clip=0.0)) for k in (2, 4)] + [
+        _budget(b) for b in (w, 2 * w + 1)]
+
+
+def _budget(tokens: int) -> dict:
+    """--max-tokens-per-microbatch `tokens`, with completions short enough for it to be a valid flag."""
+    return dict(max_tokens_per_microbatch=tokens, sampling=SamplingArgs(max_new_tokens=4))
+
+
 @pytest.mark.parametrize("loss", ["reverse_kl", "sft"])
 def test_gradient_accumulation_sums_to_the_gradient_of_one_pass(dirs, tokenizer, loss):
     # AdamW's step hardly depends on the gradient's scale: compare the gradients themselves
     student = load_model(dirs["student"])
     batch = _batch(tokenizer)
-    results = {}
-    for k in (1, 2, 4):
-        cfg = _cfg(dirs, loss=loss, optim=OptimArgs(grad_accum=k, grad_clip=0.0))
-        results[k] = _accumulated(student, make_teacher(cfg, student, tokenizer), batch, cfg)
-    one_metrics, one_grads = results[1]
-    for k in (2, 4):
-        metrics, grads = results[k]
-        assert metrics["loss"] == pytest.approx(one_metrics["loss"], rel=1e-5)
+    cfg = _cfg(dirs, loss=loss)
+    one_metrics, one_grads = _accumulated(student, make_teacher(cfg, student, tokenizer), batch, cfg)
+    for split in _splits(batch):
+        cfg = _cfg(dirs, loss=loss, **split)
+        metrics, grads = _accumulated(student, make_teacher(cfg, student, tokenizer), batch, cfg)
+        assert metrics["loss"] == pytest.approx(one_metrics["loss"], rel=1e-5), split
         assert metrics["completion_tokens"] == one_metrics["completion_tokens"] == int(batch.mask_BT.sum())
+        if "max_tokens_per_microbatch" in split:
+            assert metrics["micro_batches"] == len(train_module.micro_batches(batch, cfg)) > 1
         for g, e in zip(grads, one_grads, strict=True):
             torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-7)
+
+
+def test_token_budget_micro_batches_are_consecutive_rows_within_the_budget_and_as_large_as_it_allows(tokenizer):
+    batch = _batch(tokenizer)
+    w = _widest_row(batch)
+    for budget in (w, w + 3, 2 * w, 3 * w + 2, 100 * w):
+        cfg = DistillConfig(student="s", batch_size=4, **_budget(budget))
+        spans = train_module.micro_batches(batch, cfg)
+        assert [a for a, _ in spans] == [0] + [b for _, b in spans[:-1]] and spans[-1][1] == 4, spans
+        for j, (a, b) in enumerate(spans):
+            part = batch.select(a, b).trim()
+            assert part.input_ids_BL.numel() <= budget, (budget, spans)
+            if j + 1 < len(spans):  # greedy: one more row would not have fitted
+                assert batch.select(a, b + 1).trim().input_ids_BL.numel() > budget, (budget, spans)
+    with pytest.raises(ValueError, match="more than --max-tokens-per-microbatch"):
+        train_module.micro_batches(batch, DistillConfig(student="s", **_budget(w - 1)))
+
+
+def test_split_to_evens_the_micro_batch_count_across_processes_in_order():
+    for spans, n in (([(0, 4)], 3), ([(0, 1), (1, 5), (5, 6)], 5), ([(0, 2), (2, 3)], 2)):
+        out = train_module.split_to(spans, n)
+        assert len(out) == n and out[0][0] == 0 and out[-1][1] == spans[-1][1], out
+        assert all(a < b for a, b in out) and all(b == c for (_, b), (c, _) in zip(out, out[1:])), out
+        assert all(any(a0 <= a and b <= b0 for a0, b0 in spans) for a, b in out), out  # only cut, never merged
+    with pytest.raises(ValueError):
+        train_module.split_to([(0, 1), (1, 2)], 3)
+
+
+def test_trim_drops_only_the_columns_that_are_padding_in_every_row(tokenizer):
+    batch = _batch(tokenizer)
+    batch.sampling_logp_BT = torch.randn(batch.mask_BT.shape)
+    for a, b in [(0, 1), (1, 2), (0, 4), (2, 4)]:
+        rows, part = batch.select(a, b), batch.select(a, b).trim()
+        assert part.input_ids_BL.shape[1] == part.mask_BT.shape[1] + 1 == part.sampling_logp_BT.shape[1] + 1
+        assert part.attention_mask_BL[:, 0].any() and part.attention_mask_BL[:, -1].any()
+        for name in ("input_ids_BL", "attention_mask_BL"):  # each row's real tokens, unchanged
+            for full, cut, m_full, m_cut in zip(getattr(rows, name), getattr(part, name), rows.attention_mask_BL,
+                                                part.attention_mask_BL, strict=True):
+                assert torch.equal(full[m_full.bool()], cut[m_cut.bool()])
+        for name in ("mask_BT", "sampling_logp_BT"):  # the completion targets and their values, unchanged
+            assert torch.equal(getattr(rows, name)[rows.mask_BT.bool()], getattr(part, name)[part.mask_BT.bool()])
+        assert part.mask_BT.sum() == rows.mask_BT.sum() and part.prompt_lens == rows.prompt_lens
 
 
 def _prefixed(batch: Batch, signal: TeacherSignal, k: int) -> Batch:
@@ -235,8 +294,11 @@ def test_a_teacher_prefix_cut_into_micro_batches_grades_the_same_rows(dirs, toke
     loop_teacher = make_teacher(cfg, student, tokenizer)
     graded = loop_teacher.score(batch.input_ids_BL, batch.attention_mask_BL, batch.mask_BT)
     _, one = _accumulated(student, loop_teacher, batch, cfg)
-    for k, accum in ((3, 2), (1, 4), (2, 2)):
-        cfg_k = _cfg(dirs, loss="reverse_kl", optim=OptimArgs(grad_accum=accum, grad_clip=0.0))
+    w = _widest_row(batch)
+    for k, split in ((3, dict(optim=OptimArgs(grad_accum=2, grad_clip=0.0))), (1, dict(grad_accum=4)),
+                     (2, dict(optim=OptimArgs(grad_accum=2, grad_clip=0.0))), (3, _budget(w)), (3, _budget(2 * w + 1))):
+        split = {"optim": OptimArgs(grad_accum=split["grad_accum"], grad_clip=0.0)} if "grad_accum" in split else split
+        cfg_k = _cfg(dirs, loss="reverse_kl", **split)
         _, grads = _accumulated(student, loop_teacher, _prefixed(batch, graded, k), cfg_k)
         for g, e in zip(grads, one, strict=True):
             torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-7)

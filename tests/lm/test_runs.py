@@ -17,13 +17,15 @@ def test_drop_logged_after_keeps_the_last_row_of_each_step_up_to_the_checkpoint(
     assert [json.loads(line) for line in log.read_text().splitlines()] == [{"step": 1, "v": 1}, {"step": 2, "v": 3}]
 
 
-def test_library_bars_restores_the_previous_setting():
+def test_library_bars_follow_progress_datasets_bars_stay_quiet_and_the_settings_come_back():
+    import datasets
     from transformers.utils import logging as hf_logging
 
-    assert hf_logging.is_progress_bar_enabled()
-    with library_bars(False):
-        assert not hf_logging.is_progress_bar_enabled()
-    assert hf_logging.is_progress_bar_enabled()
+    assert hf_logging.is_progress_bar_enabled() and datasets.is_progress_bar_enabled()
+    for progress in (False, True):
+        with library_bars(progress):
+            assert hf_logging.is_progress_bar_enabled() == progress and not datasets.is_progress_bar_enabled()
+        assert hf_logging.is_progress_bar_enabled() and datasets.is_progress_bar_enabled()
 
 
 def test_free_cores_counts_the_cores_other_jobs_leave(monkeypatch):

@@ -423,3 +423,47 @@ def test_a_client_that_hangs_up_leaves_the_queue(model, tokenizer, monkeypatch):
         r = httpx.post(f"{url}/v1/completions", json={"prompt": "2+2=", "max_tokens": 1}, timeout=60)
         assert r.status_code == 200
     assert ran == [1, 1], ran  # the first request and the last: none of the abandoned 3 x 4 rows
+
+
+def test_a_full_queue_is_refused_at_once_with_503_and_retry_after(model, tokenizer, monkeypatch):
+    """Issue 30: the queue had no bound. With --max-queued-seqs 4, the sequences waiting behind a running batch stop
+    at 4: the next request gets 503 (which opd's clients retry) instead of waiting, and the queue drains normally."""
+    import threading
+    import time
+
+    import opd.lm.serve.engine as engine_module
+
+    gate = threading.Event()
+    real_run_rows = engine_module.run_rows
+    monkeypatch.setattr(engine_module, "run_rows", lambda *a: (gate.wait(30), real_run_rows(*a))[1])
+    app = build_app(model, tokenizer, ServeArgs(model_dir="tiny", batch_window_ms=1, max_queued_seqs=4))
+    with live_server(app) as url:
+        def post(n):
+            return httpx.post(f"{url}/v1/completions", json={"prompt": "1+1=", "max_tokens": 1, "n": n}, timeout=60)
+
+        with ThreadPoolExecutor(4) as pool:
+            running = pool.submit(post, 1)  # taken by the worker: holds the model
+            time.sleep(0.3)
+            waiting = [pool.submit(post, 2) for _ in range(2)]  # 4 sequences wait
+            time.sleep(0.3)
+            refused = post(1)
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
+            assert "waiting for the model" in refused.json()["error"]["message"]
+            gate.set()
+            assert [f.result().status_code for f in (running, *waiting)] == [200, 200, 200]
+        assert post(4).status_code == 200  # drained: the bound counts only what waits
+
+
+def test_oversized_headers_close_the_connection(model, tokenizer):
+    """Issue 30: 32 MB of headers were accepted. `opd serve` runs uvicorn on h11 with --max-header-bytes."""
+    from opd.lm.serve.app import uvicorn_config
+
+    args = ServeArgs(model_dir="tiny", max_header_bytes=8192)
+    with live_server(build_app(model, tokenizer, args), config=lambda app, port: uvicorn_config(
+            app, args, host="127.0.0.1", port=port, log_level="warning")) as url:
+        assert httpx.get(f"{url}/health", headers={"X-Pad": "a" * 4000}).status_code == 200
+        try:
+            status = httpx.get(f"{url}/health", headers={"X-Pad": "a" * 200_000}).status_code
+        except httpx.HTTPError:  # closed without an answer
+            status = None
+        assert status in (None, 400, 431), status

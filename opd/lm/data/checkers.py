@@ -7,6 +7,8 @@ A checker is any callable `(row, completion) -> float` (1.0 right, 0.0 wrong, pa
     exact             completion.strip() == answer
     contains          the answer appears in the completion (case and spacing ignored): short factual answers
     numeric           the last number in the completion equals the answer's number
+    math              the completion's final answer is mathematically equal to the answer (Hugging Face's math-verify:
+                      \\boxed{}, fractions, decimals, `x = 3`, LaTeX; pip install 'opd[math]')
     regex:PATTERN     the last match of PATTERN (its first group, if any) equals the answer
     ifeval            every IFEval / IFBench instruction in `instruction_id_list` + `kwargs` is followed (strict)
     task:NAME         a built-in task's own checker (`opd.tasks`)
@@ -23,13 +25,14 @@ import importlib
 import math
 import numbers
 import re
+import threading
 from typing import Any, Callable, Iterable
 
 Checker = Callable[[dict, str], Any]
 """`(row, completion) -> float` (a bool is accepted and read as 0/1)."""
 
 
-CHOICES = "exact, contains, numeric, regex:PATTERN, ifeval, task:NAME or module:function"
+CHOICES = "exact, contains, numeric, math, regex:PATTERN, ifeval, task:NAME or module:function"
 
 
 # A number as people write them: optional sign and currency, thousands separators, decimals, a percent sign. The
@@ -53,6 +56,8 @@ def get_checker(spec: str) -> Checker:
         return _contains
     if kind == "numeric":
         return _numeric
+    if kind == "math":
+        return _math_checker()
     if kind == "regex":
         return _regex_checker(arg)
     if kind == "ifeval":
@@ -132,7 +137,7 @@ def last_number(text: str) -> float | None:
 def _parse(spec: str) -> tuple[str, str]:
     """(kind, argument) of a checker spec, without compiling or importing anything."""
     spec = spec.strip()
-    if spec in ("exact", "contains", "numeric", "ifeval"):
+    if spec in ("exact", "contains", "numeric", "math", "ifeval"):
         return spec, ""
     for kind in ("regex", "task"):
         if spec.startswith(kind + ":"):
@@ -179,6 +184,31 @@ def _numeric(row: dict, completion: str) -> float:
     got = last_number(completion)
     # Both sides come from decimal strings, so only float rounding separates equal values.
     return float(got is not None and math.isclose(got, expected, rel_tol=1e-9, abs_tol=1e-9))
+
+
+def _math_checker() -> Checker:
+    try:
+        from math_verify import parse, verify
+    except ImportError:
+        raise ValueError("the math checker needs the math-verify package: pip install 'opd[math]'") from None
+
+    def math_checker(row: dict, completion: str) -> float:
+        """1.0 iff math-verify finds the completion's answer (its \\boxed{} or last expression) equal to the row's."""
+        answer = _answer(row, "math")
+        # math-verify reads LaTeX only between delimiters or in \boxed{}; a reference answer is usually bare
+        # (`2\pi`, `\sqrt{8}`), and read as plain text it would be `2` or nothing.
+        if "$" not in answer and "\\boxed" not in answer:
+            answer = f"${answer}$"
+        # math-verify bounds parsing and comparison with SIGALRM, which Python allows only in the main thread;
+        # elsewhere (a checker run from a worker thread) it goes without the bound rather than fail.
+        limit = 5 if threading.current_thread() is threading.main_thread() else None
+        gold = parse(answer, parsing_timeout=limit)
+        if not gold:
+            raise ValueError(f"the math checker could not read the answer {answer!r:.60}; write it as a number or "
+                             f"LaTeX, or use --checker exact")
+        return float(verify(gold, parse(completion, parsing_timeout=limit), timeout_seconds=limit))
+
+    return math_checker
 
 
 def _regex_checker(pattern: str) -> Checker:

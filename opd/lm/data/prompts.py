@@ -1,8 +1,10 @@
 """Prompts for the LM loop: a user's files and datasets (read with `datasets`) or a built-in task, encoded once.
 
 A row holds `prompt` (text) or `messages` (a chat list, rendered with the student's chat template and a generation
-prompt), and optionally `completion` (the reference answer that source=data, SFT and GKD's data batches train on) and
-`answer` (what a checker compares with). Other columns are kept: a checker sees the whole row (IFEval's
+prompt), and optionally `completion` (the reference answer that source=data, SFT and GKD's data batches train on),
+`answer` (what a checker compares with) and `teacher_prompt` (text) or `teacher_messages` (a chat): what the teacher
+sees instead of the prompt when it grades the student's completion (privileged context: the reference solution, a
+demonstration, a document; SDFT, OPSD). Other columns are kept: a checker sees the whole row (IFEval's
 `instruction_id_list` and `kwargs`, a user's own fields). A chat row whose last message is the assistant's and that
 has no `completion` is split there: the earlier turns are the prompt, the last reply the completion (the usual
 layout of chat SFT data).
@@ -25,7 +27,7 @@ FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv
 """File suffix -> the `datasets` builder that reads it."""
 
 
-KNOWN_COLUMNS = ("prompt", "messages", "completion", "answer")
+KNOWN_COLUMNS = ("prompt", "messages", "completion", "answer", "teacher_prompt", "teacher_messages")
 
 
 def parse_fields(spec: str) -> dict[str, str]:
@@ -108,9 +110,16 @@ class PromptSet:
     routes: list[str] | None = None
     """With several teachers (--teachers): the name of each row's teacher, from its --teacher-column
     (`opd.lm.teachers.routed.check_routes`); None with one teacher."""
+    teacher_prompt_ids: list[list[int]] | None = None
+    """Each row's teacher prompt (its `teacher_prompt` or `teacher_messages`, encoded like the prompt), or None when
+    the teacher sees the student's prompt."""
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
+
+    def teacher_prompts(self, rows: Sequence[int]) -> list[list[int]] | None:
+        """The teacher prompts of prompt indices `rows` (a batch's rows), or None when the teacher sees the prompts."""
+        return None if self.teacher_prompt_ids is None else [self.teacher_prompt_ids[i] for i in rows]
 
 
 def encode(tokenizer, rows: datasets.Dataset, max_prompt_len: int, what: str = "--data") -> PromptSet:
@@ -123,7 +132,11 @@ def encode(tokenizer, rows: datasets.Dataset, max_prompt_len: int, what: str = "
     if chat and not has_template:
         raise ValueError(f"{what} rows hold chat 'messages' but the student's tokenizer has no chat template; give "
                          f"plain 'prompt' text, or use a model whose tokenizer has one")
-    prompt_ids, completions, plain_rows = [], [], []
+    privileged = [c for c in ("teacher_prompt", "teacher_messages") if c in rows.column_names]
+    if "teacher_messages" in privileged and not has_template:
+        raise ValueError(f"{what} rows hold chat 'teacher_messages' but the tokenizer has no chat template; give "
+                         f"plain 'teacher_prompt' text")
+    prompt_ids, completions, plain_rows, teacher_ids = [], [], [], []
     for i, row in enumerate(rows):
         row = dict(row)
         if chat and row.get("messages"):
@@ -142,10 +155,27 @@ def encode(tokenizer, rows: datasets.Dataset, max_prompt_len: int, what: str = "
         prompt_ids.append(list(ids))
         completions.append(row.get("completion"))
         plain_rows.append(row)
+        if privileged:
+            teacher_ids.append(_teacher_prompt_ids(tokenizer, row, i, max_prompt_len, what))
     completion_ids = None
     if all(c is not None for c in completions):
         completion_ids = tokenizer([str(c) for c in completions], add_special_tokens=False)["input_ids"]
-    return PromptSet(prompt_ids, completion_ids, plain_rows)
+    return PromptSet(prompt_ids, completion_ids, plain_rows, teacher_prompt_ids=teacher_ids if privileged else None)
+
+
+def _teacher_prompt_ids(tokenizer, row: dict, i: int, max_prompt_len: int, what: str) -> list[int]:
+    """Row i's teacher prompt, encoded as a prompt is; one line when it has none or it does not fit."""
+    if row.get("teacher_messages"):
+        ids = chat_token_ids(tokenizer, list(row["teacher_messages"]))
+    elif row.get("teacher_prompt"):
+        ids = text_token_ids(tokenizer, row["teacher_prompt"])
+    else:
+        raise ValueError(f"{what} row {i} has no teacher_prompt (or teacher_messages); every row needs one when the "
+                         f"column is there")
+    if len(ids) > max_prompt_len:
+        raise ValueError(f"{what} row {i}: the teacher prompt is {len(ids)} tokens but the model's context leaves room "
+                         f"for {max_prompt_len}; shorten it or lower max_new_tokens")
+    return list(ids)
 
 
 def _from_disk(p: Path, split: str, what: str) -> datasets.Dataset:

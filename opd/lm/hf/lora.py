@@ -11,15 +11,14 @@ which writes a plain Hugging Face model for any tool that knows nothing about pe
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from opd.args import MergeArgs  # noqa: F401 (re-exported)
 from opd.config import LoraArgs
-from opd.lm.hf.model import ADAPTER_CONFIG, hf_model, holds_adapter, is_peft_model, load_model, unwrap
+from opd.lm.hf.model import (ADAPTER_CONFIG, check_new_dir, hf_model, holds_adapter, is_peft_model, load_model,
+                             save_model_dir, unwrap)
 
 _ADAPTER_KEYS = ("lora_",)
 """Substrings of the state-dict keys of adapter tensors (peft's `lora_A`, `lora_B`, `lora_embedding_*`,
@@ -40,11 +39,14 @@ def check_lora_args(lora: LoraArgs) -> None:
         raise ValueError("lora.target_modules is empty; name the linear layers to adapt (e.g. q_proj v_proj) or all-linear")
 
 
-def load_student(name_or_path: str, lora: LoraArgs, checkpoint: Path | None, device, dtype: str = "float32"):
+def load_student(name_or_path: str, lora: LoraArgs, checkpoint: Path | None, device, dtype: str = "float32",
+                 gradient_checkpointing: bool = False):
     """The student to train: a plain HF model (lora.r == 0) or a peft LoRA model over the original base weights.
 
     checkpoint: a checkpoint directory to resume from (its weights, or its adapter on top of `name_or_path`), or None
     for a fresh run. A checkpoint of the other kind than `lora` asks for is refused with a one-line ValueError.
+    gradient_checkpointing: recompute each decoder layer in the backward pass (HF's, non-reentrant; sampling, which
+    runs the model in eval mode, keeps its KV cache).
     """
     check_lora_args(lora)
     adapter = checkpoint is not None and holds_adapter(checkpoint)
@@ -52,7 +54,8 @@ def load_student(name_or_path: str, lora: LoraArgs, checkpoint: Path | None, dev
         if adapter:
             raise ValueError(f"{checkpoint} holds a LoRA adapter but lora.r is 0; resume it with the run's --lora.r "
                              f"(see its config.json), or start a new run in another --out-dir")
-        return load_model(str(checkpoint or name_or_path), dtype=dtype, device=device)
+        model = load_model(str(checkpoint or name_or_path), dtype=dtype, device=device)
+        return with_gradient_checkpointing(model) if gradient_checkpointing else model
     if checkpoint is not None and not adapter:
         raise ValueError(f"{checkpoint} holds full weights (no {ADAPTER_CONFIG}) but lora.r is {lora.r}; resume it "
                          f"with --lora.r 0, or start a new LoRA run in another --out-dir")
@@ -60,6 +63,9 @@ def load_student(name_or_path: str, lora: LoraArgs, checkpoint: Path | None, dev
 
     base_path = _absolute(name_or_path)
     base = load_model(base_path, dtype=dtype, device=device)  # the original weights, also when resuming
+    if gradient_checkpointing:
+        # non-reentrant: the frozen base's inputs need no requires_grad for the adapters to get gradients
+        with_gradient_checkpointing(base)
     if adapter:
         _check_same_adapter(checkpoint, lora)
         model = PeftModel.from_pretrained(base, str(checkpoint), is_trainable=True)
@@ -76,6 +82,16 @@ def load_student(name_or_path: str, lora: LoraArgs, checkpoint: Path | None, dev
     # from another working directory (`opd eval RUN/checkpoint`, `opd merge`).
     model.peft_config["default"].base_model_name_or_path = base_path
     return model.to(device)
+
+
+def with_gradient_checkpointing(model):
+    """`model` with gradient checkpointing of its decoder layers on (non-reentrant), or a one-line ValueError for a
+    model class that has none."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"--gradient-checkpointing: {type(model).__name__} does not support gradient checkpointing; "
+                         f"drop the flag")
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 def _absolute(name_or_path: str) -> str:
@@ -153,8 +169,7 @@ def merge_main(args: MergeArgs) -> Path:
     run, out = Path(args.run_dir), Path(args.out_dir)
     if not isinstance(getattr(torch, args.dtype, None), torch.dtype):
         raise ValueError(f"dtype {args.dtype} is not a torch dtype; pass float32, bfloat16 or float16")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out} already exists and is not empty; pass a new OUT_DIR")
+    check_new_dir(out)
     ckpt = run if holds_adapter(run) else find_checkpoint(run / "checkpoint")
     if ckpt is None:
         raise ValueError(f"{run} holds no checkpoint (no {run / 'checkpoint'}); pass a run directory of opd train")
@@ -164,18 +179,7 @@ def merge_main(args: MergeArgs) -> Path:
     model = PeftModel.from_pretrained(load_model(base_path), str(ckpt)).merge_and_unload()
     model = model.to(getattr(torch, args.dtype))
     tokenizer = AutoTokenizer.from_pretrained(ckpt if (ckpt / "tokenizer_config.json").exists() else base_path)
-    # Written next to OUT_DIR and renamed into place: a failed merge leaves no half-written model under its name.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if out.exists():
-            out.rmdir()  # checked empty above
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    save_model_dir(model, tokenizer, out)
     print(f"merged {ckpt} into {base_path}: {out}")
     return out
 

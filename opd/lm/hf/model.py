@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
+import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -22,6 +25,10 @@ from opd.chunked import chunked_taken_logp
 # callable applies the model's own post-processing, so chunked scoring stays exact.
 _LOGIT_POSTPROCESS_ATTRS = ("final_logit_softcapping", "logit_scale")
 
+
+# peft 0.21 reads `model.is_gradient_checkpointing` whenever it wraps a model, which transformers 5.24 deprecates with
+# a FutureWarning on every LoRA load: nothing a user of opd can act on.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 ADAPTER_CONFIG = "adapter_config.json"
 """The file that marks a directory as a peft adapter (a LoRA run's checkpoint) rather than full weights."""
@@ -213,3 +220,26 @@ def context_length(model_or_path) -> int:
         config = model_or_path.config
     config = getattr(config, "get_text_config", lambda: config)()
     return getattr(config, "max_position_embeddings", None) or 1 << 30
+
+
+def check_new_dir(out: Path) -> None:
+    """Refuse (one line) an output directory that exists and is not empty: nothing of the user's is overwritten."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} already exists and is not empty; pass a new OUT_DIR")
+
+
+def save_model_dir(model, tokenizer, out: Path) -> None:
+    """Write `model` and `tokenizer` as a plain Hugging Face directory at `out` (absent or empty), atomically: written
+    next to it and renamed into place, so a failure leaves no half-written model under its name."""
+    check_new_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()  # checked empty above
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -12,7 +12,7 @@ from typing import Any
 from opd import losses
 from opd.config import DistillConfig, teacher_specs
 from opd.lm.data.prompts import PromptSet, as_rows, encode, load_rows, task_rows
-from opd.lm.hf.model import check_same_vocabulary, load_model, load_tokenizer, unwrap
+from opd.lm.hf.model import check_same_vocabulary, context_length, load_model, load_tokenizer, unwrap
 from opd.lm.rollouts.actors import Actor, Ahead, DataActor, LocalActor, Mixture, Plans, SamplerActor
 from opd.lm.teachers.base import Teacher
 from opd.lm.teachers.local import LocalTeacher
@@ -72,6 +72,47 @@ def _one_teacher(cfg: DistillConfig, spec: str, student, tokenizer, device, resu
     return LocalTeacher(model, chunk_size=cfg.chunk_size, with_taken_logp=with_taken_logp)
 
 
+def prompt_room(cfg) -> int:
+    """How many tokens a prompt may take: the student's context minus --sampling.max-new-tokens (read from its config,
+    before any weights load). A one-line ValueError when the completions alone do not fit."""
+    context, new = context_length(cfg.student), cfg.sampling.max_new_tokens
+    if new >= context:
+        raise ValueError(f"--sampling.max-new-tokens {new} leaves no room for a prompt in the student's context of "
+                         f"{context} tokens; lower it below {context}")
+    return context - new
+
+
+def check_token_budget(cfg: DistillConfig, train: PromptSet) -> None:
+    """Refuse (one line) a --max-tokens-per-microbatch that cannot hold the longest sequence a step may see: the
+    longest prompt plus --sampling.max-new-tokens, or plus its reference completion and end-of-sequence token when
+    the rows' own completions are trained on."""
+    budget = getattr(cfg, "max_tokens_per_microbatch", None)
+    if budget is None:
+        return
+    new = cfg.sampling.max_new_tokens
+    references = train.completion_ids if cfg.source in ("data", "mixture") else None
+    longest, prompt, completion = max(
+        (len(p) + c, len(p), c) for p, c in zip(train.prompt_ids, (
+            [max(new, len(r) + 1) for r in references] if references is not None else [new] * len(train))))
+    if longest > budget:
+        raise ValueError(f"--max-tokens-per-microbatch {budget} is smaller than the longest sequence a step may hold "
+                         f"({longest} tokens: a {prompt}-token prompt and a {completion}-token completion); raise it "
+                         f"to at least {longest}")
+
+
+def check_teacher_prompts(cfg: DistillConfig) -> None:
+    """Refuse (one line) what cannot grade a completion under another prompt than the student's."""
+    for refused, why in (
+        (cfg.cross_tokenizer, "--cross-tokenizer re-tokenizes the student's sequence for the teacher"),
+        (cfg.source in ("teacher", "speculative"), f"--source {cfg.source} has the teacher act on the student's prompt"),
+        (cfg.loss == "sft", "loss=sft never asks the teacher"),
+        (cfg.overlap and cfg.sampler is None, "--overlap's sampler process grades rows with the student's prompt"),
+    ):
+        if refused:
+            raise ValueError(f"the data has teacher prompts (teacher_prompt / teacher_messages) but {why}; drop the "
+                             f"column or that setting")
+
+
 def prompt_sets(cfg: DistillConfig, tokenizer, max_prompt_len: int, prompts: Any = None, eval_prompts: Any = None,
                 checker: Any = None) -> tuple[PromptSet, PromptSet | None, Any]:
     """The training prompts, the held-out prompts (or None) and the checker that scores them.
@@ -123,6 +164,9 @@ def prompt_sets(cfg: DistillConfig, tokenizer, max_prompt_len: int, prompts: Any
         raise ValueError(f"source={cfg.source} trains on reference completions, and these rows have no 'completion' "
                          f"(or a final assistant message); add them, map one with --data-fields completion=COLUMN, "
                          f"or use source=student/teacher")
+    check_token_budget(cfg, train)
+    if train.teacher_prompt_ids is not None and isinstance(cfg, DistillConfig):  # (the RL baseline has no teacher)
+        check_teacher_prompts(cfg)
     held_out = None if eval_rows is None else encode(tokenizer, eval_rows, max_prompt_len, what)
     if held_out is not None and held_out.rows:
         try_checker(check, held_out.rows[0], what)

@@ -1,5 +1,5 @@
-"""This process's part in a run: the accelerator (one process or many), torch threads on a CPU other jobs may share,
-seeds, Ctrl-C, the flags the configuration ignores, and the libraries' own progress bars.
+"""This process's part in a run: the accelerator (one process or many, DDP or FSDP2), torch threads on a CPU other jobs
+may share, seeds, Ctrl-C, the flags the configuration ignores, and the libraries' own progress bars.
 
 Shared by every loop (`opd.lm.train.distill`, `opd.lm.recipes.rl`); the run directory is `opd.lm.loop.run_dir`.
 """
@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from opd.config import DistillConfig, schedule_notes, unused_flags
+from opd.lm.loop.fsdp import Accelerator, broadcast_from_main, first_forward, fsdp_requested, fsdp_version, shard
 from opd.threads import set_threads
 
 
@@ -30,24 +31,54 @@ class Process:
     rank: int
     world: int
     main: bool
+    fsdp: bool = False
+    """Whether the student is sharded with FSDP2 (by accelerate on GPUs, by `opd.lm.loop.fsdp.shard` on CPUs)."""
 
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
 
+    def prepare(self, student, opt):
+        """The student and its optimizer, ready to train: as `accelerator.prepare` makes them (DDP, or FSDP2 on GPUs),
+        or sharded here with torch's `fully_shard` where accelerate leaves FSDP out (CPUs). Restore optimizer state
+        after this, not before: sharding replaces the parameters the state is keyed by."""
+        from accelerate import DistributedType
+
+        if self.fsdp and self.world > 1:
+            broadcast_from_main(student)
+        if self.fsdp and self.accelerator.distributed_type != DistributedType.FSDP:
+            shard(student, opt, self.accelerator.mixed_precision)
+            opt = self.accelerator.prepare(opt)
+        else:
+            student, opt = self.accelerator.prepare(student, opt)
+        first_forward(student, self.device)
+        return student, opt
+
 
 def start_process(cfg: DistillConfig) -> Process:
     """Set up this process for a distillation run, before anything loads: the accelerator (trackers included),
-    the refusal of --overlap where its sampler process cannot work, warnings for ignored flags, torch threads
-    (fewer when other jobs hold cores), and the seed of this process's torch RNG."""
-    from accelerate import Accelerator, DistributedType
+    the refusal of what a sharded (FSDP) student cannot do and of --overlap where its sampler process cannot work,
+    warnings for ignored flags, torch threads (fewer when other jobs hold cores), and the seed of this process's
+    torch RNG."""
+    from accelerate import DistributedType
+    from accelerate.state import AcceleratorState
 
+    if AcceleratorState._shared_state.get("_mixed_precision", cfg.mixed_precision) != cfg.mixed_precision:
+        # An earlier run in this Python process chose another precision, and accelerate keeps that choice for the
+        # process's lifetime (its state is shared): forget it, keeping the process group (PartialState) as it is.
+        AcceleratorState._reset_state(reset_partial_state=False)
     # Without a GPU, cpu=True lets accelerate pick gloo when launched with several processes.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
                               log_with=None if cfg.report_to == "none" else cfg.report_to, project_dir=cfg.out_dir)
-    proc = Process(accelerator, accelerator.process_index, accelerator.num_processes, accelerator.is_main_process)
-    if cfg.overlap and cfg.sampler is None and (accelerator.device.type != "cpu" or accelerator.distributed_type in (
-            DistributedType.FSDP, DistributedType.DEEPSPEED)):
+    # accelerate enables FSDP on GPUs only; on CPUs its launch config still asks for it, and opd shards there
+    # (`Process.prepare`), given more than one process to shard over
+    fsdp = accelerator.distributed_type == DistributedType.FSDP or (accelerator.num_processes > 1 and fsdp_requested())
+    proc = Process(accelerator, accelerator.process_index, accelerator.num_processes, accelerator.is_main_process,
+                   fsdp)
+    if fsdp:
+        check_fsdp(cfg)
+    if cfg.overlap and cfg.sampler is None and (accelerator.device.type != "cpu" or fsdp
+                                                or accelerator.distributed_type == DistributedType.DEEPSPEED):
         raise ValueError("--overlap without --sampler samples in a local CPU process from a whole copy of the student; "
                          "on GPUs or with a sharded (FSDP/DeepSpeed) student pass --sampler URL of a server")
     for note in [*unused_flags(cfg), *schedule_notes(cfg)] if proc.main else ():
@@ -55,6 +86,17 @@ def start_process(cfg: DistillConfig) -> Process:
     set_threads(cfg.threads)
     torch.manual_seed(cfg.seed + proc.rank)
     return proc
+
+
+def check_fsdp(cfg: DistillConfig) -> None:
+    """Refuse, before any weights load, what a sharded student cannot do (one line each, naming what to do)."""
+    if fsdp_version() != 2:
+        raise ValueError(f"the accelerate config asks for FSDP version {fsdp_version()}; opd shards the student with "
+                         f"FSDP2 only: set fsdp_version: 2 (see configs/accelerate/fsdp2_cpu.yaml)")
+    if cfg.sampler and cfg.lora.r:
+        raise ValueError("--sampler with --lora.r under FSDP: the weight push merges the adapters into the base "
+                         "weights on the main process, which needs them unsharded; launch with DDP (--multi_gpu) "
+                         "for a LoRA student with a sampler server, or drop --sampler")
 
 
 def all_finite(accelerator, loss: torch.Tensor) -> bool:
@@ -92,15 +134,16 @@ class InterruptFlag:
 
 @contextlib.contextmanager
 def library_bars(enabled: bool):
-    """While inside, the libraries' own progress bars (transformers loading weights and writing shards, datasets
-    reading files) show only if `enabled`; their previous setting comes back afterwards."""
+    """While inside, transformers' progress bars (loading weights, writing shards) show only if `enabled`, and
+    datasets' ("Generating train split", "Filter": reading a prompt file, done in a moment) never; their previous
+    settings come back afterwards."""
     import datasets
     from transformers.utils import logging as hf_logging
 
     were_on = hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled()
     if not enabled:
         hf_logging.disable_progress_bar()
-        datasets.disable_progress_bars()
+    datasets.disable_progress_bars()
     try:
         yield
     finally:

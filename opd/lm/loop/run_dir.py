@@ -8,6 +8,7 @@ run (everything that must be closed again, whatever happens), to walk the `steps
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 from opd.checkpoint import find_checkpoint, load_trainer_state, save_checkpoint, verify_checkpoint
 from opd.config import DistillConfig, config_changes, save_config, to_dict
 from opd.lm.hf.model import unwrap
+from opd.lm.loop.fsdp import full_optimizer_state, full_state_dict, is_sharded, load_optimizer_state
 from opd.lm.loop.optim import resume_schedule
 from opd.lm.loop.process import InterruptFlag, Process, TrainingError, any_process
 from opd.lm.teachers.base import TeacherUnreachable
@@ -37,13 +39,15 @@ class RunDir:
         self.last: dict = {}
         self.metrics_file = self.bar = self.student = self.tokenizer = self.opt = None
 
-    def restore(self, opt: torch.optim.Optimizer, sched, rng: torch.Generator,
+    def restore(self, student, opt: torch.optim.Optimizer, sched, rng: torch.Generator,
                 lr_factor: Callable[[int], float]) -> int:
         """The step to start from (0 on a fresh run). On resume: the optimizer state, this process's loop RNG
-        (`rng`: prompt order and mixture coins) and torch RNG, and this config's learning rate at that step."""
+        (`rng`: prompt order and mixture coins) and torch RNG, and this config's learning rate at that step.
+        Called after `Process.prepare`: a sharded (FSDP) student's optimizer takes the saved state shard by shard."""
         if not self.ckpt:
             return 0
-        start = load_trainer_state(self.ckpt, opt)["step"]
+        load = functools.partial(load_optimizer_state, student, opt)  # a state saved sharded or not, into either
+        start = load_trainer_state(self.ckpt, load_optimizer=load)["step"]
         loop_rngs = torch.load(self.ckpt / "loop_rng.pt")
         if len(loop_rngs) != self.proc.world:
             raise ValueError(f"{self.ckpt} was written by {len(loop_rngs)} processes; resume it with as many, not "
@@ -102,9 +106,15 @@ class RunDir:
         """Save the student, optimizer and every process's RNGs (so a resumed multi-process run is bit-for-bit too)
         as the checkpoint of `step`; every process calls this."""
         rng_states = gather_object([rng_states])
+        # A sharded (FSDP) student is gathered, weights and optimizer state, by every process into the main one: the
+        # checkpoint is then a plain Hugging Face directory, as from one process.
+        sharded = is_sharded(self.student)
+        model_state = full_state_dict(self.student) if sharded else None
+        optimizer_state = full_optimizer_state(self.student, self.opt) if sharded else None
         if self.proc.main:
             save_checkpoint(self.out / "checkpoint", unwrap(self.student), self.tokenizer, step, self.opt,
-                            extra_files={"loop_rng.pt": rng_states})
+                            extra_files={"loop_rng.pt": rng_states}, model_state=model_state,
+                            optimizer_state=optimizer_state)
         self.proc.accelerator.wait_for_everyone()
 
     @contextlib.contextmanager
@@ -141,9 +151,11 @@ class RunDir:
             ) from e
 
     def eval_due(self, step: int, held_out) -> bool:
-        """Whether update `step` (0-based) ends with a held-out evaluation (main process; every eval_every and last)."""
+        """Whether update `step` (0-based) ends with a held-out evaluation (every eval_every and the last) on this
+        process: the main one, and with a sharded (FSDP) student every process, since they gather its weights together
+        and HF's `generate` runs a sharded model's processes in lockstep."""
         cfg = self.cfg
-        return self.proc.main and held_out is not None and bool(cfg.eval_every) and (
+        return (self.proc.main or self.proc.fsdp) and held_out is not None and bool(cfg.eval_every) and (
             (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps)
 
     def log(self, step: int, m: dict, stop: bool, rng_state) -> bool:

@@ -29,8 +29,8 @@ from opd.config import OptimArgs, SamplingArgs, save_config
 from opd.lm.batch import Batch
 from opd.lm.data.checkers import get_checker, score
 from opd.lm.eval import checked_accuracy
-from opd.lm.hf.model import context_length, final_hidden, lm_head, load_model, load_tokenizer
-from opd.lm.loop.build import prompt_sets
+from opd.lm.hf.model import final_hidden, lm_head, load_model, load_tokenizer
+from opd.lm.loop.build import prompt_room, prompt_sets
 from opd.lm.loop.optim import adamw, update
 from opd.lm.loop.process import InterruptFlag, TrainingError
 from opd.lm.rollouts.local import sample
@@ -127,8 +127,7 @@ def rl(cfg: RLConfig) -> dict:
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.student)
     ckpt = find_checkpoint(out / "checkpoint") if cfg.resume else None
-    max_prompt = context_length(cfg.student) - cfg.sampling.max_new_tokens
-    train, held_out, _ = prompt_sets(cfg, tokenizer, max_prompt)
+    train, held_out, _ = prompt_sets(cfg, tokenizer, prompt_room(cfg))
     spec = cfg.checker or (None if cfg.data else f"task:{cfg.task}")
     if spec is None:
         raise ValueError("the RL baseline's reward comes from a checker: pass --checker with --data")

@@ -56,7 +56,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from opd.args import ServeArgs  # noqa: F401 (re-exported)
 from opd.lm.serve.chat import ChatRequest, chat_response, chat_rows
-from opd.lm.serve.engine import BatchingEngine
+from opd.lm.serve.engine import BatchingEngine, Busy
 from opd.lm.serve.hidden import (
     HiddenStatesRequest,
     check_hidden_request,
@@ -79,7 +79,7 @@ _MAX_MESSAGE_CHARS = 1000
 
 def _error(status: int, message: str) -> JSONResponse:
     kind = {401: "AuthenticationError", 403: "PermissionDenied", 404: "NotFoundError", 413: "RequestTooLarge",
-            421: "MisdirectedRequest"}.get(status, "BadRequestError")
+            421: "MisdirectedRequest", 503: "ServiceUnavailable"}.get(status, "BadRequestError")
     # a lone surrogate echoed from the request ("\ud800" in a field name or a model name) cannot be encoded as UTF-8
     # JSON: written as its escape, so the answer is a 4xx and not a 500
     message = message[: _MAX_MESSAGE_CHARS * 2].encode("utf-8", "backslashreplace").decode("utf-8")
@@ -169,7 +169,8 @@ def build_app(model: torch.nn.Module, tokenizer: Any, args: ServeArgs) -> fastap
     max_model_len = args.max_model_len or getattr(model.config, "max_position_embeddings", None)
     if max_model_len is None:
         raise ValueError("the model config has no max_position_embeddings; pass --max-model-len")
-    engine = BatchingEngine(model, args.max_batch_size, args.batch_window_ms / 1000, args.logprobs_mode)
+    engine = BatchingEngine(model, args.max_batch_size, args.batch_window_ms / 1000, args.logprobs_mode,
+                            args.max_queued_seqs)
     weights_version = 0
     # Tokenizing, rendering chats and building answers take seconds for a 15 MB prompt or a 67 MB answer: done in one
     # worker thread (made per lifespan), so the event loop keeps answering (/health, other requests' batches)
@@ -223,17 +224,23 @@ def build_app(model: torch.nn.Module, tokenizer: Any, args: ServeArgs) -> fastap
     async def off_loop(fn, *fn_args):
         return await asyncio.get_running_loop().run_in_executor(text_worker[0], fn, *fn_args)
 
-    async def run_for(request: fastapi.Request, rows: list) -> bool:
-        """Run `rows` on the engine unless the client hangs up first (checked twice a second while they wait): then
-        their job is cancelled and leaves the queue, and False is returned. Uvicorn does not stop a handler whose
-        client is gone, and five abandoned heavy requests made the next 1-token one wait 40 s."""
+    async def run_for(request: fastapi.Request, rows: list) -> JSONResponse | None:
+        """Run `rows` on the engine; None when done, else the answer that says why not: a full queue (503 with
+        Retry-After, which clients retry), or a client that hung up first (checked twice a second while they wait:
+        their job is cancelled and leaves the queue). Uvicorn does not stop a handler whose client is gone, and five
+        abandoned heavy requests made the next 1-token one wait 40 s."""
         job = asyncio.ensure_future(engine.run(rows))
         while not (await asyncio.wait({job}, timeout=0.5))[0]:
             if await request.is_disconnected():
                 job.cancel()
-                return False
-        job.result()  # the batch's error, if any
-        return True
+                return _error(400, "the client disconnected")  # read by no one
+        try:
+            job.result()  # the batch's error, if any
+        except Busy as e:
+            refused = _error(503, str(e))
+            refused.headers["Retry-After"] = "1"
+            return refused
+        return None
 
     def rendered(body: dict) -> fastapi.Response:
         return fastapi.Response(JSONResponse(body).body, media_type="application/json")
@@ -246,8 +253,8 @@ def build_app(model: torch.nn.Module, tokenizer: Any, args: ServeArgs) -> fastap
             prompts, texts, rows = await off_loop(rows_for_request, req, tokenizer, vocab_size, max_model_len, args)
         except BadRequest as e:
             return _error(400, str(e))
-        if not await run_for(request, rows):
-            return _error(400, "the client disconnected")  # read by no one
+        if (refused := await run_for(request, rows)) is not None:
+            return refused
         return await off_loop(lambda: rendered(completion_response(
             req, prompts, texts, rows, tokenizer, name, f"cmpl-{uuid.uuid4().hex}", int(time.time()))))
 
@@ -259,8 +266,8 @@ def build_app(model: torch.nn.Module, tokenizer: Any, args: ServeArgs) -> fastap
             prompt_ids, rows = await off_loop(chat_rows, req, tokenizer, vocab_size, max_model_len, args)
         except BadRequest as e:
             return _error(400, str(e))
-        if not await run_for(request, rows):
-            return _error(400, "the client disconnected")  # read by no one
+        if (refused := await run_for(request, rows)) is not None:
+            return refused
         return await off_loop(lambda: rendered(chat_response(
             req, prompt_ids, rows, tokenizer, name, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()))))
 
@@ -374,4 +381,15 @@ def serve_main(args: ServeArgs) -> None:
             raise ValueError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); pick another --port or stop "
                              f"what holds it") from None
     model, tokenizer = load_served(args)
-    uvicorn.run(build_app(model, tokenizer, args), host=args.host, port=args.port, log_level="info")
+    uvicorn.Server(uvicorn_config(build_app(model, tokenizer, args), args)).run()
+
+
+def uvicorn_config(app, args: ServeArgs, **overrides):
+    """How uvicorn serves `app`: h11 with a cap on a request's headers (httptools takes megabytes of them),
+    a bound on open connections (503 above it) and idle keep-alive connections closed after a few seconds."""
+    import uvicorn
+
+    settings = dict(host=args.host, port=args.port, log_level="info", http="h11",
+                    h11_max_incomplete_event_size=args.max_header_bytes, limit_concurrency=args.max_connections,
+                    timeout_keep_alive=5)
+    return uvicorn.Config(app, **{**settings, **overrides})

@@ -273,11 +273,19 @@ class _Job:
     done: asyncio.Future
 
 
+class Busy(RuntimeError):
+    """More rows wait for the model than the server takes (`max_queued`); answered with 503 and Retry-After."""
+
+
 class BatchingEngine:
     """Collects the rows of concurrent requests for up to `window_s` and runs them on the model as one batch."""
 
-    def __init__(self, model: torch.nn.Module, max_batch_size: int, window_s: float, mode: LogprobsMode):
+    def __init__(self, model: torch.nn.Module, max_batch_size: int, window_s: float, mode: LogprobsMode,
+                 max_queued: int | None = None):
         self.model, self.max_batch_size, self.window_s, self.mode = model, max_batch_size, window_s, mode
+        self.max_queued = max_queued
+        """Most rows waiting in the queue (None: no bound); a request that would pass it is refused with `Busy`."""
+        self.queued = 0
         self.stats = {"batches": 0, "rows": 0}
         self._worker: asyncio.Task | None = None
 
@@ -296,8 +304,12 @@ class BatchingEngine:
                 await self._worker
 
     async def run(self, rows: list[Row]) -> None:
-        """Queue the rows and wait until the model has filled in their outputs."""
+        """Queue the rows and wait until the model has filled in their outputs; `Busy` when the queue is full."""
+        if self.max_queued is not None and self.queued + len(rows) > self.max_queued and self.queued:
+            # a request larger than the bound alone still runs when nothing waits: it would otherwise never run
+            raise Busy(f"{self.queued} sequences are waiting for the model (at most {self.max_queued}); retry later")
         job = _Job(rows, asyncio.get_running_loop().create_future())
+        self.queued += len(rows)
         await self._queue.put(job)
         await job.done
 
@@ -312,6 +324,7 @@ class BatchingEngine:
                 except asyncio.TimeoutError:
                     break
                 n_rows += len(jobs[-1].rows)
+            self.queued -= sum(len(job.rows) for job in jobs)
             # a client that hung up while its job waited has cancelled it (`opd.lm.serve.app`): its rows are not run
             jobs = [job for job in jobs if not job.done.done()]
             if not jobs:

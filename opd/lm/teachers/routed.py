@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from opd.lm.batch import Batch, TeacherSignal
+from opd.lm.batch import Batch, TeacherSignal, realigned, teacher_view
 from opd.lm.data.prompts import PromptSet
 from opd.lm.teachers.base import Teacher
 from opd.lm.teachers.local import score_batch
@@ -170,7 +170,16 @@ class Teachers:
 
 def grade(teacher, batch: Batch, routes: Sequence[str] | None, score: bool) -> TeacherSignal | RoutedSignal | None:
     """What the loss reads for `batch`: the teacher's signal (`score_batch`), split by teacher when `routes` are
-    given; without `score` (loss=sft) no teacher runs, and routed rows still get per-teacher metrics."""
+    given; without `score` (loss=sft) no teacher runs, and routed rows still get per-teacher metrics. A batch with
+    teacher prompts (privileged context) is graded as the teacher sees it, then moved to the batch's own targets."""
+    if batch.teacher_prompt_ids is not None and score and teacher is not None:
+        view = teacher_view(batch)
+        signal = grade(teacher, view, routes, score)
+        if isinstance(signal, RoutedSignal):
+            rows = [p.rows_R.to(batch.mask_BT.device) for p in signal.parts]
+            return RoutedSignal([Part(p.name, p.rows_R, realigned(p.signal, view.mask_BT[r], batch.mask_BT[r]))
+                                 for p, r in zip(signal.parts, rows)], signal.num_rows)
+        return realigned(signal, view.mask_BT, batch.mask_BT)
     if routes is None:
         return score_batch(teacher, batch) if score else None
     if teacher is None or not score:
