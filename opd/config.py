@@ -155,7 +155,10 @@ class DistillConfig:
     eval_examples: int = 200
     """Held-out problems for accuracy evaluation (the first this many rows of --eval-data)."""
     eval_every: int = 50
-    """Evaluate held-out accuracy every this many steps and after the last one (0: never)."""
+    """Evaluate held-out accuracy every this many steps and after the last one (0: never); a callback that stops the
+    run early gets that last evaluation too."""
+    eval_on_start: bool = False
+    """Also evaluate before the first update, logged as `accuracy_at_start` with step 1 (a fresh run only)."""
     save_every: int = 100
     """Write a checkpoint every this many steps (and at the end)."""
     chunk_size: int | None = None

@@ -316,6 +316,12 @@ MUTATIONS: list[Mutation] = [
       "        out[dst] = t.roll(1, 1)[src]\n",
       ("tests/lm/test_privileged.py::test_the_teacher_grades_each_completion_token_under_its_own_prompt",),
       "the teacher's grade under its own prompt lands one position off the student's completion tokens"),
+    M("early_stop_skips_the_last_evaluation", "opd/lm/train.py",
+      "                if callbacks and not evaluated and held_out is not None and cfg.eval_every and any_process(",
+      "                if False and any_process(",
+      ("tests/lm/test_user_code.py::test_eval_on_start_scores_the_starting_weights_and_an_early_stop_still_ends_with_"
+       "a_score",),
+      "a callback's early stop ends the run without the held-out score"),
     M("skd_benchmark_on_policy_arm_is_sft", "benchmarks/skd.py",
       "\"on_policy\": (\"on-policy distillation\", dict(source=\"student\", loss=\"reverse_kl\")),",
       "\"on_policy\": (\"on-policy distillation\", dict(source=\"teacher\", loss=\"sft\")),",

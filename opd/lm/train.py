@@ -32,7 +32,7 @@ from opd.lm.hf.model import check_same_vocabulary, final_hidden, lm_head, load_t
 from opd.lm.loop.build import make_actor, make_teacher, prompt_room, prompt_sets
 from opd.lm.loop.fsdp import unsharded
 from opd.lm.loop.optim import adamw, lr_factor, update
-from opd.lm.loop.process import TrainingError, all_finite, library_bars, start_process
+from opd.lm.loop.process import TrainingError, all_finite, any_process, library_bars, start_process
 from opd.lm.loop.run_dir import RunDir
 from opd.lm.rollouts.actors import Plans
 from opd.lm.rollouts.server import ratio_metrics, rollout_seed
@@ -157,6 +157,9 @@ def distill(cfg: DistillConfig, prompts: Any = None, eval_prompts: Any = None, c
         student.train()
         costs = flops.model_cost(unwrap(student)), flops.model_cost(getattr(teacher, "model", None))
         total_flops = flops.logged_total(run.out / "metrics.jsonl", start)
+        # --eval-on-start: the score before any update, logged with the first step
+        first = {"accuracy_at_start": evaluate(student, tokenizer, held_out, check, cfg)} if (
+            cfg.eval_on_start and start == 0 and held_out is not None) else {}
         for step in run.steps(start, desc=f"distill {cfg.source} {cfg.loss} seed {cfg.seed}"):
             t0 = time.perf_counter()
             draw = plans.next(step)  # which prompts, and who acts on them
@@ -173,18 +176,27 @@ def distill(cfg: DistillConfig, prompts: Any = None, eval_prompts: Any = None, c
                 m = accumulate(student, teacher, batch, cfg, proc.accelerator, step, batch_routes(train, draw.rows))
             # UPDATE: clip, step, schedule; stops on non-finite weights.
             m.update(update(student, opt, sched, cfg.optim, step, run.out, clip=proc.accelerator.clip_grad_norm_))
-            m.update(step=step + 1, source=draw.source, act_s=t_act - t0, step_s=time.perf_counter() - t0)
+            m.update(step=step + 1, source=draw.source, act_s=t_act - t0, step_s=time.perf_counter() - t0,
+                     **(first if step == start else {}))
             m.update(step_costs(batch, draw, actor, costs, cfg))
             total_flops = m["total_flops"] = total_flops + m["flops"] * proc.world
             with run.saved_if_user_code_fails(step, m, plans.state()):  # your checker and callbacks
-                if run.eval_due(step, held_out):
-                    with unsharded(student):  # FSDP: whole weights on every process while it evaluates
-                        m["accuracy"] = checked_accuracy(unwrap(student), tokenizer, held_out, check,
-                                                         cfg.sampling.max_new_tokens)
+                evaluated = run.eval_due(step, held_out)
+                if evaluated:
+                    m["accuracy"] = evaluate(student, tokenizer, held_out, check, cfg)
                 stop = any([bool(cb(step + 1, unwrap(student), m)) for cb in callbacks])
+                if callbacks and not evaluated and held_out is not None and cfg.eval_every and any_process(
+                        proc.accelerator, stop):  # a callback's early stop still ends with the held-out score
+                    m["accuracy"] = evaluate(student, tokenizer, held_out, check, cfg)
             if run.log(step, m, stop, plans.state()):
                 break
     return run.last
+
+
+def evaluate(student, tokenizer, held_out, check, cfg: DistillConfig) -> float:
+    """Held-out accuracy of the student as it is now (greedy completions, the run's checker)."""
+    with unsharded(student):  # FSDP: whole weights on every process while it evaluates
+        return checked_accuracy(unwrap(student), tokenizer, held_out, check, cfg.sampling.max_new_tokens)
 
 
 def step_costs(batch: Batch, draw, actor, costs, cfg: DistillConfig) -> dict:

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from opd.checkpoint import find_checkpoint
+from opd.config import OptimArgs
 from opd.lm.train import TrainingError, distill
 from tests.lm.test_train import tiny_cfg
 
@@ -72,3 +73,26 @@ def test_a_warm_up_longer_than_the_run_and_a_resume_are_announced(model_dirs, tm
     assert "--optim.warmup-steps 10 is longer than the run (--steps 2)" in capsys.readouterr().err
     distill(tiny_cfg(model_dirs, tmp_path, steps=3, save_every=1, resume=True))
     assert "opd: resuming at step 2 from" in capsys.readouterr().err
+
+
+def test_eval_on_start_scores_the_starting_weights_and_an_early_stop_still_ends_with_a_score(model_dirs, tmp_path):
+    from opd.lm.eval import greedy_completions
+    from opd.lm.hf.model import load_model, load_tokenizer
+
+    prompts = [{"prompt": f"{a}+{a}=", "answer": str(2 * a)} for a in range(4)]
+    tokenizer = load_tokenizer(model_dirs["student"])
+    start = greedy_completions(load_model(model_dirs["student"]), tokenizer,
+                               [tokenizer.encode(p["prompt"]) for p in prompts], 8)
+    calls = []
+
+    def same_as_the_start(row, completion):  # 1.0 where the completion is the starting model's own
+        calls.append(completion)
+        return float(completion == start[[p["prompt"] for p in prompts].index(row["prompt"])])
+
+    distill(tiny_cfg(model_dirs, tmp_path, steps=5, eval_every=50, eval_on_start=True,
+                     optim=OptimArgs(lr=0.05, warmup_steps=0)),
+            eval_prompts=prompts, checker=same_as_the_start, callbacks=[lambda step, model, m: step == 2])
+    rows = metrics(tmp_path / "run")
+    assert rows[0]["accuracy_at_start"] == 1.0  # scored before the first update
+    assert [r["step"] for r in rows] == [1, 2] and "accuracy" not in rows[0]
+    assert 0.0 <= rows[1]["accuracy"] < 1.0  # stopped early at step 2 (eval_every 50), scored all the same, trained
