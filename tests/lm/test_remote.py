@@ -197,8 +197,10 @@ def test_the_clients_send_a_key_and_say_so_when_it_is_refused(model, tokenizer, 
         with pytest.raises(ServerRefused, match="the server refused the key: pass --remote-api-key or set OPD_API_KEY"):
             RemoteSampler("http://t.test", model="tiny", transport=transport).sample([[5, 6]], max_new_tokens=2)
         monkeypatch.setenv("OPD_API_KEY", "k")  # what the clients send when no key is passed
-        ids, _ = RemoteSampler("http://t.test", model="tiny", transport=transport).sample([[5, 6]], max_new_tokens=2)
-        assert len(ids[0]) == 2
+        ids, logps = RemoteSampler("http://t.test", model="tiny", transport=transport).sample([[5, 6]],
+                                                                                           max_new_tokens=2)
+        # answered: up to 2 tokens, each with its log-prob (an unseeded sample may end at once with end-of-sequence)
+        assert len(ids) == 1 and 1 <= len(ids[0]) <= 2 and len(logps[0]) == len(ids[0])
         monkeypatch.delenv("OPD_API_KEY")
         hidden = HiddenStateTeacher("http://t.test", api_key="k", transport=transport)
         assert hidden.vocab_size() == model.get_output_embeddings().weight.shape[0]
