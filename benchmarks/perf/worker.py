@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common.measure import max_rss_mb
+from benchmarks.common.measure import max_rss_mb, worker_main
 from benchmarks.common.trl_args import StepTimer, trl_beta, trl_training_args
 
 
@@ -269,10 +269,7 @@ def run(spec: dict, scratch: Path) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    spec_path, out_path = Path(argv[0]), Path(argv[1])
-    spec = json.loads(spec_path.read_text())
-    out = run(spec, out_path.parent / (out_path.stem + "-scratch"))
-    out_path.write_text(json.dumps(out, indent=1) + "\n")
+    worker_main(run, argv)
 
 
 if __name__ == "__main__":

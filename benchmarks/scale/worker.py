@@ -27,8 +27,6 @@ import contextlib
 import dataclasses
 import importlib.util
 import inspect
-import json
-import os
 import sys
 import time
 import types
@@ -37,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common.measure import current_rss_mb, max_rss_mb, reset_peak_rss
+from benchmarks.common.measure import current_rss_mb, max_rss_mb, reset_peak_rss, worker_main
 
 STEP_SYSTEMS = ("opd", "opd_topk", "opd_hidden", "opd_gc", "opd_budget", "trl_distillation")
 """The systems that time a train step."""
@@ -371,13 +369,7 @@ def run(spec: dict, scratch: Path) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    spec_path, out_path = Path(argv[0]), Path(argv[1])
-    spec = json.loads(spec_path.read_text())
-    out = run(spec, out_path.parent / (out_path.stem + "-scratch"))
-    out_path.write_text(json.dumps(out, indent=1) + "\n")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # skip the interpreter's teardown of torch and transformers: about a second per point, nothing kept
+    worker_main(run, argv, exit_at_once=True)
 
 
 if __name__ == "__main__":
