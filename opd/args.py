@@ -160,6 +160,10 @@ class ServeArgs:
     retry with back-off), so a flood is refused at once rather than answered minutes late."""
     max_connections: int = 256
     """Most open connections; more get 503 (uvicorn's --limit-concurrency)."""
+    read_timeout: float = 30.0
+    """Seconds a client has to send a whole request (head and body), counted from the connection's opening or the
+    request's first byte; a connection still short of it is closed (a client dribbling bytes would otherwise hold it
+    for ever)."""
     max_response_bytes: int = 512 * 2**20
     """Largest hidden-state or LM-head answer built (400 above it: ask for fewer sequences or head rows); opd's
     hidden-state teacher asks for at most 64 MB at a time."""
@@ -169,6 +173,13 @@ class ServeArgs:
     top-k and top-p; vLLM's `--logprobs-mode processed_logprobs`). Raw log-probs ignore all of these."""
     threads: int | None = None
     """torch CPU threads; default: one per core that no other job is running on when the server starts."""
+
+    def __post_init__(self) -> None:
+        limits = ("max_batch_size", "max_tokens", "max_seqs_per_request", "max_request_bytes",
+                  "max_header_bytes", "max_queued_seqs", "max_connections", "max_response_bytes", "read_timeout")
+        for name in limits:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, not {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

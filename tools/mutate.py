@@ -327,6 +327,16 @@ MUTATIONS: list[Mutation] = [
       "\"on_policy\": (\"on-policy distillation\", dict(source=\"teacher\", loss=\"sft\")),",
       ("tests/benchmarks/test_skd.py::test_quick_skd_runs_every_method_from_both_starts_and_writes_results",),
       "the SKD benchmark's on-policy arm runs SFT on teacher samples"),
+    M("realdata_supervised_kd_is_reverse_kl", "benchmarks/realdata.py",
+      "\"supervised KD\": dict(source=\"teacher\", loss=\"forward_kl\")",
+      "\"supervised KD\": dict(source=\"teacher\", loss=\"reverse_kl\")",
+      ("tests/benchmarks/test_realdata.py::test_quick_realdata_runs_every_row_through_data_files_and_writes_results",),
+      "the real-model ablation's supervised-KD arm trains reverse KL"),
+    M("serve_read_deadline_not_rearmed", "opd/lm/serve/http.py",
+      "        if self.read_deadline is None and self.conn.their_state is h11.IDLE:",
+      "        if False:",
+      ("tests/lm/test_serve.py::test_a_request_that_does_not_arrive_in_time_closes_its_connection",),
+      "a kept-alive connection's next request may dribble in for ever"),
 ]
 del M
 

@@ -456,7 +456,7 @@ def test_a_full_queue_is_refused_at_once_with_503_and_retry_after(model, tokeniz
 
 def test_oversized_headers_close_the_connection(model, tokenizer):
     """Issue 30: 32 MB of headers were accepted. `opd serve` runs uvicorn on h11 with --max-header-bytes."""
-    from opd.lm.serve.app import uvicorn_config
+    from opd.lm.serve.http import uvicorn_config
 
     args = ServeArgs(model_dir="tiny", max_header_bytes=8192)
     with live_server(build_app(model, tokenizer, args), config=lambda app, port: uvicorn_config(
@@ -467,3 +467,50 @@ def test_oversized_headers_close_the_connection(model, tokenizer):
         except httpx.HTTPError:  # closed without an answer
             status = None
         assert status in (None, 400, 431), status
+
+
+def test_a_request_that_does_not_arrive_in_time_closes_its_connection(model, tokenizer):
+    """Issue 30: slow connections were never closed. A client that connects and says nothing, or dribbles its request
+    head a header at a time, is cut off --read-timeout seconds after it started; a prompt request is served."""
+    import socket
+    import time
+
+    from opd.lm.serve.http import uvicorn_config
+
+    args = ServeArgs(model_dir="tiny", read_timeout=1.0)
+    with live_server(build_app(model, tokenizer, args), config=lambda app, port: uvicorn_config(
+            app, args, host="127.0.0.1", port=port, log_level="warning")) as url:
+        host, port = url.removeprefix("http://").split(":")
+
+        def closed_after(dribble: list[bytes]) -> float:
+            """Seconds until the server hangs up, while sending `dribble` one piece every 0.25 s (then nothing)."""
+            with socket.create_connection((host, int(port))) as s:
+                s.settimeout(0.25)
+                start = time.monotonic()
+                while time.monotonic() - start < 10:
+                    if dribble:
+                        try:
+                            s.sendall(dribble.pop(0))
+                        except OSError:
+                            return time.monotonic() - start
+                    try:
+                        if s.recv(1024) == b"":
+                            return time.monotonic() - start
+                    except socket.timeout:
+                        continue
+                    except OSError:
+                        return time.monotonic() - start
+                return float("inf")
+
+        assert 0.9 < closed_after([]) < 3  # connected, never wrote
+        head = [b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n"] + [b"X-%d: a\r\n" % i for i in range(40)]
+        assert 0.9 < closed_after(list(head)) < 3  # 40 headers over 10 s: cut off at about 1 s
+        body = [b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 400\r\n\r\n{"] + [b" " * 10] * 40
+        assert 0.9 < closed_after(body) < 3  # a body dribbled likewise
+        kept_alive = [b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"] + head  # answered, then a second dribbled
+        assert 0.9 < closed_after(kept_alive) < 3
+        with httpx.Client(base_url=url) as c:  # kept alive across requests, each in time
+            for _ in range(3):
+                assert c.post("/v1/completions", json={"prompt": "1+1=", "max_tokens": 1}).status_code == 200
+                time.sleep(0.6)

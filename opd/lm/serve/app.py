@@ -381,15 +381,7 @@ def serve_main(args: ServeArgs) -> None:
             raise ValueError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); pick another --port or stop "
                              f"what holds it") from None
     model, tokenizer = load_served(args)
+    from opd.lm.serve.http import uvicorn_config
+
     uvicorn.Server(uvicorn_config(build_app(model, tokenizer, args), args)).run()
 
-
-def uvicorn_config(app, args: ServeArgs, **overrides):
-    """How uvicorn serves `app`: h11 with a cap on a request's headers (httptools takes megabytes of them),
-    a bound on open connections (503 above it) and idle keep-alive connections closed after a few seconds."""
-    import uvicorn
-
-    settings = dict(host=args.host, port=args.port, log_level="info", http="h11",
-                    h11_max_incomplete_event_size=args.max_header_bytes, limit_concurrency=args.max_connections,
-                    timeout_keep_alive=5)
-    return uvicorn.Config(app, **{**settings, **overrides})
