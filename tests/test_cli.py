@@ -104,6 +104,12 @@ def test_serve_on_a_port_in_use_stops_before_loading(model_dirs, capsys):
     assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err
 
 
+@pytest.mark.parametrize("flag", ["--read-timeout", "--max-connections", "--max-header-bytes", "--max-queued-seqs"])
+def test_serve_limits_must_be_positive_and_say_so_before_loading(flag, capsys):
+    code, err = run_cli(["serve", "/no/such/model", flag, "0"], capsys)
+    assert code == 2 and err.strip() == f"opd: error: {flag} must be > 0, not 0"
+
+
 HELP_WITHOUT_TORCH = """
 import contextlib, io, sys
 from opd.cli import main
