@@ -179,7 +179,7 @@ class ServeArgs:
                   "max_header_bytes", "max_queued_seqs", "max_connections", "max_response_bytes", "read_timeout")
         for name in limits:
             if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be > 0, not {getattr(self, name)}")
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, not {getattr(self, name):g}")
 
 
 @dataclass(frozen=True)
