@@ -22,6 +22,12 @@ LossName = Annotated[str, tyro.conf.arg(metavar="{" + ",".join(LOSSES) + "}")]
 """A loss name: a plain `str` checked in `DistillConfig.__post_init__` (one line naming the choices, not tyro's
 multi-line parse error), shown in --help with its choices."""
 
+TRACKERS = ("tensorboard", "trackio", "wandb")
+"""What --report-to accepts: accelerate's trackers that opd sets up (`opd.lm.loop.process.trackers`)."""
+
+TrackerName = Annotated[str, tyro.conf.arg(metavar="{" + ",".join(TRACKERS) + "}")]
+"""A tracker name: a plain `str` checked in `DistillConfig.__post_init__`, as `LossName` is."""
+
 
 @dataclass(frozen=True)
 class SamplingArgs:
@@ -213,9 +219,11 @@ class DistillConfig:
     """torch CPU threads of this process. None: torch's default (one per core), lowered to the cores that no other job
     is running on when the run starts, since threads waiting on each other for a busy core make every step several
     times slower (`benchmarks/results/shared_cpu.md`)."""
-    report_to: Literal["none", "tensorboard", "trackio"] = "none"
-    """Also log metrics to TensorBoard (out_dir/tensorboard) or trackio, through accelerate's trackers;
-    metrics.jsonl is always written."""
+    report_to: tuple[TrackerName, ...] = ()
+    """Also log each step's metrics, and the config once, to these trackers (several at once: `--report-to wandb
+    tensorboard`) through accelerate's: TensorBoard in out_dir/tensorboard, wandb (project $WANDB_PROJECT or opd, run
+    named after out_dir, files in $WANDB_DIR or out_dir; WANDB_MODE=offline works without an account), trackio
+    (project named after out_dir). None by default; metrics.jsonl is always written."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """Autocast the student's forward and backward (accelerate's mixed precision): fp32 weights and optimizer state,
     bf16/fp16 matmuls. The usual choice on GPUs; on CPUs it pays only where the cores have bf16 instructions."""
@@ -264,6 +272,7 @@ class DistillConfig:
                 raise ValueError(f"{flag} must be {want}")
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        self._check_trackers()
         rows = self.batch_size * self.samples_per_prompt
         if self.max_tokens_per_microbatch is not None and o.grad_accum != 1:
             raise ValueError("pass either --max-tokens-per-microbatch (micro-batches by tokens) or --optim.grad-accum "
@@ -284,6 +293,17 @@ class DistillConfig:
         for flag, used in (("--sampler", self.sampler), ("--overlap", self.overlap)):
             if used and self.source not in ("student", "mixture"):
                 raise ValueError(f"{flag} samples the student's completions; source={self.source} has none: drop {flag}")
+
+    def _check_trackers(self) -> None:
+        # One name was the only form before several trackers, and "none" their absence: configs written then (a run's
+        # config.json, Python code) still mean what they meant.
+        names = (self.report_to,) if isinstance(self.report_to, str) else tuple(self.report_to)
+        object.__setattr__(self, "report_to", () if names == ("none",) else names)
+        for name in self.report_to:
+            if name not in TRACKERS:
+                raise ValueError(f"unknown tracker {name!r} in --report-to; choose from {', '.join(TRACKERS)}")
+            if self.report_to.count(name) > 1:
+                raise ValueError(f"--report-to names {name} twice; name each tracker once")
 
     def _check_cross_tokenizer(self) -> None:
         if not self.cross_tokenizer:
@@ -341,55 +361,6 @@ def remote_teacher(cfg: DistillConfig) -> bool:
     """Whether a teacher of `cfg` (--teacher, or one of --teachers) is a server URL."""
     models = [cfg.teacher or "", *teacher_specs(cfg.teachers).values()]
     return any(m.startswith(("http://", "https://")) for m in models)
-
-
-def unused_flags(cfg: DistillConfig) -> list[str]:
-    """Flags set away from their defaults that do nothing in this configuration, one line each (for a warning)."""
-    default = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
-    notes = []
-    for name, used, why in (
-        ("lmbda", cfg.source == "mixture", "only --source mixture reads it"),
-        ("skd_top_k", cfg.source == "speculative", "only --source speculative reads it"),
-        ("beta", cfg.loss == "jsd", "only --loss jsd reads it"),
-        ("alpha", cfg.loss.startswith("skew_"), "only the skew KL losses read it"),
-        ("discount", cfg.loss == "sampled", "only --loss sampled reads it"),
-        ("top_k", remote_teacher(cfg) and cfg.teacher_payload == "topk",
-         "only a remote teacher with --teacher-payload topk reads it"),
-        ("teacher_payload", remote_teacher(cfg), "only a remote teacher reads it"),
-        ("teacher_column", cfg.teachers is not None, "only --teachers reads it"),
-        ("teacher_dtype", not (cfg.teacher == "self" and cfg.lora.r > 0),
-         "--teacher self with a LoRA student is its base model, in the student's dtype"),
-        ("sync_every", bool(cfg.sampler or cfg.overlap), "only --sampler and --overlap read it"),
-        ("ratio_clip", cfg.loss == "sampled" and bool(cfg.sampler or cfg.overlap),
-         "only --loss sampled with --sampler or --overlap reads it"),
-        ("data_split", cfg.data is not None, "only --data reads it"),
-        ("eval_split", cfg.eval_data is not None, "only --eval-data reads it"),
-    ):
-        if not used and getattr(cfg, name) != default[name]:
-            notes.append(f"--{name.replace('_', '-')} does nothing here: {why}")
-    return notes
-
-
-def schedule_notes(cfg: DistillConfig) -> list[str]:
-    """Settings that do not do what they seem to (a warm-up longer than the run), one line each (for a warning)."""
-    if cfg.optim.warmup_steps > cfg.steps:
-        return [f"--optim.warmup-steps {cfg.optim.warmup_steps} is longer than the run (--steps {cfg.steps}): the "
-                f"learning rate never reaches --optim.lr {cfg.optim.lr}; lower --optim.warmup-steps"]
-    return []
-
-
-def config_changes(saved: dict, cfg) -> list[str]:
-    """`field old -> new` for every setting of `cfg` that differs from a run's saved config.json (for --resume)."""
-    def flat(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                yield from flat(v, f"{prefix}{k}.")
-            else:
-                yield prefix + k, list(v) if isinstance(v, tuple) else v
-
-    old, new = dict(flat(saved)), dict(flat(to_dict(cfg)))
-    ignored = {"resume", "progress", "out_dir", "remote_api_key"}
-    return [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items() if k not in ignored and old.get(k, v) != v]
 
 
 def to_dict(cfg) -> dict:

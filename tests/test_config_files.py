@@ -8,7 +8,8 @@ import pytest
 
 import opd.lm.train
 from opd.cli import load_config, main
-from opd.config import DistillConfig, unused_flags
+from opd.config import DistillConfig
+from opd.config_notes import unused_flags
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "configs" / "recipes").glob("*.yaml"))
 

@@ -4,7 +4,7 @@ Each command line of a ```bash, ```sh or ```console block (console: the lines af
 what it runs:
 - `opd SUBCOMMAND ...`, also under `accelerate launch ... -m opd.cli`: parsed by tyro exactly as `opd` parses it
   (`opd.cli`'s commands and help registry), without running. That runs `DistillConfig`'s own checks (flag
-  combinations, numbers), and a train command may set no flag its configuration ignores (`opd.config.unused_flags`).
+  combinations, numbers), and a train command may set no flag its configuration ignores (`opd.config_notes.unused_flags`).
   `...` is the docs' placeholder: after a flag it stands for a value, anywhere else for flags left out (a train
   command then gets a placeholder `--student`).
 - `opd bench NAME`, here or anywhere in the text: NAME is one of `opd.cli.BENCHMARKS` and its file exists.
@@ -31,7 +31,8 @@ import pytest
 import tyro
 
 from opd import cli
-from opd.config import DistillConfig, unused_flags
+from opd.config import DistillConfig
+from opd.config_notes import unused_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from opd import flops
-from opd.config import DistillConfig, SamplingArgs, unused_flags
+from opd.config import DistillConfig, SamplingArgs
+from opd.config_notes import unused_flags
 from opd.lm.batch import encode_prompts
 from opd.lm.hf.decode import sample_completions
 from opd.lm.rollouts.speculative import BLOCK, block_for, speculative_actor, speculative_completions

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from opd.config import DistillConfig, LoraArgs, OptimArgs, SamplingArgs, unused_flags
+from opd.config import DistillConfig, LoraArgs, OptimArgs, SamplingArgs
+from opd.config_notes import unused_flags
 from opd.lm.teachers import routed as teachers_module
 from opd.lm.rollouts.actors import Draw
 from opd.lm.loop.build import make_teacher

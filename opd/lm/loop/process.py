@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from opd.config import DistillConfig, schedule_notes, unused_flags
+from opd.config import DistillConfig
+from opd.config_notes import schedule_notes, unused_flags
 from opd.lm.loop.fsdp import Accelerator, broadcast_from_main, first_forward, fsdp_requested, fsdp_version, shard
 from opd.threads import set_threads
 

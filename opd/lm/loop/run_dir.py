@@ -19,7 +19,8 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from opd.checkpoint import find_checkpoint, load_trainer_state, save_checkpoint, verify_checkpoint
-from opd.config import DistillConfig, config_changes, save_config, to_dict
+from opd.config import DistillConfig, save_config, to_dict
+from opd.config_notes import config_changes
 from opd.lm.hf.model import unwrap
 from opd.lm.loop.fsdp import full_optimizer_state, full_state_dict, is_sharded, load_optimizer_state
 from opd.lm.loop.optim import resume_schedule
