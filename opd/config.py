@@ -25,8 +25,8 @@ multi-line parse error), shown in --help with its choices."""
 TRACKERS = ("tensorboard", "trackio", "wandb")
 """What --report-to accepts: accelerate's trackers that opd sets up (`opd.lm.loop.process.trackers`)."""
 
-TrackerName = Annotated[str, tyro.conf.arg(metavar="{" + ",".join(TRACKERS) + "}")]
-"""A tracker name: a plain `str` checked in `DistillConfig.__post_init__`, as `LossName` is."""
+TrackerNames = Annotated[tuple[str, ...], tyro.conf.arg(metavar="{" + ",".join(TRACKERS) + "} [...]")]
+"""Tracker names: plain `str`s checked in `DistillConfig.__post_init__`, as `LossName` is."""
 
 
 @dataclass(frozen=True)
@@ -88,15 +88,19 @@ class DistillConfig:
     """The student: a Hugging Face hub id or local directory (e.g. Qwen/Qwen3-0.6B, or runs/x/checkpoint)."""
     teacher: str | None = None
     """The teacher: hub id, local directory, http(s)://host:port/v1 for an OpenAI-compatible server (vLLM or
-    `opd serve`), or `self`: the student's own starting weights, frozen (self-distillation; a full student is copied
+    `opd serve`), `self`: the student's own starting weights, frozen (self-distillation; a full student is copied
     in memory before its first update, a LoRA student's base is used with the adapters off; --resume loads the start
-    again from --student). Not needed for source=data with loss=sft. See also --teachers."""
+    again from --student), or `ema`: an exponential moving average of the student's weights (--ema-decay; SDFT's
+    EMA teacher), saved in every checkpoint. Not needed for source=data with loss=sft. See also --teachers."""
     teachers: str | None = None
     """Several teachers instead of --teacher: NAME=MODEL pairs, e.g. math=runs/math-teacher,code=http://host:8000/v1
     (each MODEL as --teacher takes it). --teacher-column names the data column whose value routes each prompt to
     one of them; metrics are logged per teacher (loss/teacher=NAME). See `opd.lm.teachers.routed`."""
     teacher_column: str | None = None
     """With --teachers: the --data column that names each row's teacher (every value must be one of the names)."""
+    ema_decay: float = 0.99
+    """--teacher ema: after every update each teacher weight moves to decay × itself + (1 - decay) × the student's
+    (the teacher starts as the student's starting weights; 1.0 keeps it there, as --teacher self does)."""
     teacher_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Precision of a local teacher's weights and forward pass. bfloat16 halves its memory and, on CPUs with bf16
     instructions and on GPUs, speeds up scoring, at the price of a slightly different teacher (SmolLM2-135M: its
@@ -219,7 +223,7 @@ class DistillConfig:
     """torch CPU threads of this process. None: torch's default (one per core), lowered to the cores that no other job
     is running on when the run starts, since threads waiting on each other for a busy core make every step several
     times slower (`benchmarks/results/shared_cpu.md`)."""
-    report_to: tuple[TrackerName, ...] = ()
+    report_to: TrackerNames = ()
     """Also log each step's metrics, and the config once, to these trackers (several at once: `--report-to wandb
     tensorboard`) through accelerate's: TensorBoard in out_dir/tensorboard, wandb (project $WANDB_PROJECT or opd, run
     named after out_dir, files in $WANDB_DIR or out_dir; WANDB_MODE=offline works without an account), trackio
@@ -253,6 +257,7 @@ class DistillConfig:
             ("--sampling.max-new-tokens", s.max_new_tokens >= 1, ">= 1"),
             ("--sampling.temperature", s.temperature >= 0, ">= 0 (0 is greedy)"),
             ("--sampling.top-p", 0 < s.top_p <= 1, "in (0, 1]"), ("--lmbda", 0 <= self.lmbda <= 1, "in [0, 1]"),
+            ("--ema-decay", 0 <= self.ema_decay <= 1, "in [0, 1]"),
             ("--train-examples", self.train_examples >= 1, ">= 1"),
             ("--eval-examples", self.eval_examples >= 1, ">= 1"),
             ("--eval-every", self.eval_every >= 0, ">= 0 (0: never)"), ("--save-every", self.save_every >= 1, ">= 1"),
@@ -290,6 +295,7 @@ class DistillConfig:
             raise ValueError(f"--sampler {self.sampler!r} is not a URL; pass http(s)://host:port/v1 of a sampler server")
         self._check_speculative()
         self._check_cross_tokenizer()
+        self._check_ema()
         for flag, used in (("--sampler", self.sampler), ("--overlap", self.overlap)):
             if used and self.source not in ("student", "mixture"):
                 raise ValueError(f"{flag} samples the student's completions; source={self.source} has none: drop {flag}")
@@ -309,7 +315,7 @@ class DistillConfig:
         if not self.cross_tokenizer:
             return
         remote = (self.teacher or "").startswith(("http://", "https://"))
-        if self.teachers is not None or self.teacher in (None, "self") or remote:
+        if self.teachers is not None or self.teacher in (None, "self", "ema") or remote:
             raise ValueError("--cross-tokenizer needs one local --teacher model (a directory or hub id): it "
                              "re-tokenizes every completion for the teacher, which a server or --teachers cannot do "
                              "yet")
@@ -329,6 +335,13 @@ class DistillConfig:
             if used:
                 raise ValueError(f"--source speculative drafts with the student and the teacher in this process; "
                                  f"drop {flag}")
+
+    def _check_ema(self) -> None:
+        if "ema" in teacher_specs(self.teachers).values():
+            raise ValueError("--teachers cannot name ema: an EMA of the student is one teacher; pass --teacher ema")
+        if self.teacher == "ema" and self.source not in ("student", "mixture", "data"):
+            raise ValueError(f"--teacher ema grades the student's samples or the data's; it does not sample itself: "
+                             f"use --source student, mixture or data, not {self.source}")
 
     def _check_teachers(self) -> None:
         if self.teachers is None:

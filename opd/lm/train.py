@@ -36,6 +36,7 @@ from opd.lm.loop.process import TrainingError, all_finite, any_process, library_
 from opd.lm.loop.run_dir import RunDir
 from opd.lm.rollouts.actors import Plans
 from opd.lm.rollouts.server import ratio_metrics, rollout_seed
+from opd.lm.teachers.ema import checkpointed, follow_student
 from opd.lm.teachers.routed import SUMMED, RoutedSignal, batch_routes, grade, per_teacher_means
 from opd.lm.xtok.teacher import CrossTokenizerSignal
 
@@ -148,7 +149,7 @@ def distill(cfg: DistillConfig, prompts: Any = None, eval_prompts: Any = None, c
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     rng = torch.Generator().manual_seed(cfg.seed + 100_003 * proc.rank)  # prompt order and mixture coins, per process
     student, opt = proc.prepare(student, opt)  # DDP, or FSDP2 (sharded: the optimizer then holds DTensor shards)
-    start = run.restore(student, opt, sched, rng, schedule)
+    start = run.restore(student, opt, sched, rng, schedule, kept=checkpointed(teacher))  # an EMA teacher's too
     plans = Plans(len(train), cfg.batch_size, cfg.samples_per_prompt, lambda g: actor.choose(g),
                   lambda step: rollout_seed(cfg.seed, step, proc.rank, proc.world,
                                             cfg.batch_size * cfg.samples_per_prompt), rng)
@@ -176,6 +177,7 @@ def distill(cfg: DistillConfig, prompts: Any = None, eval_prompts: Any = None, c
                 m = accumulate(student, teacher, batch, cfg, proc.accelerator, step, batch_routes(train, draw.rows))
             # UPDATE: clip, step, schedule; stops on non-finite weights.
             m.update(update(student, opt, sched, cfg.optim, step, run.out, clip=proc.accelerator.clip_grad_norm_))
+            follow_student(teacher, student)  # --teacher ema: the teacher moves a step towards the student
             m.update(step=step + 1, source=draw.source, act_s=t_act - t0, step_s=time.perf_counter() - t0,
                      **(first if step == start else {}))
             m.update(step_costs(batch, draw, actor, costs, cfg))

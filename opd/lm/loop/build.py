@@ -22,7 +22,8 @@ from opd.tasks import get_task
 def make_teacher(cfg: DistillConfig, student, tokenizer, device="cpu", resumed: bool = False,
                  prompts: PromptSet | None = None) -> Teacher | None:
     """The teacher the config names: a local HF model (vocabularies checked), an OpenAI-compatible server, the
-    student's starting weights (`self`; `resumed`: the student holds a checkpoint's weights, not the start), or
+    student's starting weights (`self`; `resumed`: the student holds a checkpoint's weights, not the start), an EMA of
+    the student (`ema`: `opd.lm.teachers.ema`), or
     several of these routed by a data column (--teachers: `opd.lm.teachers.routed.Teachers`). With --cross-tokenizer, a
     local model with its own tokenizer (`opd.lm.xtok.teacher`), which renders each of `prompts` with its own
     template."""
@@ -52,6 +53,10 @@ def _one_teacher(cfg: DistillConfig, spec: str, student, tokenizer, device, resu
         from opd.lm.teachers.self import self_teacher
 
         return self_teacher(cfg, student, device, resumed, with_taken_logp)
+    if spec == "ema":  # a copy of the student as it is now; on --resume RunDir.restore puts the saved averages back
+        from opd.lm.teachers.ema import EmaTeacher
+
+        return EmaTeacher(student, cfg.ema_decay, cfg.chunk_size, with_taken_logp)
     if spec.startswith(("http://", "https://")) and cfg.teacher_payload == "hidden":
         from opd.lm.remote.hidden import HiddenStateTeacher
 

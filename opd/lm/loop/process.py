@@ -7,9 +7,12 @@ Shared by every loop (`opd.lm.train.distill`, `opd.lm.recipes.rl`); the run dire
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import os
 import signal as signal_module
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -70,7 +73,7 @@ def start_process(cfg: DistillConfig) -> Process:
         AcceleratorState._reset_state(reset_partial_state=False)
     # Without a GPU, cpu=True lets accelerate pick gloo when launched with several processes.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
-                              log_with=None if cfg.report_to == "none" else cfg.report_to, project_dir=cfg.out_dir)
+                              log_with=trackers(cfg) or None, project_dir=cfg.out_dir)
     # accelerate enables FSDP on GPUs only; on CPUs its launch config still asks for it, and opd shards there
     # (`Process.prepare`), given more than one process to shard over
     fsdp = accelerator.distributed_type == DistributedType.FSDP or (accelerator.num_processes > 1 and fsdp_requested())
@@ -94,10 +97,34 @@ def check_fsdp(cfg: DistillConfig) -> None:
     if fsdp_version() != 2:
         raise ValueError(f"the accelerate config asks for FSDP version {fsdp_version()}; opd shards the student with "
                          f"FSDP2 only: set fsdp_version: 2 (see configs/accelerate/fsdp2_cpu.yaml)")
+    if cfg.teacher == "ema":
+        raise ValueError("--teacher ema under FSDP: the teacher is a whole copy of the student that follows its "
+                         "weights, which are sharded here; launch with DDP (--multi_gpu) or use --teacher self")
     if cfg.sampler and cfg.lora.r:
         raise ValueError("--sampler with --lora.r under FSDP: the weight push merges the adapters into the base "
                          "weights on the main process, which needs them unsharded; launch with DDP (--multi_gpu) "
                          "for a LoRA student with a sampler server, or drop --sampler")
+
+
+def trackers(cfg: DistillConfig) -> list:
+    """accelerate's trackers for --report-to, made here rather than named, so that each gets its own run name (named,
+    they would share one project name, and TensorBoard's is its directory); one line for a tracker not installed,
+    which accelerate would otherwise drop without a word."""
+    from accelerate.tracking import TensorBoardTracker, TrackioTracker, WandBTracker
+
+    for name in cfg.report_to:
+        if importlib.util.find_spec(name) is None:
+            raise ValueError(f"--report-to {name} needs the {name} package: pip install 'opd[tracking]'")
+    run = Path(cfg.out_dir).resolve().name
+    make = {
+        "tensorboard": lambda: TensorBoardTracker("tensorboard", cfg.out_dir),  # out_dir/tensorboard
+        "trackio": lambda: TrackioTracker(run),
+        # wandb.init's arguments win over its environment variables: pass on the ones a user sets, else keep the
+        # run's files in its directory rather than the working directory.
+        "wandb": lambda: WandBTracker(os.environ.get("WANDB_PROJECT", "opd"), name=run,
+                                      dir=os.environ.get("WANDB_DIR", cfg.out_dir)),
+    }
+    return [make[name]() for name in cfg.report_to]
 
 
 def all_finite(accelerator, loss: torch.Tensor) -> bool:

@@ -39,14 +39,23 @@ class RunDir:
             verify_checkpoint(self.ckpt)
         self.last: dict = {}
         self.metrics_file = self.bar = self.student = self.tokenizer = self.opt = None
+        self.kept: dict = {}
 
     def restore(self, student, opt: torch.optim.Optimizer, sched, rng: torch.Generator,
-                lr_factor: Callable[[int], float]) -> int:
+                lr_factor: Callable[[int], float], kept: dict | None = None) -> int:
         """The step to start from (0 on a fresh run). On resume: the optimizer state, this process's loop RNG
-        (`rng`: prompt order and mixture coins) and torch RNG, and this config's learning rate at that step.
-        Called after `Process.prepare`: a sharded (FSDP) student's optimizer takes the saved state shard by shard."""
+        (`rng`: prompt order and mixture coins) and torch RNG, this config's learning rate at that step, and the state
+        of each of `kept` ({file name: object with state_dict / load_state_dict}, e.g. an EMA teacher), which every
+        checkpoint then saves too. Called after `Process.prepare`: a sharded (FSDP) student's optimizer takes the
+        saved state shard by shard."""
+        self.kept = kept or {}
         if not self.ckpt:
             return 0
+        for name, thing in self.kept.items():
+            if not (self.ckpt / name).exists():
+                raise ValueError(f"{self.ckpt} has no {name}: it was written by a run with other settings (the "
+                                 f"teacher?); resume with that run's settings, or start a new --out-dir")
+            thing.load_state_dict(torch.load(self.ckpt / name))
         load = functools.partial(load_optimizer_state, student, opt)  # a state saved sharded or not, into either
         start = load_trainer_state(self.ckpt, load_optimizer=load)["step"]
         loop_rngs = torch.load(self.ckpt / "loop_rng.pt")
@@ -80,9 +89,8 @@ class RunDir:
                           file=sys.stderr)
             if main:
                 save_config(cfg, out)
-            if cfg.report_to != "none":
-                self.proc.accelerator.init_trackers("tensorboard" if cfg.report_to == "tensorboard" else out.name,
-                                                    config=flat_config(to_dict(cfg)))
+            if cfg.report_to:  # the trackers were made with the accelerator (`trackers`), each with its own name
+                self.proc.accelerator.init_trackers(out.name, config=flat_config(to_dict(cfg)))
             if main and self.ckpt:
                 drop_logged_after(out / "metrics.jsonl", start)  # steps logged after the checkpoint are redone now
             self.metrics_file = (out / "metrics.jsonl").open("a") if main else None
@@ -93,7 +101,7 @@ class RunDir:
                     thing.close()
             if self.metrics_file is not None:
                 self.metrics_file.close()
-            if cfg.report_to != "none":
+            if cfg.report_to:
                 self.proc.accelerator.end_training()
             self.interrupted.restore()
 
@@ -114,7 +122,9 @@ class RunDir:
         optimizer_state = full_optimizer_state(self.student, self.opt) if sharded else None
         if self.proc.main:
             save_checkpoint(self.out / "checkpoint", unwrap(self.student), self.tokenizer, step, self.opt,
-                            extra_files={"loop_rng.pt": rng_states}, model_state=model_state,
+                            extra_files={"loop_rng.pt": rng_states,
+                                         **{name: thing.state_dict() for name, thing in self.kept.items()}},
+                            model_state=model_state,
                             optimizer_state=optimizer_state)
         self.proc.accelerator.wait_for_everyone()
 
@@ -168,7 +178,7 @@ class RunDir:
             self.metrics_file.flush()
             self.bar.set_postfix(loss=f"{m['loss']:.3f}",
                                  **({"acc": f"{m['accuracy']:.2f}"} if "accuracy" in m else {}))
-        if cfg.report_to != "none":
+        if cfg.report_to:
             accelerator.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=step + 1)
         self.last = m
         interrupt = any_process(accelerator, self.interrupted.flag)
