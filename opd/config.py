@@ -106,6 +106,10 @@ class DistillConfig:
     instructions and on GPUs, speeds up scoring, at the price of a slightly different teacher (SmolLM2-135M: its
     log-probs moved by 0.05 nats on average, 0.64 at most; `benchmarks/results/perf_levers.md`). The losses run in
     float32 either way."""
+    allow_tokenizer_mismatch: bool = False
+    """Train although a local teacher's tokenizer, sharing the student's vocabulary, has another end-of-sequence token
+    or chat template (refused by default: a base student under an instruct teacher learns to end with a token its
+    sampler does not stop at)."""
     cross_tokenizer: bool = False
     """Distil from a local --teacher whose tokenizer differs from the student's: each student completion is decoded,
     re-tokenized by the teacher after the prompt row rendered with the teacher's own chat template, and the two

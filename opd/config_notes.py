@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from opd.config import DistillConfig, remote_teacher, to_dict
+from opd.config import DistillConfig, remote_teacher, teacher_specs, to_dict
 
 
 def unused_flags(cfg: DistillConfig) -> list[str]:
@@ -23,6 +23,8 @@ def unused_flags(cfg: DistillConfig) -> list[str]:
         ("teacher_payload", remote_teacher(cfg), "only a remote teacher reads it"),
         ("teacher_column", cfg.teachers is not None, "only --teachers reads it"),
         ("ema_decay", cfg.teacher == "ema", "only --teacher ema reads it"),
+        ("allow_tokenizer_mismatch", local_model_teacher(cfg),
+         "only a local teacher model (not self, ema, a server or --cross-tokenizer) is checked"),
         ("teacher_dtype", not (cfg.teacher == "self" and cfg.lora.r > 0) and cfg.teacher != "ema",
          "--teacher self with a LoRA student, and --teacher ema, are kept in the student's dtype"),
         ("sync_every", bool(cfg.sampler or cfg.overlap), "only --sampler and --overlap read it"),
@@ -56,3 +58,11 @@ def config_changes(saved: dict, cfg) -> list[str]:
     old, new = dict(flat(saved)), dict(flat(to_dict(cfg)))
     ignored = {"resume", "progress", "out_dir", "remote_api_key"}
     return [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items() if k not in ignored and old.get(k, v) != v]
+
+
+def local_model_teacher(cfg: DistillConfig) -> bool:
+    """Whether a teacher of `cfg` is a model loaded here with its own tokenizer (not self, ema, a server, or a
+    --cross-tokenizer one)."""
+    models = [cfg.teacher or "", *teacher_specs(cfg.teachers).values()]
+    return not cfg.cross_tokenizer and any(m and m not in ("self", "ema") and not m.startswith(("http://", "https://"))
+                                           for m in models)

@@ -386,6 +386,22 @@ MUTATIONS: list[Mutation] = [
       ("tests/lm/test_ema_teacher.py::test_the_saved_teacher_is_the_stated_average_of_the_students_after_each_update",
        "tests/lm/test_ema_teacher.py::test_decay_one_is_the_frozen_start_and_decay_zero_is_the_last_update"),
       "the loop never moves the EMA teacher"),
+    M("cut_share_counts_ended_completions", "opd/lm/diagnostics.py",
+      "    cut_B = (lengths_B >= max_new_tokens) & ~ended_B",
+      "    cut_B = lengths_B >= max_new_tokens",
+      ("tests/lm/test_diagnostics.py::test_completion_stats_counts_lengths_and_only_the_completions_cut_without_ending",),
+      "a completion that ended with eos at the cap counts as cut"),
+    M("remote_topk_taken_in_sent_order", "opd/lm/diagnostics.py",
+      "    teacher_ids_PK = top_ids_PK[:, :k] if signal.hidden_BTD is not None else _most_likely(top_ids_PK, top_logp_PK, k)",
+      "    teacher_ids_PK = top_ids_PK[:, -k:]",
+      ("tests/lm/test_diagnostics.py::test_topk_agreement_is_one_for_the_same_model_and_zero_for_disjoint_top_tokens",),
+      "a remote teacher's top k is read in the order the server sent, not by log-prob"),
+    M("teacher_conventions_unchecked", "opd/lm/loop/build.py",
+      "    if differences and not cfg.allow_tokenizer_mismatch:  # before the teacher's weights load",
+      "    if False:",
+      ("tests/lm/test_diagnostics.py::test_a_teacher_with_another_eos_or_chat_template_is_refused_in_one_line_unless_"
+       "allowed",),
+      "a teacher that ends with another token is accepted silently"),
 ]
 del M
 

@@ -26,11 +26,12 @@ from opd.chunked import chunked_divergence, chunked_taken_logp
 from opd.config import LOSSES, DistillConfig
 from opd.fused import fused_divergence
 from opd.lm.batch import Batch, TeacherSignal, scatter_targets
+from opd.lm.diagnostics import completion_stats, topk_agreement
 from opd.lm.eval import checked_accuracy
 from opd.lm.hf.lora import load_student
 from opd.lm.hf.model import check_same_vocabulary, final_hidden, lm_head, load_tokenizer, unwrap
 from opd.lm.loop.build import make_actor, make_teacher, prompt_room, prompt_sets
-from opd.lm.loop.fsdp import unsharded
+from opd.lm.loop.fsdp import is_sharded, unsharded
 from opd.lm.loop.optim import adamw, lr_factor, update
 from opd.lm.loop.process import TrainingError, all_finite, any_process, library_bars, start_process
 from opd.lm.loop.run_dir import RunDir
@@ -77,6 +78,8 @@ def student_loss(student, batch: Batch, signal: TeacherSignal | RoutedSignal | N
         per_token = signal.per_token(divergence_from_config(cfg), hidden_ND, head, targets_N, cfg.chunk_size)
     else:
         per_token = teacher_divergence(divergence_from_config(cfg), hidden_ND, head, signal, mask_BT, cfg.chunk_size)
+    if isinstance(signal, TeacherSignal) and not is_sharded(student):  # FSDP: the head's extra call would need all
+        metrics.update(topk_agreement(hidden_ND, head, signal, mask_BT))  # the processes; plain students only
     if batch.sampling_logp_BT is not None:
         # Samples from a sampler server whose weights may lag: how far (the divergences are not reweighted; why in
         # opd.lm.rollouts.server).
@@ -181,6 +184,7 @@ def distill(cfg: DistillConfig, prompts: Any = None, eval_prompts: Any = None, c
             m.update(step=step + 1, source=draw.source, act_s=t_act - t0, step_s=time.perf_counter() - t0,
                      **(first if step == start else {}))
             m.update(step_costs(batch, draw, actor, costs, cfg))
+            m.update(completion_stats(batch, cfg.sampling.max_new_tokens, tokenizer.eos_token_id))
             total_flops = m["total_flops"] = total_flops + m["flops"] * proc.world
             with run.saved_if_user_code_fails(step, m, plans.state()):  # your checker and callbacks
                 evaluated = run.eval_due(step, held_out)

@@ -205,6 +205,22 @@ def check_same_vocabulary(student, teacher, student_tok=None, teacher_tok=None) 
         )
 
 
+def tokenizer_differences(student_tok, teacher_tok) -> list[str]:
+    """What differs, one item each, between two tokenizers that share a vocabulary, in what distillation relies on:
+    the end-of-sequence token (the student learns to end where the teacher ends, and its sampler stops only at its
+    own: a base student under an instruct teacher) and the chat template (the teacher grades prompts rendered the
+    student's way). Padding is not compared: it is masked out of attention and of every loss, for both models."""
+    out = []
+    if student_tok.eos_token_id != teacher_tok.eos_token_id:
+        out.append(f"end-of-sequence token: student {student_tok.eos_token!r}, teacher {teacher_tok.eos_token!r}")
+    student_chat, teacher_chat = student_tok.chat_template or None, teacher_tok.chat_template or None
+    if student_chat != teacher_chat:
+        which = ("only the teacher has one" if student_chat is None else "only the student has one"
+                 if teacher_chat is None else "they differ")
+        out.append(f"chat template: {which}")
+    return out
+
+
 def context_length(model_or_path) -> int:
     """The longest sequence a model takes (its config's max_position_embeddings; unbounded if it names none).
     Takes a loaded model or a path, whose config alone is read (so prompts are checked before the weights load); an

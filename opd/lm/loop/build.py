@@ -12,7 +12,8 @@ from typing import Any
 from opd import losses
 from opd.config import DistillConfig, teacher_specs
 from opd.lm.data.prompts import PromptSet, as_rows, encode, load_rows, task_rows
-from opd.lm.hf.model import check_same_vocabulary, context_length, load_model, load_tokenizer, unwrap
+from opd.lm.hf.model import (check_same_vocabulary, context_length, load_model, load_tokenizer, tokenizer_differences,
+                              unwrap)
 from opd.lm.rollouts.actors import Actor, Ahead, DataActor, LocalActor, Mixture, Plans, SamplerActor
 from opd.lm.teachers.base import Teacher
 from opd.lm.teachers.local import LocalTeacher
@@ -72,8 +73,14 @@ def _one_teacher(cfg: DistillConfig, spec: str, student, tokenizer, device, resu
                                 timeout=cfg.remote_timeout, max_retries=cfg.remote_max_retries)
         teacher.check(tokenizer, student.get_output_embeddings().weight.shape[0])  # before any step
         return teacher
+    teacher_tokenizer = load_tokenizer(spec)
+    differences = tokenizer_differences(tokenizer, teacher_tokenizer)
+    if differences and not cfg.allow_tokenizer_mismatch:  # before the teacher's weights load
+        raise ValueError(f"the teacher {spec} shares the student's vocabulary but not its conventions: "
+                         f"{'; '.join(differences)}; give the student the teacher's (save its tokenizer with them) or "
+                         f"pass --allow-tokenizer-mismatch to train anyway")
     model = load_model(spec, dtype=cfg.teacher_dtype, device=device)
-    check_same_vocabulary(student, model, tokenizer, load_tokenizer(spec))
+    check_same_vocabulary(student, model, tokenizer, teacher_tokenizer)
     return LocalTeacher(model, chunk_size=cfg.chunk_size, with_taken_logp=with_taken_logp)
 
 
