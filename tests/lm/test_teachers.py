@@ -358,7 +358,7 @@ def test_teacher_self_and_teachers_are_in_the_help_and_a_lora_self_teacher_ignor
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--teachers" in text and "--teacher-column" in text and "or `self`: the student's own starting" in text
+    assert "--teachers" in text and "--teacher-column" in text and "`self`: the student's own starting" in text
     notes = unused_flags(cfg(model_dirs, tmp_path, teacher="self", lora=LoraArgs(r=4), teacher_dtype="bfloat16"))
     assert any("--teacher-dtype does nothing" in n for n in notes)
     assert not unused_flags(cfg(model_dirs, tmp_path, teacher="self", teacher_dtype="bfloat16"))
