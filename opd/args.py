@@ -81,7 +81,8 @@ class EvalArgs:
     """Evaluate a model on held-out prompts: a task's test split or your own data (and against a teacher, if given)."""
 
     model: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="MODEL")]
-    """The model to evaluate: hub id or local directory (e.g. runs/opd/checkpoint, a LoRA checkpoint too)."""
+    """The model to evaluate: hub id or local directory (e.g. runs/opd/checkpoint, a LoRA checkpoint too, or the run
+    directory runs/opd itself: its latest checkpoint)."""
     teacher: str | None = None
     """If set, also report the mean per-token reverse KL KL(model ‖ teacher) on the model's own samples."""
     task: str = "arithmetic"

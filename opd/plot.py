@@ -89,6 +89,9 @@ def plot_main(args: PlotArgs) -> None:
 
 def _series(rows: list[dict], key: str) -> tuple[list, list]:
     points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+    if key == "accuracy":  # --eval-on-start's score is that of the weights before the step it is logged with
+        points = sorted(points + [(r["step"] - 1, r["accuracy_at_start"]) for r in rows
+                                  if isinstance(r.get("accuracy_at_start"), (int, float))])
     return [s for s, _ in points], [v for _, v in points]
 
 

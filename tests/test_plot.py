@@ -18,7 +18,7 @@ def write_run(path, rows):
 @pytest.fixture
 def runs(tmp_path):
     opd = write_run(tmp_path / "opd", [
-        {"step": 1, "loss": 2.0, "completion_tokens": 10, "step_s": 0.5, "reverse_kl": 1.0},
+        {"step": 1, "loss": 2.0, "completion_tokens": 10, "step_s": 0.5, "reverse_kl": 1.0, "accuracy_at_start": 0.1},
         {"step": 2, "loss": 1.5, "completion_tokens": 12, "step_s": 0.4, "accuracy": 0.25},
         {"step": 3, "loss": 1.0, "completion_tokens": 9, "step_s": 0.4},
     ])
@@ -36,7 +36,7 @@ def test_one_panel_per_metric_and_one_line_per_run(runs):
     panels = {ax.get_title(): lines(ax) for ax in fig.axes}
     assert list(panels) == ["loss", "held-out accuracy", "completion tokens per step", "step time (s)"]
     assert panels["loss"] == {"opd": ([1, 2, 3], [2.0, 1.5, 1.0]), "sft": ([1, 2], [3.0, 2.5])}
-    assert panels["held-out accuracy"] == {"opd": ([2], [0.25])}  # eval steps only
+    assert panels["held-out accuracy"] == {"opd": ([0, 2], [0.1, 0.25])}  # eval steps only; --eval-on-start at 0
     assert panels["completion tokens per step"] == {"opd": ([1, 2, 3], [10, 12, 9])}
     assert set(panels["step time (s)"]) == {"opd", "sft"}
     # A panel that no run has is left out.

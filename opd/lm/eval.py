@@ -142,12 +142,20 @@ def heldout_reverse_kl_ids(student, teacher, tokenizer, ids: list[list[int]], ma
 
 
 def eval_main(args: EvalArgs) -> dict:
-    """`opd eval`: print held-out accuracy (greedy) and, with a teacher, the per-token reverse KL to it."""
+    """`opd eval`: print held-out accuracy (greedy) and, with a teacher, the per-token reverse KL to it. MODEL may be
+    a model directory, a hub id, a checkpoint (LoRA ones too) or an `opd train` run directory (its checkpoint)."""
+    from opd.lm.loop.process import library_bars
+
+    with library_bars(True):  # datasets' bars for reading a small file say nothing
+        return _evaluate(args)
+
+
+def _evaluate(args: EvalArgs) -> dict:
     import json
 
-    from opd.lm.data.checkers import check_columns, get_checker
+    from opd.lm.data.checkers import check_columns, get_checker, try_checker
     from opd.lm.data.prompts import encode, load_rows, task_rows
-    from opd.lm.hf.model import check_same_vocabulary, context_length, load_model, load_tokenizer
+    from opd.lm.hf.model import check_same_vocabulary, context_length, load_model, load_tokenizer, run_checkpoint
     from opd.tasks import get_task
     from opd.threads import set_threads
 
@@ -167,9 +175,12 @@ def eval_main(args: EvalArgs) -> dict:
     rows = rows.select(range(min(len(rows), args.examples)))
     check_columns(spec, rows.column_names, "--data")
     checker = get_checker(spec)
-    tokenizer = load_tokenizer(args.model)
-    prompts = encode(tokenizer, rows, context_length(args.model) - args.max_new_tokens, "--data")
-    model = load_model(args.model)
+    if len(rows):  # your checker on one row now, in one line, rather than a traceback after generating
+        try_checker(checker, rows[0], "--data" if args.data is not None else f"task {args.task}")
+    model_dir = run_checkpoint(args.model)  # a run directory: its checkpoint
+    tokenizer = load_tokenizer(model_dir)
+    prompts = encode(tokenizer, rows, context_length(model_dir) - args.max_new_tokens, "--data")
+    model = load_model(model_dir)
     samples: list[dict] = []
     result = {"model": args.model, "data": args.data or f"task:{args.task}", "checker": spec, "examples": len(prompts),
               "accuracy": checked_accuracy(model, tokenizer, prompts, checker, args.max_new_tokens, progress=True,

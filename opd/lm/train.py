@@ -153,6 +153,8 @@ def distill(cfg: DistillConfig, prompts: Any = None, eval_prompts: Any = None, c
     rng = torch.Generator().manual_seed(cfg.seed + 100_003 * proc.rank)  # prompt order and mixture coins, per process
     student, opt = proc.prepare(student, opt)  # DDP, or FSDP2 (sharded: the optimizer then holds DTensor shards)
     start = run.restore(student, opt, sched, rng, schedule, kept=checkpointed(teacher))  # an EMA teacher's too
+    if start >= cfg.steps:  # --resume of a finished run
+        return run.finished(start)
     plans = Plans(len(train), cfg.batch_size, cfg.samples_per_prompt, lambda g: actor.choose(g),
                   lambda step: rollout_seed(cfg.seed, step, proc.rank, proc.world,
                                             cfg.batch_size * cfg.samples_per_prompt), rng)
@@ -162,8 +164,9 @@ def distill(cfg: DistillConfig, prompts: Any = None, eval_prompts: Any = None, c
         costs = flops.model_cost(unwrap(student)), flops.model_cost(getattr(teacher, "model", None))
         total_flops = flops.logged_total(run.out / "metrics.jsonl", start)
         # --eval-on-start: the score before any update, logged with the first step
-        first = {"accuracy_at_start": evaluate(student, tokenizer, held_out, check, cfg)} if (
-            cfg.eval_on_start and start == 0 and held_out is not None) else {}
+        # (and on a resume whose checkpoint's evaluation never finished: your checker raised there)
+        first = {"accuracy_at_start": evaluate(student, tokenizer, held_out, check, cfg)} if held_out is not None and (
+            (cfg.eval_on_start and start == 0) or run.missed_eval(start)) else {}
         for step in run.steps(start, desc=f"distill {cfg.source} {cfg.loss} seed {cfg.seed}"):
             t0 = time.perf_counter()
             draw = plans.next(step)  # which prompts, and who acts on them

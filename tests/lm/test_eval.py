@@ -76,24 +76,55 @@ def test_eval_writes_its_json_into_a_folder_it_makes(model_dirs, tmp_path):
 
 
 def test_eval_writes_and_shows_the_completions_it_scored(model_dirs, tmp_path, capsys, monkeypatch):
-    # Debugging an accuracy of 0.0 needs the completions the checker saw. A checker that accepts only some of them
-    # shows that each completion is scored against its own row.
+    # Debugging an accuracy of 0.0 needs the completions the checker saw. A checker that accepts only the rows with an
+    # even answer shows that each completion is scored against its own row.
     import opd.lm.data.checkers as checkers
 
     seen = []
 
-    def odd_rows_only(row, completion):
+    def even_answers_only(row, completion):
         seen.append((row["prompt"], completion))
-        return float(len(seen) % 2 == 0)
+        return float(int(row["answer"]) % 2 == 0)
 
-    monkeypatch.setattr(checkers, "get_checker", lambda spec: odd_rows_only)
+    monkeypatch.setattr(checkers, "get_checker", lambda spec: even_answers_only)
     out = tmp_path / "evals" / "samples.jsonl"
     main(["eval", model_dirs["student"], "--examples", "4", "--max-new-tokens", "3", "--samples", str(out),
           "--show", "2"])
     captured = capsys.readouterr()
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [(r["prompt"], r["completion"]) for r in rows] == seen and len(rows) == 4
-    assert [r["score"] for r in rows] == [0.0, 1.0, 0.0, 1.0] and all("answer" in r for r in rows)
-    assert json.loads(captured.out.strip().splitlines()[-1])["accuracy"] == 0.5
+    # the first call tried the checker on the first row before any model loaded
+    assert seen[0][0] == rows[0]["prompt"] and [(r["prompt"], r["completion"]) for r in rows] == seen[1:]
+    assert len(rows) == 4 and [r["score"] for r in rows] == [float(int(r["answer"]) % 2 == 0) for r in rows]
+    assert json.loads(captured.out.strip().splitlines()[-1])["accuracy"] == sum(r["score"] for r in rows) / 4
     shown = [line for line in captured.err.splitlines() if line.startswith("score ")]
     assert len(shown) == 2 and repr(rows[1]["completion"]) in shown[1]
+
+
+def test_eval_tries_the_checker_first_and_takes_a_run_directory(model_dirs, tmp_path, capsys):
+    """A user's checker that raises stopped `opd eval` with a traceback after generating; a run directory (which `opd
+    merge` takes) failed with a tokenizer error. Now: one line before any model loads; the run's checkpoint."""
+    from opd.config import DistillConfig, SamplingArgs
+    from opd.lm.train import distill
+
+    data = tmp_path / "held.jsonl"
+    data.write_text("".join(json.dumps({"prompt": e.prompt, "answer": int(e.answer)}) + "\n"
+                            for e in get_task("arithmetic").examples(3, seed=0, split="test")))
+    (tmp_path / "mine.py").write_text("def contains(row, completion):\n    return float(row['answer'] in completion)\n")
+    import sys
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        try:
+            main(["eval", model_dirs["student"], "--data", str(data), "--checker", "mine:contains"])
+        except SystemExit as e:
+            assert e.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "fails on the first row of --data" in err and "TypeError" in err
+    finally:
+        sys.path.remove(str(tmp_path))
+    run = tmp_path / "run"
+    distill(DistillConfig(student=model_dirs["student"], teacher=model_dirs["teacher"], steps=1, batch_size=2,
+                          eval_every=0, sampling=SamplingArgs(max_new_tokens=4), out_dir=str(run), progress=False))
+    main(["eval", str(run), "--examples", "2", "--max-new-tokens", "3"])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["examples"] == 2 and printed["model"] == str(run)

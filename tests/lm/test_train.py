@@ -313,3 +313,14 @@ def test_eval_every_zero_never_evaluates_and_no_progress_silences_the_library_ba
     out = distill(tiny_cfg(model_dirs, tmp_path, steps=2, save_every=1, eval_every=0))
     assert "accuracy" not in out
     assert "Writing model shards" not in capfd.readouterr().err  # two checkpoint saves, no bars
+
+
+def test_resuming_a_finished_run_says_so_and_returns_its_last_metrics(model_dirs, tmp_path, capsys):
+    """It printed `done: step None, accuracy None` and wrote nothing useful."""
+    last = distill(tiny_cfg(model_dirs, tmp_path, steps=2, save_every=2))
+    log = tmp_path / "run" / "metrics.jsonl"
+    before = log.read_text()
+    again = distill(tiny_cfg(model_dirs, tmp_path, steps=2, save_every=2, resume=True))
+    assert again == json.loads(json.dumps(last)) and again["step"] == 2
+    assert "already at step 2 of --steps 2; nothing to train" in capsys.readouterr().err
+    assert log.read_text() == before

@@ -65,6 +65,13 @@ def test_user_code_raising_mid_run_leaves_the_step_logged_and_a_checkpoint_to_re
     a, b = (load_file(Path(c.out_dir) / "checkpoint" / "model.safetensors") for c in (straight, cfg))
     assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run must end where the unbroken one does"
     assert [m["loss"] for m in metrics(cfg.out_dir)] == [m["loss"] for m in metrics(straight.out_dir)]
+    # the evaluation the checker broke is redone when the run resumes (logged with the next step); a callback raised
+    # after it had been logged
+    resumed = metrics(cfg.out_dir)[2]
+    if where == "checker":
+        assert resumed["accuracy_at_start"] == metrics(straight.out_dir)[1]["accuracy"]
+    else:
+        assert "accuracy_at_start" not in resumed and "accuracy" in metrics(cfg.out_dir)[1]
 
 
 def test_a_warm_up_longer_than_the_run_and_a_resume_are_announced(model_dirs, tmp_path, capsys):

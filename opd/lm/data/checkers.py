@@ -106,8 +106,8 @@ def try_checker(checker: Checker, row: dict, what: str) -> None:
         name = getattr(checker, "__qualname__", repr(checker))
         detail = " ".join(str(e).split())
         raise ValueError(f"checker {name} fails on the first row of {what} (completion {completion!r:.40}): "
-                         f"{type(e).__name__}: {detail}; fix it before training, or it stops the run at its first "
-                         f"evaluation") from e
+                         f"{type(e).__name__}: {detail}; fix it first (it is tried on one row before any model loads, "
+                         f"so that it cannot stop a run half-way)") from e
 
 
 def score(checker: Checker, rows: list[dict], completions: list[str]) -> list[float]:

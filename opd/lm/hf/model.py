@@ -143,6 +143,23 @@ def holds_adapter(path: str | Path) -> bool:
     return (Path(path.partition("::")[0] if isinstance(path, str) else path) / ADAPTER_CONFIG).is_file()
 
 
+def run_checkpoint(path: str) -> str:
+    """`path`, or its latest checkpoint when `path` is an `opd train` run directory (RUN/checkpoint next to the run's
+    own config.json, no weights of its own), as `opd merge` takes it."""
+    from opd.checkpoint import find_checkpoint
+
+    run = Path(path)
+    if not (run / "checkpoint").is_dir() and not (run / ".checkpoint.old").is_dir():
+        return path
+    if holds_adapter(run) or any(run.glob("*.safetensors")) or any(run.glob("*.gguf")):
+        return path
+    ckpt = find_checkpoint(run / "checkpoint")
+    if ckpt is None:
+        raise ValueError(f"{path} is a run directory with no finished checkpoint yet; train it first, or pass a model "
+                         f"directory")
+    return str(ckpt)
+
+
 def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu") -> PreTrainedModel:
     """Any Hugging Face causal LM by hub id or local directory (a GGUF file: pass `dir::file.gguf`).
 

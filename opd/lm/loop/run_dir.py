@@ -67,6 +67,27 @@ class RunDir:
         resume_schedule(opt, sched, lr_factor, start)  # this config's schedule, not the saved one's
         return start
 
+    def missed_eval(self, start: int) -> bool:
+        """Whether a resume at `start` follows a checkpoint whose held-out evaluation was due but never logged (the
+        checker raised there, and the checkpoint was saved so that nothing was lost); the main process only."""
+        logged = self.out / "metrics.jsonl"
+        if not (self.proc.main and self.ckpt and self.cfg.eval_every and start % self.cfg.eval_every == 0
+                and logged.exists()):
+            return False
+        rows = [json.loads(line) for line in logged.read_text().splitlines()]
+        return any(m.get("step") == start and "accuracy" not in m for m in rows)
+
+    def finished(self, start: int) -> dict:
+        """A resume of a run that already reached --steps: say so, and return its last logged metrics."""
+        logged = self.out / "metrics.jsonl"
+        lines = logged.read_text().splitlines() if logged.exists() else []
+        last = next((json.loads(line) for line in reversed(lines) if json.loads(line).get("step", 0) <= start), {})
+        if self.proc.main:
+            print(f"opd: {self.out} is already at step {start} of --steps {self.cfg.steps}; nothing to train (raise "
+                  f"--steps to go on)", file=sys.stderr)
+        self.last = last
+        return last
+
     @contextlib.contextmanager
     def open(self, start: int, student, opt, tokenizer, closing=()):
         """The run, from its config.json to its last metrics line: warns about a resume without a checkpoint or with
