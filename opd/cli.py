@@ -170,6 +170,8 @@ def load_config(path: str) -> DistillConfig:
         raise ValueError(f"--config {path} must hold a mapping of settings (student: ..., teacher: ...)")
     if data.get("remote_api_key") == "<set>":  # config.json records only that a key was set, never the key
         del data["remote_api_key"]
+    if isinstance(data.get("report_to"), str):  # one name or "none": config.json before --report-to took several
+        data["report_to"] = [data["report_to"]]
     if "student" not in data:
         raise ValueError(f"--config {path} has no 'student'; every run needs one (a hub id or a model directory)")
     return _build(DistillConfig, data, path, "")

@@ -47,6 +47,7 @@ SKIPPED = {
     "source": "activates a virtualenv",
     "pip": "installs from a package index: not run here; CI runs the README's install commands (.ci/run)",
     "vllm": "another program (vLLM), with its own flags",
+    "lm_eval": "another program (lm-evaluation-harness), with its own flags",
     "hf": "another program (the Hugging Face hub CLI), with its own flags",
 }
 

