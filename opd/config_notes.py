@@ -56,6 +56,8 @@ def config_changes(saved: dict, cfg) -> list[str]:
                 yield prefix + k, list(v) if isinstance(v, tuple) else v
 
     old, new = dict(flat(saved)), dict(flat(to_dict(cfg)))
+    if isinstance(old.get("report_to"), str):  # one name, or "none", in a config.json from before several trackers
+        old["report_to"] = [] if old["report_to"] == "none" else [old["report_to"]]
     ignored = {"resume", "progress", "out_dir", "remote_api_key"}
     return [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items() if k not in ignored and old.get(k, v) != v]
 

@@ -154,6 +154,8 @@ def distill(cfg: DistillConfig, prompts: Any = None, eval_prompts: Any = None, c
     student, opt = proc.prepare(student, opt)  # DDP, or FSDP2 (sharded: the optimizer then holds DTensor shards)
     start = run.restore(student, opt, sched, rng, schedule, kept=checkpointed(teacher))  # an EMA teacher's too
     if start >= cfg.steps:  # --resume of a finished run
+        if hasattr(teacher, "close"):  # a remote teacher's connections
+            teacher.close()
         return run.finished(start)
     plans = Plans(len(train), cfg.batch_size, cfg.samples_per_prompt, lambda g: actor.choose(g),
                   lambda step: rollout_seed(cfg.seed, step, proc.rank, proc.world,

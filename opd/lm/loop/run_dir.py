@@ -69,10 +69,10 @@ class RunDir:
 
     def missed_eval(self, start: int) -> bool:
         """Whether a resume at `start` follows a checkpoint whose held-out evaluation was due but never logged (the
-        checker raised there, and the checkpoint was saved so that nothing was lost); the main process only."""
+        checker raised there, and the checkpoint was saved so that nothing was lost). Every process reads the log,
+        as every process reads the checkpoint: a sharded (FSDP) student evaluates on all of them together."""
         logged = self.out / "metrics.jsonl"
-        if not (self.proc.main and self.ckpt and self.cfg.eval_every and start % self.cfg.eval_every == 0
-                and logged.exists()):
+        if not (self.ckpt and self.cfg.eval_every and start % self.cfg.eval_every == 0 and logged.exists()):
             return False
         rows = [json.loads(line) for line in logged.read_text().splitlines()]
         return any(m.get("step") == start and "accuracy" not in m for m in rows)
