@@ -54,7 +54,6 @@ METHODS = {"on-policy distillation": dict(source="student", loss="reverse_kl"),
            "supervised KD": dict(source="teacher", loss="forward_kl"),
            "SFT on teacher samples": dict(source="teacher", loss="sft")}
 """The arms: who samples the completions the loss is taken on, and the loss."""
-VARIANTS = {"full": "full weights", "LoRA": "LoRA adapters"}
 # IFBench instructions whose checkers need NLTK data that cannot be downloaded here (opd.lm.data.checkers says which).
 NEEDS_NLTK = ("ratio:stop_words", "words:start_verb", "format:title_case", "words:words_position")
 
