@@ -19,7 +19,7 @@ import torch
 from opd.args import QuickstartArgs  # noqa: F401 (re-exported: it lives with the other commands' settings)
 from opd.config import DistillConfig, OptimArgs, SamplingArgs
 from opd.lm.eval import accuracy
-from opd.lm.loop.process import library_bars
+from opd.lm.hf.model import library_bars
 from opd.lm.train import distill
 from opd.tasks import get_task
 from opd.lm.recipes.supervised import ASSETS_DIR, get_teacher, warm_start_student

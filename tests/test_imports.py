@@ -123,7 +123,7 @@ TYPED_GRAPHS = {"opd": import_graph(OPD_ROOT, "opd", type_checking=True),
 
 LM_LAYERS = (
     ("opd.lm.batch", "opd.lm.hf", "opd.lm.data"),
-    ("opd.lm.teachers", "opd.lm.xtok", "opd.lm.serve"),
+    ("opd.lm.teachers", "opd.lm.xtok", "opd.lm.serve", "opd.lm.diagnostics"),
     ("opd.lm.remote",),
     ("opd.lm.rollouts",),
     ("opd.lm.loop", "opd.lm.eval"),

@@ -144,7 +144,7 @@ def heldout_reverse_kl_ids(student, teacher, tokenizer, ids: list[list[int]], ma
 def eval_main(args: EvalArgs) -> dict:
     """`opd eval`: print held-out accuracy (greedy) and, with a teacher, the per-token reverse KL to it. MODEL may be
     a model directory, a hub id, a checkpoint (LoRA ones too) or an `opd train` run directory (its checkpoint)."""
-    from opd.lm.loop.process import library_bars
+    from opd.lm.hf.model import library_bars
 
     with library_bars(True):  # datasets' bars for reading a small file say nothing
         return _evaluate(args)

@@ -29,11 +29,11 @@ from opd.lm.batch import Batch, TeacherSignal, scatter_targets
 from opd.lm.diagnostics import completion_stats, topk_agreement
 from opd.lm.eval import checked_accuracy
 from opd.lm.hf.lora import load_student
-from opd.lm.hf.model import check_same_vocabulary, final_hidden, lm_head, load_tokenizer, unwrap
+from opd.lm.hf.model import check_same_vocabulary, final_hidden, library_bars, lm_head, load_tokenizer, unwrap
 from opd.lm.loop.build import make_actor, make_teacher, prompt_room, prompt_sets
 from opd.lm.loop.fsdp import is_sharded, unsharded
 from opd.lm.loop.optim import adamw, lr_factor, update
-from opd.lm.loop.process import TrainingError, all_finite, any_process, library_bars, start_process
+from opd.lm.loop.process import TrainingError, all_finite, any_process, start_process
 from opd.lm.loop.run_dir import RunDir
 from opd.lm.rollouts.actors import Plans
 from opd.lm.rollouts.server import ratio_metrics, rollout_seed

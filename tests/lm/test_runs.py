@@ -1,7 +1,7 @@
 import json
 
 from opd.lm.loop.run_dir import drop_logged_after, flat_config
-from opd.lm.loop.process import library_bars
+from opd.lm.hf.model import library_bars
 
 
 def test_flat_config_joins_nested_names_and_stringifies_what_trackers_refuse():

@@ -7,6 +7,8 @@ largest tensor in the whole step.
 
 from __future__ import annotations
 
+import contextlib
+
 import inspect
 import json
 import os
@@ -276,3 +278,24 @@ def save_model_dir(model, tokenizer, out: Path) -> None:
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def library_bars(enabled: bool):
+    """While inside, transformers' progress bars (loading weights, writing shards) show only if `enabled`, and
+    datasets' ("Generating train split", "Filter": reading a prompt file, done in a moment) never; their previous
+    settings come back afterwards."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    were_on = hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if were_on[0]:
+            hf_logging.enable_progress_bar()
+        if were_on[1]:
+            datasets.enable_progress_bars()

@@ -6,7 +6,6 @@ Shared by every loop (`opd.lm.train.distill`, `opd.lm.recipes.rl`); the run dire
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import signal as signal_module
@@ -158,24 +157,3 @@ class InterruptFlag:
     def restore(self):
         if self._old is not None:
             signal_module.signal(signal_module.SIGINT, self._old)
-
-
-@contextlib.contextmanager
-def library_bars(enabled: bool):
-    """While inside, transformers' progress bars (loading weights, writing shards) show only if `enabled`, and
-    datasets' ("Generating train split", "Filter": reading a prompt file, done in a moment) never; their previous
-    settings come back afterwards."""
-    import datasets
-    from transformers.utils import logging as hf_logging
-
-    were_on = hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled()
-    if not enabled:
-        hf_logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if were_on[0]:
-            hf_logging.enable_progress_bar()
-        if were_on[1]:
-            datasets.enable_progress_bars()
