@@ -8,7 +8,6 @@ largest tensor in the whole step.
 from __future__ import annotations
 
 import contextlib
-
 import inspect
 import json
 import os
