@@ -154,9 +154,7 @@ def distill(cfg: DistillConfig, prompts: Any = None, eval_prompts: Any = None, c
     student, opt = proc.prepare(student, opt)  # DDP, or FSDP2 (sharded: the optimizer then holds DTensor shards)
     start = run.restore(student, opt, sched, rng, schedule, kept=checkpointed(teacher))  # an EMA teacher's too
     if start >= cfg.steps:  # --resume of a finished run
-        if hasattr(teacher, "close"):  # a remote teacher's connections
-            teacher.close()
-        return run.finished(start)
+        return run.finished(start, closing=(teacher,))
     plans = Plans(len(train), cfg.batch_size, cfg.samples_per_prompt, lambda g: actor.choose(g),
                   lambda step: rollout_seed(cfg.seed, step, proc.rank, proc.world,
                                             cfg.batch_size * cfg.samples_per_prompt), rng)
@@ -165,10 +163,7 @@ def distill(cfg: DistillConfig, prompts: Any = None, eval_prompts: Any = None, c
         student.train()
         costs = flops.model_cost(unwrap(student)), flops.model_cost(getattr(teacher, "model", None))
         total_flops = flops.logged_total(run.out / "metrics.jsonl", start)
-        # --eval-on-start: the score before any update, logged with the first step
-        # (and on a resume whose checkpoint's evaluation never finished: your checker raised there)
-        first = {"accuracy_at_start": evaluate(student, tokenizer, held_out, check, cfg)} if held_out is not None and (
-            (cfg.eval_on_start and start == 0) or run.missed_eval(start)) else {}
+        first = score_at_start(run, start, student, tokenizer, held_out, check, cfg)  # logged with the first step
         for step in run.steps(start, desc=f"distill {cfg.source} {cfg.loss} seed {cfg.seed}"):
             t0 = time.perf_counter()
             draw = plans.next(step)  # which prompts, and who acts on them
@@ -176,8 +171,7 @@ def distill(cfg: DistillConfig, prompts: Any = None, eval_prompts: Any = None, c
                 if step == start or step % cfg.sync_every == 0:
                     # At `start` too: a fresh or resumed run must not sample from whatever a sampler held before.
                     actor.sync(student, step)
-                # ACT: the batch of completions.
-                with unsharded(student):  # FSDP: whole weights while sampling (no-op otherwise)
+                with unsharded(student):  # ACT: the batch of completions (FSDP: with whole weights; no-op otherwise)
                     batch = actor.rollouts(draw).to(proc.device)
                 batch.teacher_prompt_ids = train.teacher_prompts(draw.rows)  # what the teacher sees instead, if any
                 t_act = time.perf_counter()
@@ -188,8 +182,7 @@ def distill(cfg: DistillConfig, prompts: Any = None, eval_prompts: Any = None, c
             follow_student(teacher, student)  # --teacher ema: the teacher moves a step towards the student
             m.update(step=step + 1, source=draw.source, act_s=t_act - t0, step_s=time.perf_counter() - t0,
                      **(first if step == start else {}))
-            m.update(step_costs(batch, draw, actor, costs, cfg))
-            m.update(completion_stats(batch, cfg.sampling.max_new_tokens, tokenizer.eos_token_id))
+            m.update(step_costs(batch, draw, actor, costs, cfg, tokenizer.eos_token_id))
             total_flops = m["total_flops"] = total_flops + m["flops"] * proc.world
             with run.saved_if_user_code_fails(step, m, plans.state()):  # your checker and callbacks
                 evaluated = run.eval_due(step, held_out)
@@ -210,10 +203,19 @@ def evaluate(student, tokenizer, held_out, check, cfg: DistillConfig) -> float:
         return checked_accuracy(unwrap(student), tokenizer, held_out, check, cfg.sampling.max_new_tokens)
 
 
-def step_costs(batch: Batch, draw, actor, costs, cfg: DistillConfig) -> dict:
-    """What a step logs besides its loss: which sampler weights made the batch, how many rows a teacher began (SKD),
-    and the FLOPs of sampling, teacher scoring and the update (the actor's own account where it has one)."""
-    m = {}
+def score_at_start(run: RunDir, start: int, student, tokenizer, held_out, check, cfg: DistillConfig) -> dict:
+    """`accuracy_at_start`: the held-out score before the first update of this process's run, with --eval-on-start on
+    a fresh run, and on a resume whose checkpoint's evaluation never finished (your checker raised there)."""
+    if held_out is None or not ((cfg.eval_on_start and start == 0) or run.missed_eval(start)):
+        return {}
+    return {"accuracy_at_start": evaluate(student, tokenizer, held_out, check, cfg)}
+
+
+def step_costs(batch: Batch, draw, actor, costs, cfg: DistillConfig, eos_id: int | None) -> dict:
+    """What a step logs besides its loss: completion lengths (`opd.lm.diagnostics`), which sampler weights made the
+    batch, how many rows a teacher began (SKD), and the FLOPs of sampling, teacher scoring and the update (the
+    actor's own account where it has one)."""
+    m = completion_stats(batch, cfg.sampling.max_new_tokens, eos_id)
     if batch.sampled_by is not None:
         m["sampler_weights_version"] = batch.sampled_by
     if batch.teacher_prefix is not None:

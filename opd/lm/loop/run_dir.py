@@ -77,8 +77,10 @@ class RunDir:
         rows = [json.loads(line) for line in logged.read_text().splitlines()]
         return any(m.get("step") == start and "accuracy" not in m for m in rows)
 
-    def finished(self, start: int) -> dict:
-        """A resume of a run that already reached --steps: say so, and return its last logged metrics."""
+    def finished(self, start: int, closing=()) -> dict:
+        """A resume of a run that already reached --steps: close `closing` (a remote teacher's connections), say so,
+        and return its last logged metrics."""
+        close_all(closing)
         logged = self.out / "metrics.jsonl"
         lines = logged.read_text().splitlines() if logged.exists() else []
         last = next((json.loads(line) for line in reversed(lines) if json.loads(line).get("step", 0) <= start), {})
@@ -117,9 +119,7 @@ class RunDir:
             self.metrics_file = (out / "metrics.jsonl").open("a") if main else None
             yield self
         finally:
-            for thing in closing:
-                if hasattr(thing, "close"):  # an actor's processes, a remote teacher's connection pool
-                    thing.close()
+            close_all(closing)
             if self.metrics_file is not None:
                 self.metrics_file.close()
             if cfg.report_to:
@@ -238,3 +238,10 @@ def flat_config(d: dict, prefix: str = "") -> dict:
         else:
             out[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
     return out
+
+
+def close_all(things) -> None:
+    """Close each of `things` that can be closed: an actor's processes, a remote teacher's connection pool."""
+    for thing in things:
+        if hasattr(thing, "close"):
+            thing.close()
