@@ -26,7 +26,7 @@ import tyro
 from benchmarks.common.results import RESULTS, write
 from opd.config import DistillConfig, OptimArgs, SamplingArgs
 from opd.lm.eval import accuracy
-from opd.lm.loop.process import library_bars
+from opd.lm.hf.model import library_bars
 from opd.lm.recipes.supervised import get_teacher, warm_start_student
 from opd.lm.train import distill
 from opd.tasks import get_task

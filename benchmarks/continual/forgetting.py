@@ -32,7 +32,7 @@ import torch
 from benchmarks.common.stats import sd
 from opd.lm.recipes.continual import (ContinualConfig, evaluate_dir, init_student, run_sequence, run_stage,
     task_teacher)
-from opd.lm.loop.process import library_bars
+from opd.lm.hf.model import library_bars
 from opd.tasks.models import MODEL_SIZES
 
 ROOT = Path(__file__).resolve().parents[2]

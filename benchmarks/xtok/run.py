@@ -37,7 +37,7 @@ from opd.config import DistillConfig, OptimArgs, SamplingArgs
 from opd.lm.data.prompts import encode, task_rows
 from opd.lm.eval import accuracy
 from opd.lm.rollouts.local import sample
-from opd.lm.loop.process import library_bars
+from opd.lm.hf.model import library_bars
 from opd.cache import cache_root
 from opd.lm.recipes.supervised import get_teacher, warm_start_student
 from opd.lm.train import distill
