@@ -100,7 +100,12 @@ class EvalArgs:
     examples: int = 500
     """Number of held-out prompts (the first this many rows of --data)."""
     max_new_tokens: int = 64
-    """Longest completion."""
+    """Longest completion (with --tools: longest turn)."""
+    tools: str | None = None
+    """Hold conversations with a tool, as `distill --tools` does: calc or module:function. The checker then scores
+    the whole conversation after the prompt. Default: the task's own tool (arithmetic-tools: calc), else none."""
+    max_turns: int = 8
+    """With --tools: the most turns of one conversation."""
     seed: int = 0
     """Seed of the sampling for the KL estimate (accuracy is greedy)."""
     out_json: str | None = None

@@ -247,6 +247,7 @@ BENCHMARKS = {
     "robotics": "robotics/run.py",
     "continual": "continual/run.py",
     "privileged": "privileged.py",
+    "tools": "tools.py",
     "scale": "scale/run.py",
     "gpu": "gpu/run.py",
 }

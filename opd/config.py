@@ -14,6 +14,9 @@ from typing import Annotated, Literal
 
 import tyro
 
+from opd.config_checks import (check_cross_tokenizer, check_ema, check_speculative, check_teachers, check_tools,
+                               teacher_specs)
+
 LOSSES = ("sampled", "sft", "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 """What --loss accepts: the two losses that need no teacher distribution, then `opd.losses.DIVERGENCES` (named here
 rather than imported, so that parsing flags imports no torch; it must list `opd.losses.DIVERGENCES`, a test checks)."""
@@ -243,6 +246,12 @@ class DistillConfig:
     """Recompute the student's decoder layers in the backward pass instead of keeping their activations: activation
     memory of one layer instead of all of them, for about one more forward pass of compute. For long completions
     (`benchmarks/results/scale.md`)."""
+    tools: str | None = None
+    """Multi-turn rollouts with a tool: calc (the built-in calculator: `calc(7+6+0)` -> 13) or module:function, your
+    `(turn text) -> answer text, or None when the turn makes no call`. The model's turns are its targets; the tool's
+    answers, written as the chat template's tool messages, are context only (`opd.lm.rollouts.tools`)."""
+    max_turns: int = 8
+    """With --tools: the most turns the model writes in one conversation."""
     max_tokens_per_microbatch: int | None = None
     """Split each update into micro-batches of consecutive sequences holding at most this many (padded) tokens each,
     padding columns dropped per micro-batch, instead of --optim.grad-accum equal row counts: memory bounded by tokens,
@@ -264,6 +273,7 @@ class DistillConfig:
             ("--ema-decay", 0 <= self.ema_decay <= 1, "in [0, 1]"),
             ("--train-examples", self.train_examples >= 1, ">= 1"),
             ("--eval-examples", self.eval_examples >= 1, ">= 1"),
+            ("--max-turns", self.max_turns >= 1, ">= 1"),
             ("--eval-every", self.eval_every >= 0, ">= 0 (0: never)"), ("--save-every", self.save_every >= 1, ">= 1"),
             ("--chunk-size", self.chunk_size is None or self.chunk_size >= 1, ">= 1"),
             ("--top-k", self.top_k >= 1, ">= 1"), ("--skd-top-k", self.skd_top_k >= 1, ">= 1"),
@@ -289,7 +299,7 @@ class DistillConfig:
         if rows % o.grad_accum:
             raise ValueError(f"--optim.grad-accum {o.grad_accum} must divide the {rows} sequences of an update "
                              f"(batch_size × samples_per_prompt)")
-        self._check_teachers()
+        check_teachers(self)
         for flag, model in (("--student", self.student), ("--teacher", self.teacher),
                             *((f"--teacher {name}", m) for name, m in teacher_specs(self.teachers).items())):
             if model and Path(model).expanduser().resolve() == Path(self.out_dir).expanduser().resolve():
@@ -297,9 +307,10 @@ class DistillConfig:
                                  f"be overwritten: pick another --out-dir")
         if self.sampler is not None and not self.sampler.startswith(("http://", "https://")):
             raise ValueError(f"--sampler {self.sampler!r} is not a URL; pass http(s)://host:port/v1 of a sampler server")
-        self._check_speculative()
-        self._check_cross_tokenizer()
-        self._check_ema()
+        check_speculative(self)
+        check_cross_tokenizer(self)
+        check_ema(self)
+        check_tools(self)
         for flag, used in (("--sampler", self.sampler), ("--overlap", self.overlap)):
             if used and self.source not in ("student", "mixture"):
                 raise ValueError(f"{flag} samples the student's completions; source={self.source} has none: drop {flag}")
@@ -314,65 +325,6 @@ class DistillConfig:
                 raise ValueError(f"unknown tracker {name!r} in --report-to; choose from {', '.join(TRACKERS)}")
             if self.report_to.count(name) > 1:
                 raise ValueError(f"--report-to names {name} twice; name each tracker once")
-
-    def _check_cross_tokenizer(self) -> None:
-        if not self.cross_tokenizer:
-            return
-        remote = (self.teacher or "").startswith(("http://", "https://"))
-        if self.teachers is not None or self.teacher in (None, "self", "ema") or remote:
-            raise ValueError("--cross-tokenizer needs one local --teacher model (a directory or hub id): it "
-                             "re-tokenizes every completion for the teacher, which a server or --teachers cannot do "
-                             "yet")
-        if self.loss in ("sampled", "sft") or self.source not in ("student", "data", "mixture"):
-            raise ValueError(f"--cross-tokenizer compares distributions of completions in the student's tokens: use a "
-                             f"divergence loss with source student, data or mixture, not loss={self.loss} "
-                             f"source={self.source}")
-
-    def _check_speculative(self) -> None:
-        if self.source != "speculative":
-            return
-        # SKD's teacher checks every proposed block as it is drafted, through its own KV cache, in this process
-        if self.teachers is not None or self.teacher is None or self.teacher.startswith(("http://", "https://")):
-            raise ValueError("--source speculative needs one local --teacher (a model directory, hub id or self); "
-                             "a teacher server or --teachers cannot check the student's proposals as they are drafted")
-        for flag, used in (("--sampler", self.sampler), ("--overlap", self.overlap)):
-            if used:
-                raise ValueError(f"--source speculative drafts with the student and the teacher in this process; "
-                                 f"drop {flag}")
-
-    def _check_ema(self) -> None:
-        if "ema" in teacher_specs(self.teachers).values():
-            raise ValueError("--teachers cannot name ema: an EMA of the student is one teacher; pass --teacher ema")
-        if self.teacher == "ema" and self.source not in ("student", "mixture", "data"):
-            raise ValueError(f"--teacher ema grades the student's samples or the data's; it does not sample itself: "
-                             f"use --source student, mixture or data, not {self.source}")
-
-    def _check_teachers(self) -> None:
-        if self.teachers is None:
-            return
-        if self.teacher is not None:
-            raise ValueError("pass either --teacher or --teachers, not both (--teachers NAME=MODEL,... routes rows "
-                             "by --teacher-column)")
-        teacher_specs(self.teachers)
-        if not self.teacher_column:
-            raise ValueError("--teachers needs --teacher-column COLUMN: the data column that names each row's teacher")
-
-
-def teacher_specs(spec: str | None) -> dict[str, str]:
-    """`--teachers "math=DIR,code=URL"` -> {"math": "DIR", "code": "URL"} in order; one line for a malformed list."""
-    specs: dict[str, str] = {}
-    for item in filter(None, (s.strip() for s in (spec or "").split(","))):
-        name, sep, model = (x.strip() for x in item.partition("="))
-        if not sep or not name or not model:
-            raise ValueError(f"--teachers entry {item!r} is not NAME=MODEL; write e.g. "
-                             f"math=DIR,code=http://host:8000/v1")
-        if name in specs:
-            raise ValueError(f"--teachers names {name!r} twice; give each teacher its own name")
-        specs[name] = model
-    if spec is not None and not specs:
-        raise ValueError("--teachers is empty; write NAME=MODEL pairs, e.g. math=DIR,code=http://host:8000/v1")
-    return specs
-
 
 def remote_teacher(cfg: DistillConfig) -> bool:
     """Whether a teacher of `cfg` (--teacher, or one of --teachers) is a server URL."""

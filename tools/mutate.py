@@ -190,10 +190,10 @@ MUTATIONS: list[Mutation] = [
        "tests/lm/test_loop_wiring.py::test_a_runs_logged_loss_is_the_named_divergence_of_its_batch"),
       "--loss reverse_kl (the default) trains on the forward KL"),
     M("source_teacher_samples_from_the_student", "opd/lm/loop/build.py",
-      "        return teacher_actor(cfg, teacher, prompts, pad, eos)\n",
+      "        actor = teacher_actor(cfg, teacher, prompts, pad, eos)\n",
+      "        actor = teacher_actor(cfg, teacher, prompts, pad, eos)\n"
       "        if isinstance(teacher, LocalTeacher):\n"
-      "            return LocalActor(unwrap(student), prompts, pad, eos, s, source=\"teacher\")\n"
-      "        return teacher_actor(cfg, teacher, prompts, pad, eos)\n",
+      "            actor = LocalActor(unwrap(student), prompts, pad, eos, s, source=\"teacher\")\n",
       (("tests/lm/test_teachers.py::test_source_teacher_trains_on_the_teachers_greedy_completions_not_the_students"
         "[local]"),),
       "--source teacher with a local teacher samples from the student (and logs source=teacher)"),
@@ -402,6 +402,23 @@ MUTATIONS: list[Mutation] = [
       ("tests/lm/test_diagnostics.py::test_a_teacher_with_another_eos_or_chat_template_is_refused_in_one_line_unless_"
        "allowed",),
       "a teacher that ends with another token is accepted silently"),
+    M("tool_answers_trained_on", "opd/lm/rollouts/tools.py",
+      "                   None if any(lp is None for lp in logps) else logps, own=[c.own for c in conversations])",
+      "                   None, own=None)",
+      ("tests/lm/test_tools.py::test_a_conversation_masks_exactly_the_models_own_tokens",
+       "tests/lm/test_tools.py::test_no_gradient_reaches_a_tool_answer_and_every_own_token_gets_one"),
+      "tool answers are targets of the loss like the model's own tokens"),
+    M("tool_sampler_logps_misplaced", "opd/lm/rollouts/tools.py",
+      "                logps = [row[m].tolist() for row, m in zip(batch.sampling_logp_BT, mask)]",
+      "                logps = [row[m].tolist()[::-1] for row, m in zip(batch.sampling_logp_BT, mask)]",
+      ("tests/lm/test_train_sampler.py::test_tool_conversations_sample_each_turn_from_the_server_with_its_log_probs_on_"
+       "the_own_tokens",),
+      "a sampler's log-probs land on the wrong tokens of a conversation"),
+    M("tool_failure_not_saved", "opd/lm/loop/run_dir.py",
+      "        except (TeacherUnreachable, ToolFailed) as e:",
+      "        except TeacherUnreachable as e:",
+      ("tests/lm/test_tools_run.py::test_a_tool_that_raises_mid_run_saves_the_step_and_resume_finishes_after_the_fix",),
+      "a tool that raises mid-run stops it without a checkpoint"),
 ]
 del M
 

@@ -39,6 +39,9 @@ class Batch:
     """Each row's teacher prompt, when the teacher sees another prompt than the student (privileged context: a
     reference answer, a demonstration); the teacher then grades teacher prompt + the same completion
     (`teacher_view`, `realigned`)."""
+    rollout_metrics: dict | None = None
+    """What the actor measured while making the batch, logged with the step (multi-turn tool use: turns, tool calls,
+    malformed calls; `opd.lm.rollouts.tools`)."""
 
     def to(self, device) -> "Batch":
         """The same batch with its tensors on `device`."""
@@ -70,16 +73,17 @@ class Batch:
         if prefix is not None:
             prefix = replace(prefix, **{name: t[:, targets] for name, t in prefix.tensors().items()})
         sampling = None if self.sampling_logp_BT is None else self.sampling_logp_BT[:, targets]
-        return Batch(self.input_ids_BL[:, tokens], self.attention_mask_BL[:, tokens], self.mask_BT[:, targets],
-                     self.prompt_lens, sampling, prefix, self.sampled_by, self.teacher_prompt_ids)
+        return replace(self, input_ids_BL=self.input_ids_BL[:, tokens],
+                       attention_mask_BL=self.attention_mask_BL[:, tokens], mask_BT=self.mask_BT[:, targets],
+                       sampling_logp_BT=sampling, teacher_prefix=prefix)
 
     def _apply(self, fn) -> "Batch":
         move = lambda t: None if t is None else fn(t)  # noqa: E731
         prefix = self.teacher_prefix
         if prefix is not None:
             prefix = replace(prefix, **{name: fn(t) for name, t in prefix.tensors().items()})
-        return Batch(move(self.input_ids_BL), move(self.attention_mask_BL), move(self.mask_BT), self.prompt_lens,
-                     move(self.sampling_logp_BT), prefix, self.sampled_by, self.teacher_prompt_ids)
+        return replace(self, input_ids_BL=move(self.input_ids_BL), attention_mask_BL=move(self.attention_mask_BL),
+                       mask_BT=move(self.mask_BT), sampling_logp_BT=move(self.sampling_logp_BT), teacher_prefix=prefix)
 
     @property
     def targets_BT(self) -> torch.Tensor:
@@ -126,12 +130,14 @@ def build_batch(
 
 def layout(
     prompt_ids: list[list[int]], completions: list[list[int]], pad_id: int,
-    sampling_logps: list[list[float]] | None = None,
+    sampling_logps: list[list[float]] | None = None, own: list[list[bool]] | None = None,
 ) -> Batch:
     """Left-padded prompts, then each completion exactly as given, then right padding.
 
     `sampling_logps`: the sampler's log-prob of each completion token (a sampler server or process), kept as the
-    batch's `sampling_logp_BT`.
+    batch's `sampling_logp_BT`. `own`: which completion tokens the model wrote, per row (a multi-turn conversation,
+    where tool answers between its turns are context, not targets: `opd.lm.rollouts.tools`); only those are marked in
+    `mask_BT`, and `sampling_logps` then holds theirs alone. None: all of them.
     """
     P = max(len(p) for p in prompt_ids)
     C = max(1, max(len(c) for c in completions))
@@ -144,7 +150,7 @@ def layout(
         if c:
             ids[i, P : P + len(c)] = torch.tensor(c, dtype=torch.long)
         attn[i, P - len(p) : P + len(c)] = 1
-        comp[i, P : P + len(c)] = 1
+        comp[i, P : P + len(c)] = 1 if own is None else torch.tensor(own[i], dtype=torch.long)
     batch = Batch(ids, attn, comp[:, 1:], [len(p) for p in prompt_ids])
     if sampling_logps is not None:
         flat = torch.tensor([v for row in sampling_logps for v in row], dtype=torch.float32)

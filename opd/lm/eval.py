@@ -34,19 +34,40 @@ def accuracy(
     max_new_tokens: int = 64,
     progress: bool = False,
 ) -> float:
-    """Share of `examples` whose greedy completion `task.is_correct` accepts."""
+    """Share of `examples` whose greedy completion `task.is_correct` accepts. A task solved with a tool
+    (`arithmetic-tools`) is run as conversations with it, `max_new_tokens` per turn; `tool_conversations` also gives
+    how its calls went."""
+    return tool_conversations(model, tokenizer, task, examples, batch_size, max_new_tokens, progress)["accuracy"]
+
+
+def tool_conversations(model, tokenizer, task: Task, examples: list[Example], batch_size: int = 256,
+                       max_new_tokens: int = 64, progress: bool = False) -> dict:
+    """`accuracy` over `examples` and, for a task solved with a tool, `tool_calls` (per example) and
+    `tool_call_valid` (the share of calls the tool could carry out)."""
+    from opd.lm.rollouts.tools import greedy_conversations, task_tool_use
+
     if not examples:
         raise ValueError("accuracy needs at least one example")
+    tools = task_tool_use(task, tokenizer, max_new_tokens)
     was_training = model.training
     model.eval()
-    correct = 0
+    correct, calls, errors = 0, 0, 0
     starts = range(0, len(examples), batch_size)
     for start in tqdm(starts, desc="accuracy", disable=not progress):
         chunk = examples[start : start + batch_size]
-        completions = generate_greedy(model, tokenizer, [e.prompt for e in chunk], max_new_tokens)
+        if tools is None:
+            completions = generate_greedy(model, tokenizer, [e.prompt for e in chunk], max_new_tokens)
+        else:
+            talks = greedy_conversations(model, tools, prompt_token_ids(tokenizer, [e.prompt for e in chunk]),
+                                         tokenizer.pad_token_id, rows=list(range(start, start + len(chunk))))
+            completions = [tokenizer.decode(c.tokens, skip_special_tokens=True) for c in talks]
+            calls, errors = calls + sum(c.calls for c in talks), errors + sum(c.errors for c in talks)
         correct += sum(task.is_correct(e, c) for e, c in zip(chunk, completions))
     model.train(was_training)
-    return correct / len(examples)
+    result = {"accuracy": correct / len(examples)}
+    if tools is not None:
+        result.update(tool_calls=calls / len(examples), tool_call_valid=1 - errors / calls if calls else None)
+    return result
 
 
 @torch.no_grad()
@@ -61,9 +82,11 @@ def greedy_completions(model, tokenizer, prompt_ids: list[list[int]], max_new_to
 
 
 def checked_accuracy(model, tokenizer, prompts, checker, max_new_tokens: int = 64, batch_size: int = 256,
-                     progress: bool = False, samples: list[dict] | None = None) -> float:
+                     progress: bool = False, samples: list[dict] | None = None, tools=None) -> float:
     """Mean score `checker(row, completion)` over a `PromptSet` (`opd.lm.data.prompts`), completions decoded
-    greedily. `samples`: a list that gets each row's prompt, answer (if any), completion and score, in order."""
+    greedily. `samples`: a list that gets each row's prompt, answer (if any), completion and score, in order.
+    `tools`: a `ToolUse` (`opd.lm.rollouts.tools`); the completion is then the whole conversation after the prompt
+    (the model's turns and the tool's answers), and each sample also says how many calls it made and how many failed."""
     from opd.lm.data.checkers import score
 
     was_training = model.training
@@ -72,13 +95,23 @@ def checked_accuracy(model, tokenizer, prompts, checker, max_new_tokens: int = 6
     try:
         for start in tqdm(range(0, len(prompts), batch_size), desc="evaluate", disable=not progress):
             stop = start + batch_size
-            completions = greedy_completions(model, tokenizer, prompts.prompt_ids[start:stop], max_new_tokens)
+            extra = [{}] * len(prompts.rows[start:stop])
+            if tools is None:
+                completions = greedy_completions(model, tokenizer, prompts.prompt_ids[start:stop], max_new_tokens)
+            else:
+                from opd.lm.rollouts.tools import greedy_conversations
+
+                talks = greedy_conversations(model, tools, prompts.prompt_ids[start:stop], tokenizer.pad_token_id,
+                                             rows=list(range(start, stop)))
+                completions = [tokenizer.decode(c.tokens, skip_special_tokens=True) for c in talks]
+                extra = [{"tool_calls": c.calls, "tool_call_errors": c.errors} for c in talks]
             scores = score(checker, prompts.rows[start:stop], completions)
             total += sum(scores)
             if samples is not None:
                 samples.extend({"prompt": row["prompt"], **({"answer": row["answer"]} if "answer" in row else {}),
-                                "completion": c, "score": v}
-                               for row, c, v in zip(prompts.rows[start:stop], completions, scores, strict=True))
+                                "completion": c, "score": v, **more}
+                               for row, c, v, more in zip(prompts.rows[start:stop], completions, scores, extra,
+                                                          strict=True))
     finally:
         model.train(was_training)
     return total / len(prompts)
@@ -150,6 +183,18 @@ def eval_main(args: EvalArgs) -> dict:
         return _evaluate(args)
 
 
+def eval_tools(args: EvalArgs, tokenizer, context: int):
+    """The tool conversations `opd eval` holds: --tools, else the task's own tool when no --data replaces it."""
+    from opd.lm.rollouts.tools import ToolChat, ToolUse, load_tool
+    from opd.tasks import get_task
+
+    spec = args.tools or (getattr(get_task(args.task), "tools", None) if args.data is None else None)
+    if spec is None:
+        return None
+    return ToolUse(load_tool(spec), spec, ToolChat(tokenizer), args.max_turns, args.max_new_tokens, context,
+                   tokenizer.eos_token_id)
+
+
 def _evaluate(args: EvalArgs) -> dict:
     import json
 
@@ -159,8 +204,9 @@ def _evaluate(args: EvalArgs) -> dict:
     from opd.tasks import get_task
     from opd.threads import set_threads
 
-    if args.examples < 1 or args.max_new_tokens < 1:
-        raise ValueError(f"--examples and --max-new-tokens must be >= 1, got {args.examples} and {args.max_new_tokens}")
+    if min(args.examples, args.max_new_tokens, args.max_turns) < 1:
+        raise ValueError(f"--examples, --max-new-tokens and --max-turns must be >= 1, got {args.examples}, "
+                         f"{args.max_new_tokens} and {args.max_turns}")
     set_threads(args.threads)
     for out in (args.out_json, args.samples):  # their folders now, not after the whole evaluation has run
         if out:
@@ -180,11 +226,16 @@ def _evaluate(args: EvalArgs) -> dict:
     model_dir = run_checkpoint(args.model)  # a run directory: its checkpoint
     tokenizer = load_tokenizer(model_dir)
     prompts = encode(tokenizer, rows, context_length(model_dir) - args.max_new_tokens, "--data")
+    tools = eval_tools(args, tokenizer, context_length(model_dir))  # a tool that does not import: before the weights
     model = load_model(model_dir)
     samples: list[dict] = []
     result = {"model": args.model, "data": args.data or f"task:{args.task}", "checker": spec, "examples": len(prompts),
               "accuracy": checked_accuracy(model, tokenizer, prompts, checker, args.max_new_tokens, progress=True,
-                                           samples=samples)}
+                                           samples=samples, tools=tools)}
+    if tools is not None:
+        calls, errors = sum(s["tool_calls"] for s in samples), sum(s["tool_call_errors"] for s in samples)
+        result.update(tools=tools.name, tool_calls=calls / len(samples), tool_call_valid=1 - errors / calls if calls
+                      else None)
     for row in samples[:args.show]:  # a few, to see what the checker saw (stderr: stdout is the JSON result)
         print(f"score {row['score']:g} | {row['prompt']!r} -> {row['completion']!r}", file=sys.stderr)
     if args.samples:

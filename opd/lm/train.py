@@ -30,7 +30,7 @@ from opd.lm.diagnostics import completion_stats, topk_agreement
 from opd.lm.eval import checked_accuracy
 from opd.lm.hf.lora import load_student
 from opd.lm.hf.model import check_same_vocabulary, final_hidden, library_bars, lm_head, load_tokenizer, unwrap
-from opd.lm.loop.build import make_actor, make_teacher, prompt_room, prompt_sets
+from opd.lm.loop.build import make_actor, make_teacher, prompt_room, prompt_sets, tool_use
 from opd.lm.loop.fsdp import is_sharded, unsharded
 from opd.lm.loop.optim import adamw, lr_factor, update
 from opd.lm.loop.process import TrainingError, all_finite, any_process, start_process
@@ -200,7 +200,8 @@ def distill(cfg: DistillConfig, prompts: Any = None, eval_prompts: Any = None, c
 def evaluate(student, tokenizer, held_out, check, cfg: DistillConfig) -> float:
     """Held-out accuracy of the student as it is now (greedy completions, the run's checker)."""
     with unsharded(student):  # FSDP: whole weights on every process while it evaluates
-        return checked_accuracy(unwrap(student), tokenizer, held_out, check, cfg.sampling.max_new_tokens)
+        return checked_accuracy(unwrap(student), tokenizer, held_out, check, cfg.sampling.max_new_tokens,
+                                tools=tool_use(cfg, tokenizer))
 
 
 def score_at_start(run: RunDir, start: int, student, tokenizer, held_out, check, cfg: DistillConfig) -> dict:
@@ -212,10 +213,11 @@ def score_at_start(run: RunDir, start: int, student, tokenizer, held_out, check,
 
 
 def step_costs(batch: Batch, draw, actor, costs, cfg: DistillConfig, eos_id: int | None) -> dict:
-    """What a step logs besides its loss: completion lengths (`opd.lm.diagnostics`), which sampler weights made the
-    batch, how many rows a teacher began (SKD), and the FLOPs of sampling, teacher scoring and the update (the
-    actor's own account where it has one)."""
+    """What a step logs besides its loss: completion lengths (`opd.lm.diagnostics`), the actor's own measures (tool
+    calls), which sampler weights made the batch, how many rows a teacher began (SKD), and the FLOPs of sampling,
+    teacher scoring and the update (the actor's own account where it has one)."""
     m = completion_stats(batch, cfg.sampling.max_new_tokens, eos_id)
+    m.update(batch.rollout_metrics or {})  # multi-turn tool use: turns, calls, failed calls
     if batch.sampled_by is not None:
         m["sampler_weights_version"] = batch.sampled_by
     if batch.teacher_prefix is not None:

@@ -16,6 +16,10 @@ TASKS = {
     # the same addition with 5-7-digit operands: chains of 5-7 dependent steps instead of 2-4, where a slip early on
     # has longer to compound (the harder regime of `opd bench opd_wins`)
     "arithmetic-long": functools.partial(ArithmeticTask, min_digits=5, max_digits=7, name="arithmetic-long"),
+    # the same addition with a calculator tool: each column's sum is asked of `calc(...)` in a turn of its own, and
+    # the tool's answer comes back into the conversation (multi-turn rollouts, `opd.lm.rollouts.tools`)
+    "arithmetic-tools": functools.partial(ArithmeticTask, name="arithmetic-tools", tools="calc",
+                                          alphabet="0123456789+= ans" + "cl()"),
     **{name: functools.partial(DigitTask, name) for name in OPERATIONS},
 }
 """Registry: task name -> class (or class with its settings bound) constructed with its defaults by `get_task`."""

@@ -40,6 +40,24 @@ def solve(a: int, b: int) -> Example:
     return Example(prompt=f"{a}+{b}=", completion=" ".join(steps) + f" {ANSWER_MARKER}{answer}", answer=answer)
 
 
+def solve_with_calculator(a: int, b: int, end_of_turn: str = "<eos>") -> Example:
+    """`a + b` worked with the calculator tool (`--tools calc`): each column is a turn that calls `calc(x+y+carry)`
+    and ends (`end_of_turn`, the tokenizer's end-of-sequence token), the tool answers the sum, and the last turn states
+    the answer. The completion is the whole conversation, tool answers included:
+
+        calc(7+6+0)<eos>13 calc(2+9+1)<eos>12 calc(8+5+1)<eos>14 calc(4+0+1)<eos>5 ans=5423
+
+    The carry into a column is the first digit of the previous column's sum when it has two, else 0.
+    """
+    worked = solve(a, b)
+    turns = []
+    for step in worked.completion.split(" ")[:-1]:  # "7+6+0=13" -> the call, and the tool's answer (no padding)
+        expression, total = step.split("=")
+        turns.append(f"calc({expression}){end_of_turn}{int(total)}")
+    return Example(prompt=worked.prompt, completion=" ".join(turns) + f" {ANSWER_MARKER}{worked.answer}",
+                   answer=worked.answer)
+
+
 def examples_rng(task: str, n: int, seed: int, split: str) -> random.Random:
     """The random stream `task`'s `examples(n, seed, split)` draws from, after checking `split` and `n`.
 
@@ -71,6 +89,9 @@ class ArithmeticTask:
     """Registry name."""
     alphabet: str = "0123456789+= ans"
     """Every character a prompt or completion can contain."""
+    tools: str | None = None
+    """`calc`: the worked examples call the calculator tool, one turn per column (`solve_with_calculator`); the
+    model is then trained and evaluated with `--tools calc`, up to `max_turns` turns."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_digits <= self.max_digits:
@@ -85,8 +106,13 @@ class ArithmeticTask:
         while len(out) < n:
             a, b = self._operand(rng), self._operand(rng)
             if split_of(f"{a}+{b}=", self.test_fraction) == split:
-                out.append(solve(a, b))
+                out.append(solve_with_calculator(a, b) if self.tools == "calc" else solve(a, b))
         return out
+
+    @property
+    def max_turns(self) -> int:
+        """Turns of the longest worked example: one per column, then the answer."""
+        return self.max_digits + 1
 
     def _operand(self, rng: random.Random) -> int:
         num_digits = rng.randint(self.min_digits, self.max_digits)

@@ -310,3 +310,15 @@ def test_a_lora_student_pushes_merged_weights_that_sample_like_it(model_dirs, tm
     # the first batch comes from the pushed weights of the very student being trained: the merged LoRA model
     assert rows[0]["sampler_kl"] < 1e-6 and rows[0]["is_ratio_clipped"] == 0.0
     assert (tmp_path / "checkpoint" / "adapter_config.json").exists()
+
+
+def test_tool_conversations_sample_each_turn_from_the_server_with_its_log_probs_on_the_own_tokens(
+        model_dirs, tmp_path, sampler_url, monkeypatch):
+    (tmp_path / "seven.py").write_text("def answer(turn):\n    return '7'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    distill(cfg_for(model_dirs, tmp_path / "run", sampler_url + "/v1", tools="seven:answer", max_turns=4, steps=4))
+    steps = metrics(tmp_path / "run")
+    assert sum(m["tool_calls"] for m in steps) > 0 and max(m["turns"] for m in steps) > 1
+    # the server's log-prob of every own token lands on that token (tool answers carry none): ratio 1 everywhere
+    for m in steps:
+        assert m["is_ratio_mean"] == pytest.approx(1.0, abs=1e-4) and m["sampler_kl"] < 1e-8, m

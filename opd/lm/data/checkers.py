@@ -246,19 +246,25 @@ def _task_checker(name: str) -> Checker:
 
 
 def _user_checker(spec: str) -> Checker:
+    return user_function(spec, "checker", "a (row, completion) -> float")
+
+
+def user_function(spec: str, what: str, shape: str):
+    """Your function `module:function`, imported; one line naming `what` it is for (checker, tool) when the module
+    does not import, lacks the name, or holds something other than a function (`shape` says which)."""
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
     except Exception as err:  # a user's module can fail in any way; the first line of the error says how
-        raise ValueError(f"checker {spec}: cannot import {module_name} ({type(err).__name__}: {_first_line(err)}); "
+        raise ValueError(f"{what} {spec}: cannot import {module_name} ({type(err).__name__}: {_first_line(err)}); "
                          f"make it importable (installed or on PYTHONPATH)") from None
     if not hasattr(module, attr):
-        raise ValueError(f"checker {spec}: module {module_name} has no attribute {attr!r}; check the function's name")
-    checker = getattr(module, attr)
-    if not callable(checker):
-        raise ValueError(f"checker {spec} is a {type(checker).__name__}, not a function; point it at a "
-                         f"(row, completion) -> float callable")
-    return checker
+        raise ValueError(f"{what} {spec}: module {module_name} has no attribute {attr!r}; check the function's name")
+    function = getattr(module, attr)
+    if not callable(function):
+        raise ValueError(f"{what} {spec} is a {type(function).__name__}, not a function; point it at {shape} "
+                         f"callable")
+    return function
 
 
 def _ifeval_checker() -> Checker:

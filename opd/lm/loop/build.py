@@ -15,6 +15,7 @@ from opd.lm.data.prompts import PromptSet, as_rows, encode, load_rows, task_rows
 from opd.lm.hf.model import (check_same_vocabulary, context_length, load_model, load_tokenizer, tokenizer_differences,
                               unwrap)
 from opd.lm.rollouts.actors import Actor, Ahead, DataActor, LocalActor, Mixture, Plans, SamplerActor
+from opd.lm.rollouts.tools import ToolActor, ToolChat, ToolUse, load_tool
 from opd.lm.teachers.base import Teacher
 from opd.lm.teachers.local import LocalTeacher
 from opd.tasks import get_task
@@ -119,6 +120,7 @@ def check_teacher_prompts(cfg: DistillConfig) -> None:
         (cfg.source in ("teacher", "speculative"), f"--source {cfg.source} has the teacher act on the student's prompt"),
         (cfg.loss == "sft", "loss=sft never asks the teacher"),
         (cfg.overlap and cfg.sampler is None, "--overlap's sampler process grades rows with the student's prompt"),
+        (cfg.tools is not None, "--tools conversations hold tool answers that a teacher prompt does not carry over"),
     ):
         if refused:
             raise ValueError(f"the data has teacher prompts (teacher_prompt / teacher_messages) but {why}; drop the "
@@ -135,6 +137,8 @@ def prompt_sets(cfg: DistillConfig, tokenizer, max_prompt_len: int, prompts: Any
     """
     from opd.lm.data.checkers import check_columns, get_checker, try_checker
 
+    if getattr(cfg, "tools", None) is not None:
+        load_tool(cfg.tools)  # a tool that does not import fails now, before any weights load
     task = get_task(cfg.task)
     if prompts is not None:
         train_rows = as_rows(prompts, "prompts", cfg.data_fields)
@@ -142,6 +146,8 @@ def prompt_sets(cfg: DistillConfig, tokenizer, max_prompt_len: int, prompts: Any
         train_rows = load_rows(cfg.data, cfg.data_split, cfg.data_fields, "--data")
     else:
         train_rows = task_rows(task, cfg.train_examples, "train")
+        if getattr(task, "tools", None) is not None and getattr(cfg, "tools", None) is None:
+            raise ValueError(f"task {cfg.task} is solved with a tool: pass --tools {task.tools}")
     spec, what = checker if checker is not None else cfg.checker, "--eval-data"
     if eval_prompts is not None:
         eval_rows, what = as_rows(eval_prompts, "eval_prompts", cfg.data_fields), "eval_prompts"
@@ -191,10 +197,12 @@ def make_actor(cfg: DistillConfig, student, teacher, prompts: PromptSet, tokeniz
     pad, eos, s = tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.sampling
     if cfg.source == "data":
         return DataActor(prompts, pad, eos)
+    tools = tool_use(cfg, tokenizer)
     if cfg.source == "teacher":
         from opd.lm.rollouts.teacher import teacher_actor
 
-        return teacher_actor(cfg, teacher, prompts, pad, eos)
+        actor = teacher_actor(cfg, teacher, prompts, pad, eos)
+        return actor if tools is None else ToolActor(actor, tools, prompts, pad)
     if cfg.source == "speculative":
         from opd.lm.rollouts.speculative import speculative_actor
 
@@ -213,8 +221,18 @@ def make_actor(cfg: DistillConfig, student, teacher, prompts: PromptSet, tokeniz
                                   and cfg.loss != "sft" else None)
     actor = (SamplerActor(sampler, accelerator, prompts, pad, s) if sampler is not None
              else LocalActor(unwrap(student), prompts, pad, eos, s))
+    if tools is not None:  # the student's turns; a mixture's data batches stay as they are
+        actor = ToolActor(actor, tools, prompts, pad)
     if cfg.source == "mixture":
         actor = Mixture(actor, DataActor(prompts, pad, eos), cfg.lmbda)
     if cfg.overlap:
         actor = Ahead(actor, plans, cfg.steps, on_wait=getattr(sampler, "waited", None))
     return actor
+
+
+def tool_use(cfg: DistillConfig, tokenizer) -> ToolUse | None:
+    """The tool conversations --tools asks for (None without), for the student's tokenizer and context."""
+    if cfg.tools is None:
+        return None
+    return ToolUse(load_tool(cfg.tools), cfg.tools, ToolChat(tokenizer), cfg.max_turns, cfg.sampling.max_new_tokens,
+                   context_length(cfg.student), tokenizer.eos_token_id)

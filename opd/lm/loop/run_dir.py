@@ -26,6 +26,7 @@ from opd.lm.loop.fsdp import full_optimizer_state, full_state_dict, is_sharded, 
 from opd.lm.loop.optim import resume_schedule
 from opd.lm.loop.process import InterruptFlag, Process, TrainingError, any_process
 from opd.lm.teachers.base import TeacherUnreachable
+from opd.lm.rollouts.tools import ToolFailed
 
 
 class RunDir:
@@ -151,11 +152,11 @@ class RunDir:
 
     @contextlib.contextmanager
     def saved_if_unreachable(self, step: int, rng_state):
-        """A teacher or sampler server that stays unreachable inside: save the state step `step` started from (so
+        """A teacher or sampler server that stays unreachable inside, or your --tools tool failing: save the state step `step` started from (so
         --resume redoes exactly this step), then stop with a TrainingError that says so."""
         try:
             yield
-        except TeacherUnreachable as e:
+        except (TeacherUnreachable, ToolFailed) as e:
             if self.proc.world > 1:  # the other processes cannot join a save from here; the last periodic one stands
                 raise TrainingError(
                     f"{e} Last checkpoint: {find_checkpoint(self.out / 'checkpoint') or 'none'}") from None

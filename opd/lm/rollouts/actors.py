@@ -100,9 +100,14 @@ class LocalActor(FixedActor):
         self.source = source
 
     def rollouts(self, draw: Draw) -> Batch:
+        return self.sample([self.prompts.prompt_ids[i] for i in draw.rows], draw.seed)
+
+    def sample(self, prompt_ids: list[list[int]], seed: int) -> Batch:
+        """Completions of `prompt_ids` (any token ids: a multi-turn conversation so far, `opd.lm.rollouts.tools`),
+        from torch's random stream (`seed` is for samplers elsewhere)."""
         s = self.s
-        return sample(self.model, [self.prompts.prompt_ids[i] for i in draw.rows], self.pad_id, self.eos_id,
-                      s.max_new_tokens, s.temperature, s.top_p, s.compile)
+        return sample(self.model, prompt_ids, self.pad_id, self.eos_id, s.max_new_tokens, s.temperature, s.top_p,
+                      s.compile)
 
 
 class SamplerActor(FixedActor):
@@ -117,7 +122,11 @@ class SamplerActor(FixedActor):
         self.sampler.push(student, self.accelerator, step)
 
     def rollouts(self, draw: Draw) -> Batch:
-        batch = self.sampler.rollouts([self.prompts.prompt_ids[i] for i in draw.rows], self.pad_id, self.s, draw.seed)
+        return self.sample([self.prompts.prompt_ids[i] for i in draw.rows], draw.seed)
+
+    def sample(self, prompt_ids: list[list[int]], seed: int) -> Batch:
+        """Completions of `prompt_ids` from the sampler, row i seeded with seed + i."""
+        batch = self.sampler.rollouts(prompt_ids, self.pad_id, self.s, seed)
         batch.sampled_by = self.sampler.version
         return batch
 

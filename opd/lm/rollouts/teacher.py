@@ -23,9 +23,12 @@ class TeacherServerActor(FixedActor):
         self.client, self.prompts, self.pad_id, self.s = client, prompts, pad_id, sampling
 
     def rollouts(self, draw: Draw) -> Batch:
-        prompt_ids = [self.prompts.prompt_ids[i] for i in draw.rows]
+        return self.sample([self.prompts.prompt_ids[i] for i in draw.rows], draw.seed)
+
+    def sample(self, prompt_ids: list[list[int]], seed: int) -> Batch:
+        """Completions of `prompt_ids` from the teacher's server, row i seeded with seed + i."""
         completions, _ = self.client.sample(prompt_ids, self.s.max_new_tokens, self.s.temperature, self.s.top_p,
-                                            seed=draw.seed)
+                                            seed=seed)
         return layout(prompt_ids, completions, self.pad_id)
 
     def close(self) -> None:
@@ -86,3 +89,7 @@ class _AdapterOffActor(_TeacherActs):
     def rollouts(self, draw: Draw) -> Batch:
         with self.teacher.frozen():
             return self.inner.rollouts(draw)
+
+    def sample(self, prompt_ids: list[list[int]], seed: int) -> Batch:
+        with self.teacher.frozen():
+            return self.inner.sample(prompt_ids, seed)
