@@ -6,7 +6,9 @@ before the problem (`teacher_prompt`); the student samples from the bare problem
 that teacher. Against, at equal updates: SFT on the reference solutions (`--source data --loss sft`, what the
 teacher's extra context holds), and the same self-distillation without the solution in the teacher's prompt (a
 control: a teacher equal to the student's start teaches nothing new). 3 seeds, greedy accuracy on held-out problems.
-Writes benchmarks/results/privileged.{json,md}; `--quick` is a plumbing check with meaningless numbers.
+The personalisation section (`benchmarks/privileged_docs.py`) does the same on a real chat model: continual
+learning's stage 2 with the documents in the teacher's prompt. Writes benchmarks/results/privileged.{json,md};
+`--quick` is a plumbing check with meaningless numbers.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from typing import Annotated
 import torch
 import tyro
 
+from benchmarks import privileged_docs
 from benchmarks.common.results import RESULTS, quick_banner, write
+from benchmarks.privileged_docs import ARMS as PERSONALISATION_ARMS
 from opd.config import DistillConfig, OptimArgs, SamplingArgs
 from opd.lm.eval import accuracy
 from opd.lm.hf.model import library_bars
@@ -39,6 +43,7 @@ ARMS = {
                    dict(teacher="self", source="student", loss="reverse_kl"), False),
 }
 """key -> (label, DistillConfig settings, whether the teacher's prompt holds the reference solution)."""
+SECTIONS = ("arithmetic", "personalisation")
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,12 @@ class PrivilegedArgs:
     """torch CPU threads."""
     out_dir: str = "runs/bench-privileged"
     """Run directories, data files and the starting student."""
+    sections: tuple[str, ...] = SECTIONS
+    """arithmetic (the task above) and/or personalisation (`benchmarks/privileged_docs.py`: SmolLM2 stage 2 with
+    the documents in the teacher's prompt); a section not run keeps its numbers from the last privileged.json."""
+    personalisation_arms: tuple[str, ...] = tuple(PERSONALISATION_ARMS)
+    """Stage-2 arms of the personalisation section (each about 10 minutes a seed on two cores); an arm not run is taken
+    from `opd bench continual`'s results where its stage-1 models are the same."""
 
 
 def privileged_rows(examples, with_solution: bool) -> list[dict]:
@@ -82,11 +93,29 @@ def privileged_rows(examples, with_solution: bool) -> list[dict]:
 def main(args: Annotated[PrivilegedArgs, tyro.conf.arg(name="")] = PrivilegedArgs(), quick: bool = False) -> dict:
     """Run the comparison (a plumbing version with --quick); write results/privileged.json and .md after every
     seed, so a run cut short keeps its finished seeds."""
+    unknown = set(args.sections) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown --sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
     if quick:
         args = dataclasses.replace(args, seeds=(0,), steps=2, batch_size=4, train_examples=16, warm_start_steps=4,
                                    eval_examples=8, max_new_tokens=24, out_dir=args.out_dir + "-quick")
+    path = RESULTS / f"privileged{'_quick' if quick else ''}.json"
+    results = json.loads(path.read_text()) if path.exists() else {}  # the sections not run now stay as they were
+
+    def save(update: dict) -> None:
+        results.update(update, quick=quick)
+        write("privileged", results, section, quick, RESULTS)
+
     with library_bars(False):
-        return run(args, quick, on_seed=lambda results: write("privileged", results, section, quick, RESULTS))
+        if "arithmetic" in args.sections:
+            run(args, quick, on_seed=save)
+        if "personalisation" in args.sections:
+            def on_seed(part: dict) -> None:
+                part["from_continual"] = privileged_docs.from_continual(part, RESULTS / "continual.json")
+                save({"personalisation": part})
+
+            privileged_docs.personalisation(args.seeds, args.personalisation_arms, args.threads, quick, on_seed)
+    return results
 
 
 def run(args: PrivilegedArgs, quick: bool, on_seed=lambda results: None) -> dict:
@@ -135,14 +164,21 @@ def _load(checkpoint: Path):
 
 
 def section(results: dict) -> str:
-    """The RESULTS.md section: final accuracy of each arm, and what the gap says."""
+    """The RESULTS.md section: final accuracy of each arm and what the gap says, then the personalisation table."""
+    lines = ["## A teacher that sees the reference solution (self-distillation with privileged context)", "",
+             *quick_banner(results["quick"])]
+    if "self_privileged" in results:
+        lines += arithmetic_lines(results)
+    if "personalisation" in results:
+        lines += ["", privileged_docs.markdown(results["personalisation"]).rstrip()]
+    return "\n".join(lines) + "\n"
+
+
+def arithmetic_lines(results: dict) -> list[str]:
     a = results["args"]
     lines = [
-        "## A teacher that sees the reference solution (self-distillation with privileged context)",
-        "",
-        *quick_banner(results["quick"]),
-        f"Command: `opd bench privileged` (arithmetic task; the quickstart's warm-started student, {a['steps']} updates "
-        f"of batch {a['batch_size']} at lr {a['lr']} per arm; greedy accuracy on {a['eval_examples']} held-out "
+        f"Command: `opd bench privileged` (arithmetic task; the quickstart's warm-started student, {a['steps']} "
+        f"updates of batch {a['batch_size']} at lr {a['lr']} per arm; greedy accuracy on {a['eval_examples']} held-out "
         f"problems; seeds {results['seeds']}). {results['machine']}, {results['wall_seconds']:.0f} s wall time. The "
         f"teacher's prompt, e.g.: `{results['example_teacher_prompt']}`.",
         "",
@@ -160,7 +196,7 @@ def section(results: dict) -> str:
     lines += ["", f"Self-distillation with the solution in the teacher's prompt ends {gap:+.3f} from SFT on the same "
               f"solutions and {control:+.3f} from the control without it; the largest seed standard deviation is "
               f"{spread:.3f}."]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ def unused_flags(cfg: DistillConfig) -> list[str]:
          "only --loss sampled with --sampler or --overlap reads it"),
         ("data_split", cfg.data is not None, "only --data reads it"),
         ("eval_split", cfg.eval_data is not None, "only --eval-data reads it"),
+        ("max_turns", cfg.tools is not None, "only --tools reads it"),
     ):
         if not used and getattr(cfg, name) != default[name]:
             notes.append(f"--{name.replace('_', '-')} does nothing here: {why}")

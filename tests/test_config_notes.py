@@ -1,7 +1,7 @@
 """`opd.config_notes`: what a run warns about when it starts or resumes."""
 
 from opd.config import DistillConfig, OptimArgs, to_dict
-from opd.config_notes import config_changes, schedule_notes
+from opd.config_notes import config_changes, schedule_notes, unused_flags
 
 
 def test_a_resume_names_each_changed_setting_once():
@@ -25,3 +25,9 @@ def test_a_warm_up_longer_than_the_run_is_named():
     assert schedule_notes(DistillConfig(student="s", teacher="t", steps=5))[0].startswith(
         "--optim.warmup-steps 10 is longer than the run (--steps 5)")
     assert schedule_notes(DistillConfig(student="s", teacher="t", steps=10)) == []
+
+
+def test_max_turns_without_tools_is_named_as_doing_nothing():
+    assert unused_flags(DistillConfig(student="s", teacher="t", max_turns=3)) == [
+        "--max-turns does nothing here: only --tools reads it"]
+    assert unused_flags(DistillConfig(student="s", teacher="t", tools="calc", max_turns=3)) == []

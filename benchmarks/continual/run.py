@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import platform
-import random
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
@@ -102,7 +101,8 @@ class ContinualArgs:
     """Where continual.json and continual.md go (continual_quick.* with --quick)."""
 
 
-def _quick(args: ContinualArgs) -> ContinualArgs:
+def quick_args(args: ContinualArgs) -> ContinualArgs:
+    """The --quick settings: one seed, a tiny model, a few steps."""
     return replace(args, seeds=args.seeds[:1], lora_seeds=args.lora_seeds[:1], projects=2, chat_rows=4, finetune_steps=2, distill_steps=2,
                    batch_size=2, max_new_tokens=8, if_prompts=4, threads=1, lora_r=2,
                    work_dir=args.work_dir + "-quick")  # fmt: skip
@@ -161,7 +161,7 @@ def chat_mix(base_dir: str, tokenizer, rows: list[dict], max_new_tokens: int, ro
     return [{"messages": r["messages"], "completion": reply.strip()} for r, reply in zip(rows, replies)]
 
 
-def _train(args: ContinualArgs, variant: str, out: Path, seed: int, **fields) -> str:
+def train_stage(args: ContinualArgs, variant: str, out: Path, seed: int, **fields) -> str:
     """One `opd train` run; returns the directory of its final model (a merged plain model for LoRA)."""
     lora = LoraArgs(r=args.lora_r) if variant == "lora" else LoraArgs()
     cfg = DistillConfig(sampling=SamplingArgs(max_new_tokens=args.max_new_tokens), lora=lora, eval_every=0,
@@ -187,8 +187,24 @@ def train_seconds(run_dir: Path) -> float:
     return sum(r.get("step_s", 0.0) for r in rows)
 
 
-def personalisation(args: ContinualArgs) -> dict:
-    """Stages 0-2 for every variant and seed; returns the json section."""
+@dataclass
+class Setup:
+    """What every stage of the personalisation runs shares: the base model, the scorer, the data files."""
+
+    work: Path
+    corpus: Corpus
+    general: list[dict]
+    """General chat rows (IFEval-style prompts); stage 2's prompts are all but the last `chat_rows`."""
+    base_dir: str
+    tokenizer: object
+    score: Scorer
+    stage1_file: str
+    stage2_file: str
+
+
+def setup(args: ContinualArgs) -> Setup:
+    """The base model (SmolLM2-135M-Instruct, or a tiny random pair with --quick), its scorer, stage 1's documents
+    mixed with the base model's own chat replies, and stage 2's general prompts, written once under the work dir."""
     torch.set_num_threads(args.threads)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -210,26 +226,37 @@ def personalisation(args: ContinualArgs) -> dict:
     if not mix_file.exists():
         write_once(mix_file, chat_mix(base_dir, tokenizer, general[-args.chat_rows:], args.max_new_tokens, room))
     stage1_rows = corpus.finetune_rows() + [json.loads(line) for line in mix_file.read_text().splitlines()]
-    stage1_file = write_once(work / "stage1.jsonl", stage1_rows)
-    stage2_file = write_once(work / "stage2.jsonl", general[:-args.chat_rows])
+    return Setup(work, corpus, general, base_dir, tokenizer, score, write_once(work / "stage1.jsonl", stage1_rows),
+                 write_once(work / "stage2.jsonl", general[:-args.chat_rows]))
+
+
+def stage1(args: ContinualArgs, s: Setup, variant: str, seed: int) -> str:
+    """Stage 1 of one seed (the model fine-tuned on the documents), trained once per work dir."""
+    lr = args.lora_lr if variant == "lora" else args.finetune_lr
+    return train_stage(args, variant, s.work / variant / f"seed-{seed}" / "stage1", seed, student=s.base_dir,
+                       data=s.stage1_file, source="data", loss="sft", steps=args.finetune_steps,
+                       optim=OptimArgs(lr=lr, warmup_steps=3, schedule="cosine"))
+
+
+def personalisation(args: ContinualArgs) -> dict:
+    """Stages 0-2 for every variant and seed; returns the json section."""
+    s = setup(args)
+    base_dir, score, corpus, stage2_file = s.base_dir, s.score, s.corpus, s.stage2_file
     out = {"base": score(base_dir), "runs": {}, "model": "tiny random (quick)" if args.quick else
            "SmolLM2-135M-Instruct", "stage1_rows": {"documents": len(corpus.document_rows()),
            "qa": len(corpus.train_qa_rows()), "chat": args.chat_rows}}  # fmt: skip
     print("base", out["base"], flush=True)
     for variant in args.variants:
-        lr1 = args.lora_lr if variant == "lora" else args.finetune_lr
         lr2 = args.lora_lr if variant == "lora" else args.distill_lr
         for seed in args.lora_seeds if variant == "lora" else args.seeds:
-            run_dir = work / variant / f"seed-{seed}"
-            stage1 = _train(args, variant, run_dir / "stage1", seed, student=base_dir, data=stage1_file,
-                            source="data", loss="sft", steps=args.finetune_steps,
-                            optim=OptimArgs(lr=lr1, warmup_steps=3, schedule="cosine"))  # fmt: skip
-            run = {"after_finetune": score(stage1), "train_seconds": {"stage1": train_seconds(run_dir / "stage1")}}
+            run_dir = s.work / variant / f"seed-{seed}"
+            first = stage1(args, s, variant, seed)
+            run = {"after_finetune": score(first), "train_seconds": {"stage1": train_seconds(run_dir / "stage1")}}
             print(variant, seed, "after_finetune", run["after_finetune"], flush=True)
             for method, choice in STAGE2.items():
                 if variant == "lora" and method != "self_distillation":
                     continue
-                final = _train(args, variant, run_dir / method, seed, student=stage1, teacher=base_dir,
+                final = train_stage(args, variant, run_dir / method, seed, student=first, teacher=base_dir,
                                data=stage2_file, steps=args.distill_steps,
                                optim=OptimArgs(lr=lr2, warmup_steps=2, schedule="cosine"), **choice)  # fmt: skip
                 run[f"after_{method}"] = score(final)
@@ -293,7 +320,7 @@ def continual_main(args: ContinualArgs) -> dict:
     unknown = set(args.sections) - set(SECTIONS)
     if unknown:
         raise ValueError(f"unknown --sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
-    run_args = _quick(args) if args.quick else args
+    run_args = quick_args(args) if args.quick else args
     name = "continual_quick" if args.quick else "continual"
     results = Path(args.out_dir)
     results.mkdir(parents=True, exist_ok=True)
