@@ -114,6 +114,12 @@ class ArithmeticTask:
         """Turns of the longest worked example: one per column, then the answer."""
         return self.max_digits + 1
 
+    @property
+    def max_turn_tokens(self) -> int:
+        """Tokens of the longest turn with the calculator, end of turn included: a column's ` calc(9+9+1)` or the
+        answer (one character a token), with room to spare."""
+        return max(len(" calc(9+9+1)"), len(f" {ANSWER_MARKER}") + self.max_digits + 1) + 4
+
     def _operand(self, rng: random.Random) -> int:
         num_digits = rng.randint(self.min_digits, self.max_digits)
         return rng.randint(10 ** (num_digits - 1) if num_digits > 1 else 0, 10**num_digits - 1)

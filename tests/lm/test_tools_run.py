@@ -99,3 +99,17 @@ def test_opd_eval_holds_the_tasks_tool_conversations_and_reports_their_calls(too
                                 max_turns=3, show=0))
     assert (result["tools"], result["tool_calls"], result["tool_call_valid"], result["accuracy"]) == ("calc", 2.0, 1.0,
                                                                                                       0.0)
+
+
+def test_the_tools_tasks_accuracy_fits_its_conversations_in_the_context_at_the_default_turn_length(tools_models,
+                                                                                                   monkeypatch):
+    """`accuracy` asks for 64 new tokens by default; a turn of the task never needs more than `max_turn_tokens`, and
+    `max_turns` turns of that fit the task's 128-token context (else the conversation would stop the evaluation)."""
+    from opd.lm.eval import tool_conversations
+    from opd.lm.hf.model import load_model
+
+    tok, task = tools_models["tokenizer"], get_task("arithmetic-tools")
+    longest = tok(" calc(9+9+1)", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    monkeypatch.setattr("opd.lm.hf.decode.sample_completions", lambda model, prompts, *a, **k: [longest] * len(prompts))
+    result = tool_conversations(load_model(tools_models["student"]), tok, task, task.examples(4, 0, "test"))
+    assert result["tool_calls"] == task.max_turns - 1 and result["accuracy"] == 0.0

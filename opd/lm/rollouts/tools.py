@@ -275,9 +275,11 @@ def greedy_conversations(model, tools: ToolUse, prompt_ids: list[list[int]], pad
 
 
 def task_tool_use(task, tokenizer, max_new_tokens: int) -> ToolUse | None:
-    """The tool conversations a built-in task is solved with (`arithmetic-tools`: the calculator), or None."""
+    """The tool conversations a built-in task is solved with (`arithmetic-tools`: the calculator), or None. A turn
+    gets at most `max_new_tokens`, and no more than the task's longest turn needs (`max_turn_tokens`), so that a
+    conversation of `max_turns` full turns fits the task's context."""
     spec = getattr(task, "tools", None)
     if spec is None:
         return None
-    return ToolUse(load_tool(spec), spec, ToolChat(tokenizer), task.max_turns, max_new_tokens,
+    return ToolUse(load_tool(spec), spec, ToolChat(tokenizer), task.max_turns, min(max_new_tokens, task.max_turn_tokens),
                    tokenizer.model_max_length, tokenizer.eos_token_id)
