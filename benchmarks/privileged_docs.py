@@ -26,7 +26,7 @@ from opd.config import OptimArgs
 ARMS = {
     "with_documents": ("self-distillation, the teacher reads the project's document",
                        dict(source="student", loss="reverse_kl")),
-    "self_distillation": ("self-distillation on general prompts (today's stage 2)",
+    "self_distillation": ("self-distillation on general prompts, no documents",
                           dict(source="student", loss="reverse_kl")),
     "sft_on_base_samples": ("SFT on the base model's samples", dict(source="teacher", loss="sft")),
 }
@@ -66,6 +66,7 @@ def personalisation(seeds: tuple[int, ...], arms: tuple[str, ...], threads: int,
                "settings": {"distill_steps": args.distill_steps, "batch_size": args.batch_size,
                             "lr": args.distill_lr, "max_new_tokens": args.max_new_tokens,
                             "questions_with_documents": 4 * args.projects, "general_rows_with_them": 4 * args.projects}}
+    section["teacher_with_documents"] = teacher_reads_documents(s)
     for seed in args.seeds:
         first = continual.stage1(args, s, "full", seed)
         scored = {"after_finetune": s.score(first)}
@@ -82,6 +83,24 @@ def personalisation(seeds: tuple[int, ...], arms: tuple[str, ...], threads: int,
         section["seeds"].append(seed)
         on_seed(section)
     return section
+
+
+def teacher_reads_documents(s) -> dict:
+    """How well the teacher (the base model) answers the held-out knowledge questions with the project's wiki page
+    before each, greedy: whether the document in its prompt makes it a teacher that knows the facts."""
+    from opd.lm.data.checkers import get_checker
+    from opd.lm.data.prompts import as_rows, encode
+    from opd.lm.eval import checked_accuracy
+    from opd.lm.hf.model import context_length, load_model
+
+    pages = {p.name: DOCUMENT_KINDS["wiki"].format(**p.fields()) for p in s.corpus.projects}
+    rows = []
+    for r in s.corpus.question_rows():
+        page = next(text for name, text in pages.items() if f"Project {name}" in r["prompt"])
+        rows.append({"messages": [{"role": "user", "content": f"{page}\n\n{r['prompt']}"}], "answer": r["answer"]})
+    prompts = encode(s.tokenizer, as_rows(rows), context_length(s.base_dir) - 32, "questions with documents")
+    model = load_model(s.base_dir).eval()
+    return {"knowledge": checked_accuracy(model, s.tokenizer, prompts, get_checker("contains"), 32, 16)}
 
 
 def from_continual(section: dict, continual_json: Path) -> dict:
@@ -112,6 +131,9 @@ def markdown(section: dict) -> str:
              f"{section['seeds']}.", "",
              "| arm | knowledge | instruction following | knowledge per seed |", "|---|---|---|---|",
              f"| base model | {section['base']['knowledge']:.3f} | {section['base']['instruction_following']:.3f} | |"]
+    if "teacher_with_documents" in section:
+        lines.append(f"| base model, the project's wiki page before each question | "
+                     f"{section['teacher_with_documents']['knowledge']:.3f} | | |")
     labels = {"after_finetune": "after fine-tune (stage 1)", **{k: label for k, (label, _) in ARMS.items()}}
     rows = {**section["arms"], **{k: v for k, v in section.get("from_continual", {}).items()}}
     for key, values in rows.items():

@@ -38,6 +38,7 @@ def test_quick_personalisation_gives_the_teacher_each_questions_document_and_sco
     assert set(saved["arms"]) == {"after_finetune", "with_documents", "self_distillation", "sft_on_base_samples"}
     for arm in saved["arms"].values():
         assert len(arm["knowledge"]) == len(arm["instruction_following"]) == 1
+    assert 0 <= saved["teacher_with_documents"]["knowledge"] <= 1
     assert "stage 2 with the documents" in privileged.section({**saved, "personalisation": saved, "quick": True})
     run = tmp_path / "runs" / "bench-continual-quick" / "full" / "seed-0" / "with_documents"
     config = run_config(run)
