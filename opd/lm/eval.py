@@ -184,15 +184,15 @@ def eval_main(args: EvalArgs) -> dict:
 
 
 def eval_tools(args: EvalArgs, tokenizer, context: int):
-    """The tool conversations `opd eval` holds: --tools, else the task's own tool when no --data replaces it."""
-    from opd.lm.rollouts.tools import ToolChat, ToolUse, load_tool
+    """The tool conversations `opd eval` holds: --tools, else the task's own tool (with its own turn limits) when no
+    --data replaces it."""
+    from opd.lm.rollouts.tools import ToolChat, ToolUse, load_tool, task_tool_use
     from opd.tasks import get_task
 
-    spec = args.tools or (getattr(get_task(args.task), "tools", None) if args.data is None else None)
-    if spec is None:
-        return None
-    return ToolUse(load_tool(spec), spec, ToolChat(tokenizer), args.max_turns, args.max_new_tokens, context,
-                   tokenizer.eos_token_id)
+    if args.tools is not None:
+        return ToolUse(load_tool(args.tools), args.tools, ToolChat(tokenizer), args.max_turns, args.max_new_tokens,
+                       context, tokenizer.eos_token_id)
+    return task_tool_use(get_task(args.task), tokenizer, args.max_new_tokens) if args.data is None else None
 
 
 def _evaluate(args: EvalArgs) -> dict:
