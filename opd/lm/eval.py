@@ -44,7 +44,7 @@ def tool_conversations(model, tokenizer, task: Task, examples: list[Example], ba
                        max_new_tokens: int = 64, progress: bool = False) -> dict:
     """`accuracy` over `examples` and, for a task solved with a tool, `tool_calls` (per example) and
     `tool_call_valid` (the share of calls the tool could carry out)."""
-    from opd.lm.rollouts.tools import greedy_conversations, task_tool_use
+    from opd.lm.rollouts.tools import call_validity, greedy_conversations, task_tool_use
 
     if not examples:
         raise ValueError("accuracy needs at least one example")
@@ -58,15 +58,14 @@ def tool_conversations(model, tokenizer, task: Task, examples: list[Example], ba
         if tools is None:
             completions = generate_greedy(model, tokenizer, [e.prompt for e in chunk], max_new_tokens)
         else:
-            talks = greedy_conversations(model, tools, prompt_token_ids(tokenizer, [e.prompt for e in chunk]),
-                                         tokenizer.pad_token_id, rows=list(range(start, start + len(chunk))))
-            completions = [tokenizer.decode(c.tokens, skip_special_tokens=True) for c in talks]
+            completions, talks = greedy_conversations(model, tokenizer, tools, prompt_token_ids(
+                tokenizer, [e.prompt for e in chunk]), rows=list(range(start, start + len(chunk))))
             calls, errors = calls + sum(c.calls for c in talks), errors + sum(c.errors for c in talks)
         correct += sum(task.is_correct(e, c) for e, c in zip(chunk, completions))
     model.train(was_training)
     result = {"accuracy": correct / len(examples)}
     if tools is not None:
-        result.update(tool_calls=calls / len(examples), tool_call_valid=1 - errors / calls if calls else None)
+        result.update(tool_calls=calls / len(examples), tool_call_valid=call_validity(calls, errors))
     return result
 
 
@@ -101,9 +100,8 @@ def checked_accuracy(model, tokenizer, prompts, checker, max_new_tokens: int = 6
             else:
                 from opd.lm.rollouts.tools import greedy_conversations
 
-                talks = greedy_conversations(model, tools, prompts.prompt_ids[start:stop], tokenizer.pad_token_id,
-                                             rows=list(range(start, stop)))
-                completions = [tokenizer.decode(c.tokens, skip_special_tokens=True) for c in talks]
+                completions, talks = greedy_conversations(model, tokenizer, tools, prompts.prompt_ids[start:stop],
+                                                          rows=list(range(start, stop)))
                 extra = [{"tool_calls": c.calls, "tool_call_errors": c.errors} for c in talks]
             scores = score(checker, prompts.rows[start:stop], completions)
             total += sum(scores)
@@ -186,12 +184,11 @@ def eval_main(args: EvalArgs) -> dict:
 def eval_tools(args: EvalArgs, tokenizer, context: int):
     """The tool conversations `opd eval` holds: --tools, else the task's own tool (with its own turn limits) when no
     --data replaces it."""
-    from opd.lm.rollouts.tools import ToolChat, ToolUse, load_tool, task_tool_use
+    from opd.lm.rollouts.tools import ToolUse, task_tool_use
     from opd.tasks import get_task
 
     if args.tools is not None:
-        return ToolUse(load_tool(args.tools), args.tools, ToolChat(tokenizer), args.max_turns, args.max_new_tokens,
-                       context, tokenizer.eos_token_id)
+        return ToolUse.build(args.tools, tokenizer, args.max_turns, args.max_new_tokens, context)
     return task_tool_use(get_task(args.task), tokenizer, args.max_new_tokens) if args.data is None else None
 
 
@@ -226,6 +223,8 @@ def _evaluate(args: EvalArgs) -> dict:
     model_dir = run_checkpoint(args.model)  # a run directory: its checkpoint
     tokenizer = load_tokenizer(model_dir)
     prompts = encode(tokenizer, rows, context_length(model_dir) - args.max_new_tokens, "--data")
+    from opd.lm.rollouts.tools import call_validity
+
     tools = eval_tools(args, tokenizer, context_length(model_dir))  # a tool that does not import: before the weights
     model = load_model(model_dir)
     samples: list[dict] = []
@@ -234,8 +233,7 @@ def _evaluate(args: EvalArgs) -> dict:
                                            samples=samples, tools=tools)}
     if tools is not None:
         calls, errors = sum(s["tool_calls"] for s in samples), sum(s["tool_call_errors"] for s in samples)
-        result.update(tools=tools.name, tool_calls=calls / len(samples), tool_call_valid=1 - errors / calls if calls
-                      else None)
+        result.update(tools=tools.name, tool_calls=calls / len(samples), tool_call_valid=call_validity(calls, errors))
     for row in samples[:args.show]:  # a few, to see what the checker saw (stderr: stdout is the JSON result)
         print(f"score {row['score']:g} | {row['prompt']!r} -> {row['completion']!r}", file=sys.stderr)
     if args.samples:

@@ -15,7 +15,7 @@ from opd.lm.data.prompts import PromptSet, as_rows, encode, load_rows, task_rows
 from opd.lm.hf.model import (check_same_vocabulary, context_length, load_model, load_tokenizer, tokenizer_differences,
                               unwrap)
 from opd.lm.rollouts.actors import Actor, Ahead, DataActor, LocalActor, Mixture, Plans, SamplerActor
-from opd.lm.rollouts.tools import ToolActor, ToolChat, ToolUse, load_tool
+from opd.lm.rollouts.tools import ToolActor, ToolUse, load_tool
 from opd.lm.teachers.base import Teacher
 from opd.lm.teachers.local import LocalTeacher
 from opd.tasks import get_task
@@ -234,5 +234,4 @@ def tool_use(cfg: DistillConfig, tokenizer) -> ToolUse | None:
     """The tool conversations --tools asks for (None without), for the student's tokenizer and context."""
     if cfg.tools is None:
         return None
-    return ToolUse(load_tool(cfg.tools), cfg.tools, ToolChat(tokenizer), cfg.max_turns, cfg.sampling.max_new_tokens,
-                   context_length(cfg.student), tokenizer.eos_token_id)
+    return ToolUse.build(cfg.tools, tokenizer, cfg.max_turns, cfg.sampling.max_new_tokens, context_length(cfg.student))

@@ -159,6 +159,12 @@ class ToolUse:
     """The model's context: a conversation that would outgrow it before its next turn stops the run."""
     eos_id: int | None
 
+    @classmethod
+    def build(cls, spec: str, tokenizer, max_turns: int, max_new_tokens: int, context: int) -> "ToolUse":
+        """The tool `spec` names (`load_tool`), its answers written for `tokenizer`, within these limits."""
+        return cls(load_tool(spec), spec, ToolChat(tokenizer), max_turns, max_new_tokens, context,
+                   tokenizer.eos_token_id)
+
     def converse(self, sample_turn: Callable, prompt_ids: list[list[int]], rows: list[int] | None = None
                  ) -> list[Conversation]:
         """Each prompt's conversation. `sample_turn(token_ids, turn) -> (completions, log-probs or None)` writes one
@@ -263,15 +269,23 @@ class ToolActor:
         return batch
 
 
-def greedy_conversations(model, tools: ToolUse, prompt_ids: list[list[int]], pad_id: int,
-                         rows: list[int] | None = None) -> list[Conversation]:
-    """Each prompt's conversation with the tool under greedy decoding (evaluation)."""
+def greedy_conversations(model, tokenizer, tools: ToolUse, prompt_ids: list[list[int]],
+                         rows: list[int] | None = None) -> tuple[list[str], list[Conversation]]:
+    """Each prompt's conversation with the tool under greedy decoding (evaluation): its text after the prompt (the
+    model's turns and the tool's answers, special tokens dropped), and the conversation itself."""
     from opd.lm.hf.decode import sample_completions
 
     def sample_turn(ids: list[list[int]], turn: int):
-        return sample_completions(model, ids, pad_id, tools.eos_id, tools.max_new_tokens, temperature=0.0), None
+        return sample_completions(model, ids, tokenizer.pad_token_id, tools.eos_id, tools.max_new_tokens,
+                                  temperature=0.0), None
 
-    return tools.converse(sample_turn, prompt_ids, rows)
+    talks = tools.converse(sample_turn, prompt_ids, rows)
+    return [tokenizer.decode(c.tokens, skip_special_tokens=True) for c in talks], talks
+
+
+def call_validity(calls: int, errors: int) -> float | None:
+    """The share of tool calls the tool could carry out; None without any call."""
+    return 1 - errors / calls if calls else None
 
 
 def task_tool_use(task, tokenizer, max_new_tokens: int) -> ToolUse | None:
@@ -281,5 +295,5 @@ def task_tool_use(task, tokenizer, max_new_tokens: int) -> ToolUse | None:
     spec = getattr(task, "tools", None)
     if spec is None:
         return None
-    return ToolUse(load_tool(spec), spec, ToolChat(tokenizer), task.max_turns, min(max_new_tokens, task.max_turn_tokens),
-                   tokenizer.model_max_length, tokenizer.eos_token_id)
+    return ToolUse.build(spec, tokenizer, task.max_turns, min(max_new_tokens, task.max_turn_tokens),
+                         tokenizer.model_max_length)
