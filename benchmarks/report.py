@@ -231,8 +231,12 @@ def render_results() -> str:
         links = [f"[all tables](benchmarks/results/{path.name})"]
         if notes.exists():
             links.append(f"[full reading](benchmarks/results/{notes.name})")
-        block = [f"## {v.title}\n{command} · {' · '.join(links)}"]
-        block += [_opd_bench(p) for p in [*headline(path.read_text()), in_short(notes)] if p]
+        block = [_opd_bench(p) for p in [*headline(path.read_text()), in_short(notes)] if p]
+        head = f"## {v.title}\n{command} · {' · '.join(links)}"
+        if block and not block[0].startswith(("|", "#")):  # the links and the setup text as one block, a line apart
+            block[0] = f"{head}\\\n{block[0]}"
+        else:
+            block.insert(0, head)
         parts.append("\n\n".join(block) + "\n")
     return "\n".join(parts)
 
