@@ -5,8 +5,8 @@ of the positions that count, flattened to [N, D] (select them first: `hidden_BTD
 (any callable [n, D] -> [n, V], e.g. `model.lm_head`). Each chunk computes logits -> log_softmax -> loss inside
 `torch.utils.checkpoint` (non-reentrant), so the chunk's logits are not kept for backward but recomputed there:
 peak memory is O(chunk_size·V), not O(N·V). Log-softmax runs in at least float32 whatever the head's dtype.
-Without a `chunk_size` a chunk holds about `CHUNK_ELEMENTS` logits (`auto_chunk_size`). `opd.fused` is the fast path
-of `chunked_divergence` for the KL family and plain linear heads.
+Without a `chunk_size` a chunk holds about `CHUNK_ELEMENTS` logits, and at least 64 positions (`auto_chunk_size`).
+`opd.fused` is the fast path of `chunked_divergence` for the KL family and plain linear heads.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ Head = Callable[[torch.Tensor], torch.Tensor]
 
 CHUNK_ELEMENTS = 3 << 20
 """Positions × vocabulary entries per chunk when no chunk size is given (12 MiB of float32 logits): 64 positions at
-a 49,152-token vocabulary, 20 at 152k, every position at once for a small one. Chosen with
-`benchmarks/perf/chunk_bench.py` (results in `benchmarks/results/perf_chunks.md`) and whole steps on the SmolLM2
+a 49,152-token vocabulary (a larger one gets `MIN_CHUNK_POSITIONS`), every position at once for a small one. Chosen
+with `benchmarks/perf/chunk_bench.py` (results in `benchmarks/results/perf_chunks.md`) and whole steps on the SmolLM2
 pair: the element-wise passes over a [chunk, V] tile are memory-bound, so 1024 positions × 49k (200 MB) stream through
 memory at every pass (2.1–2.5× slower than 128 positions with autograd, 1.1–1.3× with the fused gradient), while tiles
 of a few dozen positions re-read the heads' weights once per chunk. 64 positions at 49k cost the loss alone ~10 % over
@@ -34,9 +34,19 @@ of a few dozen positions re-read the heads' weights once per chunk. 64 positions
 slower steps). The autograd path slows down sharply above ~10M entries (its graph keeps more tiles alive)."""
 
 
+MIN_CHUNK_POSITIONS = 64
+"""Fewest positions of a chunk without a chunk size, whatever the vocabulary. Every chunk reads the heads' whole
+weights ([V, D], 670 MB at Gemma 3's 262k × 640) once forward, again when it is recomputed and twice backward, so a
+chunk of a few positions turns the loss into weight reads: at 262k, 1,024 positions, fused reverse KL on two threads
+the loss took 54.8 s at `CHUNK_ELEMENTS`' 11 positions against 15.1 s at 64, at the same peak memory (autograd:
+116.6 s against 34.7 s, and 6.0 against 3.7 GB); at Qwen's 152k, 13.0 s at 20 positions against 8.5 s at 64
+(`benchmarks/results/scale_notes.md`)."""
+
+
 def auto_chunk_size(vocab_size: int) -> int:
-    """Positions per chunk for a vocabulary of `vocab_size`: `CHUNK_ELEMENTS // vocab_size`, at least 1."""
-    return max(1, CHUNK_ELEMENTS // max(1, vocab_size))
+    """Positions per chunk for a vocabulary of `vocab_size`: `CHUNK_ELEMENTS // vocab_size`, at least
+    `MIN_CHUNK_POSITIONS`."""
+    return max(MIN_CHUNK_POSITIONS, CHUNK_ELEMENTS // max(1, vocab_size))
 
 
 def resolve_chunk_size(chunk_size: int | None, head: Head, hidden_ND: torch.Tensor) -> int:

@@ -179,8 +179,8 @@ class DistillConfig:
     save_every: int = 100
     """Write a checkpoint every this many steps (and at the end)."""
     chunk_size: int | None = None
-    """Positions per chunk when evaluating LM heads and full-vocabulary losses. None: about 3M logits per chunk
-    (`opd.chunked.auto_chunk_size`: 64 positions at a 49k vocabulary, all of them at a small one)."""
+    """Positions per chunk when evaluating LM heads and full-vocabulary losses. None: about 3M logits per chunk and
+    at least 64 positions (`opd.chunked.auto_chunk_size`: 64 from a 49k vocabulary up, all of them at a small one)."""
     top_k: int = 20
     """Top-k log-probs requested from a remote teacher."""
     teacher_payload: Literal["topk", "hidden"] = "topk"

@@ -113,10 +113,12 @@ def test_bad_arguments_are_one_line_errors():
 
 
 def test_without_a_chunk_size_a_chunk_holds_about_chunk_elements_logits():
-    from opd.chunked import CHUNK_ELEMENTS, auto_chunk_size, resolve_chunk_size
+    from opd.chunked import CHUNK_ELEMENTS, MIN_CHUNK_POSITIONS, auto_chunk_size, resolve_chunk_size
 
     assert auto_chunk_size(49152) == CHUNK_ELEMENTS // 49152 == 64
-    assert auto_chunk_size(20) >= 100_000 and auto_chunk_size(10**9) == 1  # a small vocabulary: one chunk
+    assert auto_chunk_size(20) >= 100_000  # a small vocabulary: one chunk
+    # a large one: never fewer positions than MIN_CHUNK_POSITIONS (each chunk re-reads the heads' weights)
+    assert auto_chunk_size(151936) == auto_chunk_size(262144) == auto_chunk_size(10**9) == MIN_CHUNK_POSITIONS == 64
     student_head, teacher_head, student_hidden, teacher_hidden = _setup(seed=5)
     assert resolve_chunk_size(None, student_head, student_hidden) == auto_chunk_size(V)
     assert resolve_chunk_size(None, lambda h: student_head(h), student_hidden) == auto_chunk_size(V)  # probed
