@@ -128,9 +128,9 @@ VERDICTS = [
     Verdict("scale", "How cost grows: completion length, vocabulary, model size",
             "Our goal: at 4k tokens, ≥ 1.5× the tokens/s of TRL 1.16's DistillationTrainer at ≤ 0.5× its peak memory; "
             "loss memory flat in the vocabulary, memory at most linear in length",
-            "at 4,096 tokens 1.96× TRL's tokens/s at 0.33× its peak memory; step memory ∝ length^0.28 (TRL 0.93); "
-            "at a 262k vocabulary TRL is faster (24 against 21 tokens/s) and opd's step memory grows 4.64×",
-            "length goals met; vocabulary goals not met"),
+            "at 4,096 tokens 1.95× TRL's tokens/s at 0.34× its peak memory; step memory ∝ length^0.19 (TRL 0.95); "
+            "at a 262k vocabulary 1.63× TRL's tokens/s (46.5 against 28.5), but opd's step memory grows 3.65×",
+            "length goals met; vocabulary memory goal not met"),
     Verdict("gpu", "opd on one GPU: Qwen3-shaped models against TRL",
             "Our goal: the same train step on one GPU at Qwen3 sizes (0.6B and 1.7B students, 4B and 8B teachers, bf16) "
             "against TRL's DistillationTrainer",
