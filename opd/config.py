@@ -233,8 +233,8 @@ class DistillConfig:
     report_to: TrackerNames = ()
     """Also log each step's metrics, and the config once, to these trackers (several at once: `--report-to wandb
     tensorboard`) through accelerate's: TensorBoard in out_dir/tensorboard, wandb (project $WANDB_PROJECT or opd, run
-    named after out_dir, files in $WANDB_DIR or out_dir; WANDB_MODE=offline works without an account), trackio
-    (project named after out_dir). None by default; metrics.jsonl is always written."""
+    named after out_dir, files in $WANDB_DIR or out_dir, --resume goes on in the same run; WANDB_MODE=offline works
+    without an account), trackio (project named after out_dir). None by default; metrics.jsonl is always written."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """Autocast the student's forward and backward (accelerate's mixed precision): fp32 weights and optimizer state,
     bf16/fp16 matmuls. The usual choice on GPUs; on CPUs it pays only where the cores have bf16 instructions."""

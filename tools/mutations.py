@@ -391,5 +391,10 @@ MUTATIONS: list[Mutation] = [
       "        except TeacherUnreachable as e:",
       ("tests/lm/test_tools_run.py::test_a_tool_that_raises_mid_run_saves_the_step_and_resume_finishes_after_the_fix",),
       "a tool that raises mid-run stops it without a checkpoint"),
+    M("wandb_resume_starts_a_new_run", "opd/lm/loop/process.py",
+      '    return {"id": saved.read_text().strip(), "resume": "allow"}',
+      "    return {}",
+      ("tests/lm/test_trackers.py::test_resume_goes_on_logging_to_the_same_wandb_run_and_a_new_run_starts_a_new_one",),
+      "--resume logs to a second wandb run instead of the run it continues"),
 ]
 del M

@@ -59,15 +59,16 @@ def wandb_records(path: Path):
             pending = b""
 
 
-def wandb_run(wandb_dir: Path) -> dict:
-    """One offline run under `wandb_dir`: its project and name, logged rows by step (wandb's own `_` keys left out)
-    and its config records (each a dict)."""
-    [file] = wandb_dir.glob("wandb/offline-run-*/run-*.wandb")
+def wandb_run(wandb_dir: Path, file: Path | None = None) -> dict:
+    """One offline run under `wandb_dir` (or its `file`): its project, name and id, logged rows by step (wandb's own
+    `_` keys left out) and its config records (each a dict)."""
+    if file is None:
+        [file] = wandb_dir.glob("wandb/offline-run-*/run-*.wandb")
     run, rows, configs = {}, {}, []
     for r in wandb_records(file):
         kind = r.WhichOneof("record_type")
         if kind == "run":
-            run = {"project": r.run.project, "name": r.run.display_name}
+            run = {"project": r.run.project, "name": r.run.display_name, "id": r.run.run_id}
         elif kind == "history":
             items = {(i.key or i.nested_key[0]): json.loads(i.value_json) for i in r.history.item}
             rows[r.history.step.num] = {k: v for k, v in items.items() if not k.startswith("_")}
@@ -101,6 +102,19 @@ def test_a_wandb_offline_run_holds_every_metric_of_every_step_and_the_config_onc
     ours = [c for c in run["configs"] if "student" in c]  # wandb.init writes its own (_wandb) config records
     want = flat_config(to_dict(run_cfg))
     assert len(ours) == 1 and {k: ours[0].get(k) for k in want} == want
+
+
+def test_resume_goes_on_logging_to_the_same_wandb_run_and_a_new_run_starts_a_new_one(model_dirs, tmp_path,
+                                                                                       wandb_offline):
+    distill(cfg(model_dirs, tmp_path, report_to=("wandb",)))
+    first = wandb_run(tmp_path / "run")
+    assert (tmp_path / "run" / "wandb_run_id").read_text() == first["id"] + "\n" and list(first["rows"]) == [1, 2]
+    distill(cfg(model_dirs, tmp_path, report_to=("wandb",), steps=4, resume=True))
+    files = sorted((tmp_path / "run").glob("wandb/offline-run-*/run-*.wandb"), key=lambda f: f.parent.name)
+    second = wandb_run(tmp_path / "run", files[-1])
+    assert len(files) == 2 and second["id"] == first["id"] and list(second["rows"]) == [3, 4]
+    distill(cfg(model_dirs, tmp_path / "fresh", report_to=("wandb",)))  # another directory: a run of its own
+    assert wandb_run(tmp_path / "fresh" / "run")["id"] != first["id"]
 
 
 def test_two_trackers_at_once_both_get_the_metrics(model_dirs, tmp_path, wandb_offline, monkeypatch):

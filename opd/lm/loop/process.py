@@ -121,9 +121,26 @@ def trackers(cfg: DistillConfig) -> list:
         # wandb.init's arguments win over its environment variables: pass on the ones a user sets, else keep the
         # run's files in its directory rather than the working directory.
         "wandb": lambda: WandBTracker(os.environ.get("WANDB_PROJECT", "opd"), name=run,
-                                      dir=os.environ.get("WANDB_DIR", cfg.out_dir)),
+                                      dir=os.environ.get("WANDB_DIR", cfg.out_dir), **wandb_resume(cfg)),
     }
     return [make[name]() for name in cfg.report_to]
+
+
+WANDB_RUN_ID_FILE = "wandb_run_id"
+"""The file in a run directory that holds its wandb run's id (`RunDir` writes it), so that --resume goes on logging
+to the same wandb run rather than starting a second one."""
+
+
+def wandb_resume(cfg: DistillConfig) -> dict:
+    """wandb.init's `id` and `resume` for a run that --resume continues from a checkpoint: the id its first start saved
+    (none to pass for a new run, or where the user's WANDB_RUN_ID says which run). wandb keeps a run's steps
+    increasing, so the steps a crash logged after the last checkpoint stay there as first logged; `metrics.jsonl`
+    holds the redone ones."""
+    out = Path(cfg.out_dir)
+    saved = out / WANDB_RUN_ID_FILE
+    if not cfg.resume or "WANDB_RUN_ID" in os.environ or not saved.is_file() or not (out / "checkpoint").exists():
+        return {}
+    return {"id": saved.read_text().strip(), "resume": "allow"}
 
 
 def all_finite(accelerator, loss: torch.Tensor) -> bool:

@@ -24,7 +24,7 @@ from opd.config_notes import config_changes
 from opd.lm.hf.model import unwrap
 from opd.lm.loop.fsdp import full_optimizer_state, full_state_dict, is_sharded, load_optimizer_state
 from opd.lm.loop.optim import resume_schedule
-from opd.lm.loop.process import InterruptFlag, Process, TrainingError, any_process
+from opd.lm.loop.process import WANDB_RUN_ID_FILE, InterruptFlag, Process, TrainingError, any_process
 from opd.lm.teachers.base import TeacherUnreachable
 from opd.lm.rollouts.tools import ToolFailed
 
@@ -115,6 +115,8 @@ class RunDir:
                 save_config(cfg, out)
             if cfg.report_to:  # the trackers were made with the accelerator (`trackers`), each with its own name
                 self.proc.accelerator.init_trackers(out.name, config=flat_config(to_dict(cfg)))
+            if main and "wandb" in cfg.report_to:  # what --resume passes back to wandb (`wandb_resume`)
+                (out / WANDB_RUN_ID_FILE).write_text(self.proc.accelerator.get_tracker("wandb", unwrap=True).id + "\n")
             if main and self.ckpt:
                 drop_logged_after(out / "metrics.jsonl", start)  # steps logged after the checkpoint are redone now
             self.metrics_file = (out / "metrics.jsonl").open("a") if main else None
