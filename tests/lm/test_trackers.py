@@ -3,6 +3,7 @@ config once; several at once; bad names, a tracker not installed and old config.
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -109,10 +110,10 @@ def test_resume_goes_on_logging_to_the_same_wandb_run_and_a_new_run_starts_a_new
     distill(cfg(model_dirs, tmp_path, report_to=("wandb",)))
     first = wandb_run(tmp_path / "run")
     assert (tmp_path / "run" / "wandb_run_id").read_text() == first["id"] + "\n" and list(first["rows"]) == [1, 2]
+    time.sleep(1.1)  # wandb names an offline run's directory by its start, to the second, and its id
     distill(cfg(model_dirs, tmp_path, report_to=("wandb",), steps=4, resume=True))
-    files = sorted((tmp_path / "run").glob("wandb/offline-run-*/run-*.wandb"), key=lambda f: f.parent.name)
-    second = wandb_run(tmp_path / "run", files[-1])
-    assert len(files) == 2 and second["id"] == first["id"] and list(second["rows"]) == [3, 4]
+    runs = [wandb_run(tmp_path / "run", f) for f in (tmp_path / "run").glob("wandb/offline-run-*/run-*.wandb")]
+    assert sorted(list(r["rows"]) for r in runs) == [[1, 2], [3, 4]] and {r["id"] for r in runs} == {first["id"]}
     distill(cfg(model_dirs, tmp_path / "fresh", report_to=("wandb",)))  # another directory: a run of its own
     assert wandb_run(tmp_path / "fresh" / "run")["id"] != first["id"]
 
