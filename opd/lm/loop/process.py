@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from opd.checkpoint import find_checkpoint
 from opd.config import DistillConfig
 from opd.config_notes import schedule_notes, unused_flags
 from opd.lm.loop.fsdp import Accelerator, broadcast_from_main, first_forward, fsdp_requested, fsdp_version, shard
@@ -138,7 +139,9 @@ def wandb_resume(cfg: DistillConfig) -> dict:
     holds the redone ones."""
     out = Path(cfg.out_dir)
     saved = out / WANDB_RUN_ID_FILE
-    if not cfg.resume or "WANDB_RUN_ID" in os.environ or not saved.is_file() or not (out / "checkpoint").exists():
+    if not cfg.resume or "WANDB_RUN_ID" in os.environ or not saved.is_file():
+        return {}
+    if find_checkpoint(out / "checkpoint") is None:  # RunDir's own test: no checkpoint, the run starts at step 0
         return {}
     return {"id": saved.read_text().strip(), "resume": "allow"}
 
