@@ -339,7 +339,7 @@ MUTATIONS: list[Mutation] = [
     M("serve_read_deadline_not_rearmed", "opd/lm/serve/http.py",
       "        if self.read_deadline is None and self.conn.their_state is h11.IDLE:",
       "        if False:",
-      ("tests/lm/test_serve.py::test_a_request_that_does_not_arrive_in_time_closes_its_connection",),
+      ("tests/lm/test_serve_limits.py::test_a_request_that_does_not_arrive_in_time_closes_its_connection",),
       "a kept-alive connection's next request may dribble in for ever"),
     M("ema_teacher_weights_flipped", "opd/lm/teachers/ema.py",
       "            mine.lerp_(theirs[name].detach().to(mine.dtype), 1.0 - self.decay)",

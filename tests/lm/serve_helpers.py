@@ -53,3 +53,10 @@ def live_server(app, config=None) -> Iterator[str]:
 def sequence_logp(model, ids: list[int]) -> torch.Tensor:
     """[len-1, V]: row j is the model's log-distribution over token j+1 of `ids` given tokens <= j (no padding)."""
     return model(torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
+
+
+def complete(client, **body) -> dict:
+    """The JSON answer of a /v1/completions request that must succeed (the failure shows the server's message)."""
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
